@@ -1,0 +1,100 @@
+"""Which implementation runs an op: the Backend enum, availability with reasons, and the auto choice.
+
+Every op has one implementation per backend with the same signature (see ``select.py``); this module only knows
+whether each backend can run on a device and why not.
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib
+from collections.abc import Callable
+
+import torch
+
+
+class Backend(str, enum.Enum):
+    AUTO = "auto"
+    TRITON = "triton"
+    EXTENSION = "extension"
+    TORCH = "torch"
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend the user named explicitly cannot run here; the message says why."""
+
+
+def _triton_reason(device: torch.device) -> str | None:
+    try:
+        module = importlib.import_module("es_kernels.triton")
+    except ImportError as error:
+        return f"es_kernels.triton cannot be imported ({error})"
+    return module.unavailable_reason(device)
+
+
+def _extension_reason(device: torch.device) -> str | None:
+    try:
+        module = importlib.import_module("es_kernels.extension")
+    except ImportError as error:
+        return f"es_kernels.extension cannot be imported ({error})"
+    return module.unavailable_reason(device)
+
+
+_REASONS: dict[Backend, Callable[[torch.device], str | None]] = {
+    Backend.TRITON: _triton_reason,
+    Backend.EXTENSION: _extension_reason,
+    Backend.TORCH: lambda device: None,
+}
+
+# Preference order of the auto choice per device type; the reference always closes the list.
+_AUTO_ORDER = {
+    "cuda": (Backend.TRITON, Backend.EXTENSION, Backend.TORCH),
+    "cpu": (Backend.EXTENSION, Backend.TORCH),
+}
+
+_last_backend: Backend | None = None
+
+
+def parse_backend(backend: str | Backend) -> Backend:
+    try:
+        return Backend(backend)
+    except ValueError:
+        names = ", ".join(repr(b.value) for b in Backend)
+        raise ValueError(f"backend must be one of {names}, got {backend!r}") from None
+
+
+def unavailable_reason(backend: str | Backend, device: torch.device | str) -> str | None:
+    """None if ``backend`` can run on ``device``, else a sentence saying why not."""
+    backend = parse_backend(backend)
+    if backend is Backend.AUTO:
+        return None
+    return _REASONS[backend](torch.device(device))
+
+
+def backend_status(device: torch.device | str = "cpu") -> dict[str, str]:
+    """For each concrete backend: ``"available"`` or the reason it cannot run on ``device``."""
+    return {b.value: (unavailable_reason(b, device) or "available") for b in Backend if b is not Backend.AUTO}
+
+
+def resolve_backend(backend: str | Backend, device: torch.device) -> Backend:
+    """The backend that will run: auto picks the first available in the device's order; a named one must run."""
+    backend = parse_backend(backend)
+    if backend is Backend.AUTO:
+        for candidate in _AUTO_ORDER.get(device.type, (Backend.TORCH,)):
+            if unavailable_reason(candidate, device) is None:
+                return candidate
+        return Backend.TORCH
+    reason = unavailable_reason(backend, device)
+    if reason is not None:
+        raise BackendUnavailableError(f"backend={backend.value!r} cannot run on {device}: {reason}")
+    return backend
+
+
+def record_backend(backend: Backend) -> None:
+    global _last_backend
+    _last_backend = backend
+
+
+def last_backend() -> str | None:
+    """Name of the backend that ran the most recent op in this process (None before the first)."""
+    return None if _last_backend is None else _last_backend.value

@@ -1,0 +1,42 @@
+"""Weighted sampling without replacement by the exponential race (successive-sampling law, p ∝ w).
+
+``key_i = log(w_i) - log(E_i)`` with ``E_i ~ Exp(1)``; the k largest keys are a draw of k items without
+replacement where each next item is chosen with probability proportional to its weight among those left. Zero
+weights get key -inf and are taken only when fewer than k weights are positive.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Smallest uniform the race accepts: keeps E = -log1p(-u) strictly positive so no key becomes +inf.
+_UNIFORM_FLOOR = {torch.float32: 2.0**-24, torch.float64: 2.0**-53}
+
+
+def race_keys(weights: torch.Tensor, generator: torch.Generator | None, dtype: torch.dtype) -> torch.Tensor:
+    """One key per weight; larger keys win. ``dtype`` is float64 for meta-batches, float32 for pruning over n."""
+    uniform = torch.rand(weights.shape, generator=generator, device=weights.device, dtype=dtype)
+    uniform.clamp_(min=_UNIFORM_FLOOR[dtype])
+    exponential = torch.log1p(-uniform).neg_()
+    return torch.log(weights.to(dtype)) - torch.log(exponential)
+
+
+def race_select(weights: torch.Tensor, k: int, generator: torch.Generator | None) -> torch.Tensor:
+    """Positions (ascending, int64) of k of the ``weights.numel()`` items, drawn without replacement ∝ weights.
+
+    Ties (in practice only among zero weights) go to the lower position: a stable descending sort keeps order.
+    """
+    keys = race_keys(weights, generator, torch.float64)
+    order = torch.sort(keys, descending=True, stable=True).indices
+    return torch.sort(order[:k]).values
+
+
+def prune_select(weights: torch.Tensor, keep: int, generator: torch.Generator | None) -> torch.Tensor:
+    """Sample ids (ascending, int64) of ``keep`` of n samples drawn without replacement ∝ weights.
+
+    Works for n far above 2**24, where ``torch.multinomial`` refuses; fp32 keys keep memory at about 12 bytes per
+    sample for the keys and the top-k.
+    """
+    keys = race_keys(weights, generator, torch.float32)
+    kept = torch.topk(keys, keep, sorted=False).indices
+    return torch.sort(kept).values

@@ -1,0 +1,207 @@
+"""EvolvedSampler: the per-epoch plan of Evolved Sampling (ESWP pruning, annealing, shuffling, sharding)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import Sampler
+
+from es_kernels import _checks
+from es_kernels.select import evolved_prune
+from es_kernels.state import EvolvedState
+
+_SEED_STRIDE = 1_000_003  # keeps per-epoch seeds of nearby base seeds apart
+
+
+def annealing_epochs(num_epochs: int, fraction: float) -> int:
+    """Epochs covered by an annealing fraction, rounded half up (5% of 10 epochs is 1 epoch, of 200 is 10)."""
+    return int(math.floor(fraction * num_epochs + 0.5))
+
+
+class EvolvedSampler(Sampler[int]):
+    """Yields this rank's dataset ids for the current epoch; use it as a DataLoader ``sampler``.
+
+    Selecting epochs ``anneal_start_epochs <= e < num_epochs - anneal_end_epochs`` keep ``round((1 - r) n)`` ids
+    drawn without replacement ∝ ``w`` (or ``s``) from the state as it is when the epoch's plan is made (ESWP; r = 0
+    is plain ES). Annealing epochs use every id. The kept ids are shuffled, then sharded: each of the
+    ``num_replicas`` ranks gets the same number of ids. When the count does not divide evenly the plan is padded
+    with ids from its start (like ``DistributedSampler``); ``is_padding(position)`` tells a loop which positions
+    are such repeats, so they are trained on but never update the state twice.
+
+    Every rank must build the sampler with the same ``seed`` and have the same state at the epoch start; then
+    pruning and shuffling agree on all ranks without communication.
+
+    Args:
+        state: the :class:`EvolvedState` whose weights drive pruning.
+        num_epochs: total epochs E of the run (annealing is placed relative to it).
+        prune_ratio: r in [0, 1): the fraction dropped in selecting epochs (paper ESWP: 0.2; ES: 0).
+        prune_by: ``"weight"`` (later paper version, default) or ``"score"`` (earlier version).
+        anneal_start, anneal_end: fractions of epochs at the start and end without selection or pruning.
+        shuffle: shuffle the ids each epoch (False keeps ascending order; for debugging).
+        seed: base seed of pruning and shuffling; epoch e uses a generator seeded from (seed, e).
+        num_replicas, rank: data-parallel world size and this process's rank (default: from torch.distributed).
+    """
+
+    def __init__(
+        self,
+        state: EvolvedState,
+        num_epochs: int,
+        *,
+        prune_ratio: float = 0.0,
+        prune_by: str = "weight",
+        anneal_start: float = 0.05,
+        anneal_end: float = 0.05,
+        shuffle: bool = True,
+        seed: int = 0,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+    ) -> None:
+        if not isinstance(state, EvolvedState):
+            raise TypeError(f"state must be an EvolvedState, got {type(state).__name__}")
+        self.state = state
+        self.num_epochs = _checks.check_int("num_epochs", num_epochs, low=1)
+        self.prune_ratio = _checks.check_fraction("prune_ratio", prune_ratio, upper_open=True)
+        if prune_by not in ("weight", "score"):
+            raise ValueError(f"prune_by must be 'weight' or 'score', got {prune_by!r}")
+        self.prune_by = prune_by
+        anneal_start = _checks.check_fraction("anneal_start", anneal_start)
+        anneal_end = _checks.check_fraction("anneal_end", anneal_end)
+        if anneal_start + anneal_end > 1.0:
+            raise ValueError(f"anneal_start + anneal_end must be at most 1, got {anneal_start} + {anneal_end}")
+        self.anneal_start_epochs = annealing_epochs(self.num_epochs, anneal_start)
+        self.anneal_end_epochs = annealing_epochs(self.num_epochs, anneal_end)
+        self.shuffle = bool(shuffle)
+        self.seed = _checks.check_int("seed", seed, low=0)
+        if num_replicas is None or rank is None:
+            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+            if num_replicas is None:
+                num_replicas = torch.distributed.get_world_size() if distributed else 1
+            if rank is None:
+                rank = torch.distributed.get_rank() if distributed else 0
+        self.num_replicas = _checks.check_int("num_replicas", num_replicas, low=1)
+        self.rank = _checks.check_int("rank", rank, low=0, high=self.num_replicas - 1)
+        self.kept_samples = round((1.0 - self.prune_ratio) * state.num_samples)
+        if self.kept_samples < self.num_replicas:
+            raise ValueError(
+                f"prune_ratio={self.prune_ratio} keeps {self.kept_samples} of {state.num_samples} samples, fewer "
+                f"than num_replicas={self.num_replicas}"
+            )
+        self.epoch = 0
+        self.position = 0
+        self._shard: torch.Tensor | None = None
+
+    # ----------------------------------------------------------------- the schedule (pure functions of the epoch)
+
+    def is_selecting(self, epoch: int) -> bool:
+        """Whether ``epoch`` selects mini-batches (and prunes): outside the annealing epochs."""
+        return self.anneal_start_epochs <= epoch < self.num_epochs - self.anneal_end_epochs
+
+    @property
+    def selecting(self) -> bool:
+        """Whether the current epoch selects mini-batches and prunes (False in annealing epochs)."""
+        return self.is_selecting(self.epoch)
+
+    def epoch_size(self, epoch: int) -> int:
+        """Ids in the whole plan of ``epoch`` (all ranks, before padding)."""
+        pruned = self.is_selecting(epoch) and self.prune_ratio > 0
+        return self.kept_samples if pruned else self.state.num_samples
+
+    def shard_size(self, epoch: int) -> int:
+        """Ids this rank yields in ``epoch``, padding included: the same on every rank."""
+        return math.ceil(self.epoch_size(epoch) / self.num_replicas)
+
+    def steps_per_epoch(self, batch_size: int, *, drop_last: bool = False, epoch: int | None = None) -> int:
+        """DataLoader steps of ``epoch`` (default: the current one) on each rank for this ``batch_size``."""
+        batch_size = _checks.check_int("batch_size", batch_size, low=1)
+        size = self.shard_size(self.epoch if epoch is None else epoch)
+        return size // batch_size if drop_last else math.ceil(size / batch_size)
+
+    def total_steps(self, batch_size: int, *, drop_last: bool = False) -> int:
+        """Steps over all epochs: exactly what a OneCycle-style scheduler must be told."""
+        return sum(self.steps_per_epoch(batch_size, drop_last=drop_last, epoch=e) for e in range(self.num_epochs))
+
+    # ----------------------------------------------------------------- the plan of the current epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch``; its plan is drawn from the state when iteration begins.
+
+        Setting the epoch the sampler is already in keeps its plan and position: that is how a loop resumed from
+        ``load_state_dict`` continues mid-epoch with the same ``for epoch in range(start, E)`` code.
+        """
+        epoch = _checks.check_int("epoch", epoch, low=0, high=self.num_epochs - 1)
+        if epoch != self.epoch:
+            self.epoch, self.position, self._shard = epoch, 0, None
+
+    def _epoch_generator(self, device: torch.device) -> torch.Generator:
+        return torch.Generator(device=device).manual_seed(self.seed * _SEED_STRIDE + self.epoch)
+
+    def _make_shard(self) -> torch.Tensor:
+        size = self.epoch_size(self.epoch)
+        if size < self.state.num_samples:
+            generator = self._epoch_generator(self.state.device)
+            plan = evolved_prune(self.state, size, by=self.prune_by, generator=generator).cpu()
+        else:
+            plan = torch.arange(size)
+        if self.shuffle:
+            plan = plan[torch.randperm(size, generator=self._epoch_generator(torch.device("cpu")))]
+        padded = self.shard_size(self.epoch) * self.num_replicas
+        if padded > size:
+            plan = torch.cat([plan, plan[: padded - size]])
+        return plan[self.rank :: self.num_replicas].clone()
+
+    def is_padding(self, position: int) -> bool:
+        """Whether this rank's ``position``-th id of the epoch repeats an id another rank also has."""
+        size = self.epoch_size(self.epoch)
+        return position * self.num_replicas + self.rank >= size
+
+    def __iter__(self) -> Iterator[int]:
+        if self._shard is None:
+            self._shard = self._make_shard()
+        yield from self._shard[self.position :].tolist()
+
+    def __len__(self) -> int:
+        return self.shard_size(self.epoch) - self.position
+
+    def advance(self, count: int) -> None:
+        """Record that the loop consumed ``count`` more ids of this epoch (the training helper calls it per step).
+
+        The sampler cannot count this itself: a DataLoader draws ids ahead of the loop to prefetch.
+        """
+        count = _checks.check_int("count", count, low=0, high=len(self))
+        self.position += count
+
+    # ----------------------------------------------------------------- save and resume
+
+    def state_dict(self) -> dict[str, object]:
+        """Epoch, position inside it, and the rank's plan (the plan depends on the state at the epoch start, which
+        has moved on since, so it is saved rather than redrawn)."""
+        shard = self._shard if self._shard is not None else torch.empty(0, dtype=torch.int64)
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "shard": shard.clone(),
+            "has_shard": self._shard is not None,
+            "seed": self.seed,
+            "num_replicas": self.num_replicas,
+            "rank": self.rank,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, object]) -> None:
+        for key in ("num_replicas", "rank", "seed"):
+            if state_dict[key] != getattr(self, key):
+                raise ValueError(
+                    f"state_dict['{key}'] is {state_dict[key]} but this sampler has {getattr(self, key)}; resume "
+                    "with the same world size, rank and seed"
+                )
+        epoch = _checks.check_int("state_dict['epoch']", state_dict["epoch"], low=0, high=self.num_epochs - 1)
+        shard = state_dict["shard"] if state_dict["has_shard"] else None
+        if shard is not None and shard.numel() != self.shard_size(epoch):
+            raise ValueError(
+                f"state_dict['shard'] has {shard.numel()} ids, expected {self.shard_size(epoch)} for epoch {epoch}"
+            )
+        high = self.shard_size(epoch)
+        position = _checks.check_int("state_dict['position']", state_dict["position"], low=0, high=high)
+        self.epoch, self.position = epoch, position
+        self._shard = None if shard is None else shard.clone().to(torch.int64)

@@ -1,0 +1,247 @@
+"""EvolvedTraining: turns a plain PyTorch loop into ES/ESWP (or the baseline) with about three changed lines.
+
+    training = EvolvedTraining("es", num_samples=len(dataset), num_epochs=E, device="cuda")
+    loader = DataLoader(IndexedDataset(dataset), batch_size=B, sampler=training.sampler)
+    for epoch in range(E):
+        training.set_epoch(epoch)
+        for indices, inputs, targets in loader:
+            batch = training.select(model, indices, inputs, targets)      # scoring forward + draw of k rows
+            losses = F.cross_entropy(model(batch.inputs), batch.targets, reduction="none")
+            training.observe(batch, losses)                                # update-only in annealing epochs
+            losses.mean().backward(); optimizer.step(); optimizer.zero_grad()
+
+Apply batch-mixing augmentation (mixup, cutmix) to ``batch.inputs``/``batch.targets`` *after* ``select``: scores
+must belong to the original samples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from es_kernels import _checks
+from es_kernels.sampler import EvolvedSampler
+from es_kernels.select import evolved_select
+from es_kernels.state import EvolvedState
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodPreset:
+    selects: bool
+    beta1: float
+    beta2: float
+    prune_ratio: float
+
+
+# Paper defaults (DESIGN §3). "loss" is plain loss-proportional sampling, the ablation with b1 = b2 = 0.
+METHODS: dict[str, MethodPreset] = {
+    "baseline": MethodPreset(selects=False, beta1=0.2, beta2=0.9, prune_ratio=0.0),
+    "es": MethodPreset(selects=True, beta1=0.2, beta2=0.9, prune_ratio=0.0),
+    "eswp": MethodPreset(selects=True, beta1=0.2, beta2=0.8, prune_ratio=0.2),
+    "loss": MethodPreset(selects=True, beta1=0.0, beta2=0.0, prune_ratio=0.0),
+}
+
+SCORING_MODES = ("eval", "train")
+
+
+@dataclasses.dataclass
+class SelectedBatch:
+    """The rows to train on. ``indices`` are their dataset ids on the state's device."""
+
+    indices: torch.Tensor
+    inputs: Any
+    targets: Any
+    scored: bool  # the state already saw these rows' losses (selecting step): observe() does nothing
+
+
+def take_rows(value: Any, rows: torch.Tensor) -> Any:
+    """Rows ``rows`` of a tensor, or of every tensor in a (nested) tuple, list or dict."""
+    if isinstance(value, torch.Tensor):
+        return value.index_select(0, rows.to(value.device))
+    if isinstance(value, (tuple, list)):
+        return type(value)(take_rows(item, rows) for item in value)
+    if isinstance(value, dict):
+        return {key: take_rows(item, rows) for key, item in value.items()}
+    raise TypeError(f"cannot take rows of a {type(value).__name__}; pass tensors, tuples, lists or dicts of them")
+
+
+class EvolvedTraining:
+    """State, epoch plan and per-step selection of one training run.
+
+    Args:
+        method: ``"baseline"`` (every row trained, nothing selected), ``"es"``, ``"eswp"`` or ``"loss"``.
+        num_samples: training-set size n.
+        num_epochs: total epochs E.
+        select_ratio: k/B, the fraction of each meta-batch back-propagated (paper: 0.25).
+        prune_ratio, beta1, beta2: override the method's defaults (ES: r=0, (0.2, 0.9); ESWP: r=0.2, (0.2, 0.8)).
+        anneal_start, anneal_end: fractions of epochs without selection at the start and end (paper: 5% each).
+        label_smoothing: used when ``select`` computes cross-entropy from logits.
+        scoring_mode: ``"eval"`` (default: BatchNorm statistics frozen, dropout off during scoring) or ``"train"``;
+            the model's own mode is restored after the scoring forward.
+        seed: seeds pruning, shuffling and selection; same seed, same run.
+        device: where the state lives (where the model's outputs are).
+        num_replicas, rank: data-parallel layout (default: from torch.distributed).
+        backend: ``evolved_select`` backend.
+    """
+
+    def __init__(
+        self,
+        method: str,
+        num_samples: int,
+        num_epochs: int,
+        *,
+        select_ratio: float = 0.25,
+        prune_ratio: float | None = None,
+        beta1: float | None = None,
+        beta2: float | None = None,
+        anneal_start: float = 0.05,
+        anneal_end: float = 0.05,
+        label_smoothing: float = 0.0,
+        scoring_mode: str = "eval",
+        seed: int = 0,
+        device: torch.device | str | None = None,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        backend: str = "auto",
+    ) -> None:
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
+        preset = METHODS[method]
+        self.method = method
+        self.selects = preset.selects
+        self.select_ratio = _checks.check_fraction("select_ratio", select_ratio)
+        if self.select_ratio == 0.0:
+            raise ValueError("select_ratio must be in (0, 1], got 0.0")
+        if scoring_mode not in SCORING_MODES:
+            raise ValueError(f"scoring_mode must be one of {SCORING_MODES}, got {scoring_mode!r}")
+        self.scoring_mode = scoring_mode
+        self.label_smoothing = _checks.check_fraction("label_smoothing", label_smoothing)
+        self.backend = backend
+        self.state = EvolvedState(
+            num_samples,
+            beta1=preset.beta1 if beta1 is None else beta1,
+            beta2=preset.beta2 if beta2 is None else beta2,
+            device=device,
+        )
+        self.sampler = EvolvedSampler(
+            self.state,
+            num_epochs,
+            prune_ratio=preset.prune_ratio if prune_ratio is None else prune_ratio,
+            anneal_start=anneal_start,
+            anneal_end=anneal_end,
+            seed=seed,
+            num_replicas=num_replicas,
+            rank=rank,
+        )
+        # The sampler's own generators are rebuilt per epoch; selection draws from one long-lived stream.
+        self.generator = torch.Generator(device=self.state.device).manual_seed(seed)
+        self.scored_samples = 0
+        self.trained_samples = 0
+
+    @property
+    def selecting(self) -> bool:
+        """Whether the current epoch selects (False for the baseline and in annealing epochs)."""
+        return self.selects and self.sampler.selecting
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def steps_per_epoch(self, batch_size: int, *, drop_last: bool = False) -> int:
+        return self.sampler.steps_per_epoch(batch_size, drop_last=drop_last)
+
+    def total_steps(self, batch_size: int, *, drop_last: bool = False) -> int:
+        """Optimizer steps of the whole run (pass it to OneCycleLR and the like)."""
+        return self.sampler.total_steps(batch_size, drop_last=drop_last)
+
+    def num_selected(self, batch_size: int) -> int:
+        """k for a meta-batch of ``batch_size`` rows: ``round(select_ratio * B)``, at least 1."""
+        return max(1, round(self.select_ratio * batch_size))
+
+    def select(
+        self,
+        model: torch.nn.Module,
+        indices: torch.Tensor,
+        inputs: Any,
+        targets: Any,
+        *,
+        loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+    ) -> SelectedBatch:
+        """The rows of this meta-batch to train on.
+
+        In selecting epochs: a scoring forward of ``model`` on all rows under ``torch.no_grad()`` in
+        ``scoring_mode``, per-sample losses (cross-entropy of the outputs against ``targets``, or ``loss_fn(outputs,
+        targets)`` returning shape (B,) for any other task), the state update, and the draw of k rows. Otherwise
+        all rows. Rows that repeat another rank's ids (padding of an uneven last shard) are dropped.
+        """
+        indices = _checks.check_tensor("indices", indices)
+        real_rows = self._real_rows(indices.numel())
+        indices = indices.to(self.state.device)
+        if real_rows is not None:
+            indices, inputs, targets = (take_rows(v, real_rows) for v in (indices, inputs, targets))
+        batch_size = indices.numel()
+        if not self.selecting:
+            self.trained_samples += batch_size
+            return SelectedBatch(indices, inputs, targets, scored=False)
+        outputs = self._scoring_forward(model, inputs)
+        k = self.num_selected(batch_size)
+        common = dict(generator=self.generator, backend=self.backend)
+        if loss_fn is None:
+            rows = evolved_select(
+                self.state, indices, k, logits=outputs, targets=targets, label_smoothing=self.label_smoothing, **common
+            )
+        else:
+            rows = evolved_select(self.state, indices, k, losses=loss_fn(outputs, targets).detach(), **common)
+        self.scored_samples += batch_size
+        self.trained_samples += k
+        return SelectedBatch(take_rows(indices, rows), take_rows(inputs, rows), take_rows(targets, rows), scored=True)
+
+    def observe(self, batch: SelectedBatch, losses: torch.Tensor) -> None:
+        """Feed the training forward's per-sample losses to the state when ``select`` did not score the rows.
+
+        Only annealing epochs of ES/ESWP update here; the baseline keeps no state. Losses are detached.
+        """
+        if batch.scored or not self.selects:
+            return
+        losses = _checks.check_tensor("losses", losses)
+        self.state.observe(batch.indices, losses.detach().to(self.state.device, torch.float32))
+
+    def _real_rows(self, batch_size: int) -> torch.Tensor | None:
+        """Rows of the batch that are not sharding padding (None when all are), and advance the sampler."""
+        start = self.sampler.position
+        self.sampler.advance(batch_size)
+        padding = [self.sampler.is_padding(p) for p in range(start, start + batch_size)]
+        if not any(padding):
+            return None
+        return torch.tensor([row for row, pad in enumerate(padding) if not pad], dtype=torch.int64)
+
+    def _scoring_forward(self, model: torch.nn.Module, inputs: Any) -> Any:
+        was_training = model.training
+        model.train(self.scoring_mode == "train")
+        try:
+            with torch.no_grad():
+                return model(inputs)
+        finally:
+            model.train(was_training)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly: state, sampler plan and position, selection RNG, counters."""
+        return {
+            "method": self.method,
+            "state": self.state.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "generator": self.generator.get_state(),
+            "scored_samples": self.scored_samples,
+            "trained_samples": self.trained_samples,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict["method"] != self.method:
+            raise ValueError(f"state_dict is from method {state_dict['method']!r}, this run is {self.method!r}")
+        self.state.load_state_dict(state_dict["state"])
+        self.sampler.load_state_dict(state_dict["sampler"])
+        self.generator.set_state(state_dict["generator"])
+        self.scored_samples = int(state_dict["scored_samples"])
+        self.trained_samples = int(state_dict["trained_samples"])
