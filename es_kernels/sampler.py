@@ -17,7 +17,7 @@ _SEED_STRIDE = 1_000_003  # keeps per-epoch seeds of nearby base seeds apart
 
 def annealing_epochs(num_epochs: int, fraction: float) -> int:
     """Epochs covered by an annealing fraction, rounded half up (5% of 10 epochs is 1 epoch, of 200 is 10)."""
-    return int(math.floor(fraction * num_epochs + 0.5))
+    return math.floor(fraction * num_epochs + 0.5)
 
 
 class EvolvedSampler(Sampler[int]):

@@ -94,9 +94,8 @@ def _check_targets(targets: object, logits: torch.Tensor, device: torch.device, 
             f"targets as soft labels must have the logits' shape {tuple(logits.shape)}, got {tuple(targets.shape)}"
         )
     _checks.check_device("targets", targets, device)
-    if check_values:
-        if not bool(torch.isfinite(targets).all()) or bool((targets < 0).any()):
-            raise ValueError("targets as soft labels must be finite and non-negative")
+    if check_values and (not bool(torch.isfinite(targets).all()) or bool((targets < 0).any())):
+        raise ValueError("targets as soft labels must be finite and non-negative")
     return targets
 
 
