@@ -1,0 +1,162 @@
+"""EvolvedSampler: annealing schedule, pruning, shuffling, sharding, exact step counts, save/resume."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from es_kernels import EvolvedSampler, EvolvedState
+
+
+def test_annealing_epochs_at_both_ends():
+    sampler = EvolvedSampler(EvolvedState(10), 20, anneal_start=0.05, anneal_end=0.1)
+    assert (sampler.anneal_start_epochs, sampler.anneal_end_epochs) == (1, 2)
+    assert [sampler.is_selecting(e) for e in range(20)] == [False] + [True] * 17 + [False] * 2
+    sampler.set_epoch(0)
+    assert not sampler.selecting
+    sampler.set_epoch(1)
+    assert sampler.selecting
+
+
+def test_paper_default_for_ten_epochs_anneals_one_epoch_each_end():
+    sampler = EvolvedSampler(EvolvedState(10), 10)
+    assert [sampler.is_selecting(e) for e in range(10)] == [False] + [True] * 8 + [False]
+
+
+def test_pruning_keeps_round_of_one_minus_r_in_selecting_epochs_only():
+    state = EvolvedState(101)
+    sampler = EvolvedSampler(state, 10, prune_ratio=0.2)
+    sampler.set_epoch(0)
+    assert sorted(sampler) == list(range(101))  # annealing: everything
+    sampler.set_epoch(3)
+    ids = list(sampler)
+    assert len(ids) == round(0.8 * 101) == len(set(ids))
+
+
+def test_pruning_draws_from_the_weights_at_the_epoch_start():
+    state = EvolvedState(10, beta1=0.0)
+    state.observe(torch.arange(10), torch.tensor([0.0] * 5 + [1.0] * 5))
+    sampler = EvolvedSampler(state, 3, prune_ratio=0.5, anneal_start=0.0, anneal_end=0.0)
+    assert sorted(sampler) == [5, 6, 7, 8, 9]
+    sampler_s = EvolvedSampler(state, 3, prune_ratio=0.5, prune_by="score", anneal_start=0.0, anneal_end=0.0)
+    assert len(list(sampler_s)) == 5
+
+
+def test_shuffle_differs_between_epochs_and_is_seeded():
+    def order(seed, epoch):
+        sampler = EvolvedSampler(EvolvedState(50), 5, seed=seed)
+        sampler.set_epoch(epoch)
+        return list(sampler)
+
+    assert order(0, 1) == order(0, 1)
+    assert order(0, 1) != order(0, 2)
+    assert order(0, 1) != order(1, 1)
+    unshuffled = EvolvedSampler(EvolvedState(7), 5, shuffle=False)
+    assert list(unshuffled) == list(range(7))
+
+
+@pytest.mark.parametrize("n, replicas, prune", [(10, 3, 0.0), (101, 4, 0.2), (8, 2, 0.0), (5, 5, 0.0)])
+def test_shards_have_equal_length_and_cover_the_plan_once(n, replicas, prune):
+    shards = []
+    for rank in range(replicas):
+        sampler = EvolvedSampler(
+            EvolvedState(n), 3, prune_ratio=prune, anneal_start=0, anneal_end=0, num_replicas=replicas, rank=rank
+        )
+        shard = list(sampler)
+        real = [i for p, i in enumerate(shard) if not sampler.is_padding(p)]
+        shards.append((shard, real))
+    assert len({len(shard) for shard, _ in shards}) == 1
+    real_ids = [i for _, real in shards for i in real]
+    assert len(real_ids) == len(set(real_ids)) == round((1 - prune) * n)  # nothing lost, nothing doubled
+    padding = [i for shard, real in shards for i in shard[len(real) :]]
+    assert set(padding) <= set(real_ids) and len(padding) < replicas
+
+
+@pytest.mark.parametrize("batch_size, drop_last", [(32, False), (32, True), (7, False), (1000, False)])
+def test_step_counts_are_exact(batch_size, drop_last):
+    n, epochs = 203, 10
+    sampler = EvolvedSampler(EvolvedState(n), epochs, prune_ratio=0.3, num_replicas=2, rank=1)
+    loader = DataLoader(TensorDataset(torch.arange(n)), batch_size=batch_size, sampler=sampler, drop_last=drop_last)
+    seen = 0
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        steps = sum(1 for _ in loader)
+        assert steps == sampler.steps_per_epoch(batch_size, drop_last=drop_last) == len(loader)
+        seen += steps
+    assert seen == sampler.total_steps(batch_size, drop_last=drop_last)
+
+
+def test_onecycle_never_overruns_with_total_steps():
+    n, epochs, batch = 100, 6, 16
+    sampler = EvolvedSampler(EvolvedState(n), epochs, prune_ratio=0.5, anneal_start=0.2, anneal_end=0.2)
+    model = torch.nn.Linear(1, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, 0.1, total_steps=sampler.total_steps(batch))
+    loader = DataLoader(TensorDataset(torch.arange(n)), batch_size=batch, sampler=sampler)
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        for _ in loader:
+            optimizer.step()
+            scheduler.step()  # raises ValueError if stepped past total_steps
+    assert scheduler.last_epoch == sampler.total_steps(batch)
+
+
+def test_resume_mid_epoch_yields_the_rest_of_the_same_plan():
+    state = EvolvedState(40)
+    sampler = EvolvedSampler(state, 4, prune_ratio=0.25, anneal_start=0, anneal_end=0, seed=3)
+    sampler.set_epoch(2)
+    plan = list(sampler)
+    sampler.advance(12)
+    buffer = io.BytesIO()
+    torch.save(sampler.state_dict(), buffer)
+    state.observe(torch.arange(40), torch.rand(40))  # the state moves on; the saved plan must not
+    buffer.seek(0)
+    resumed = EvolvedSampler(state, 4, prune_ratio=0.25, anneal_start=0, anneal_end=0, seed=3)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    resumed.set_epoch(2)  # the loop's own set_epoch call on resume keeps the position
+    assert list(resumed) == plan[12:]
+    assert len(resumed) == len(plan) - 12
+    resumed.set_epoch(3)
+    assert len(list(resumed)) == 30
+
+
+def test_load_state_dict_checks_layout():
+    sampler = EvolvedSampler(EvolvedState(10), 2, num_replicas=2, rank=0)
+    other = EvolvedSampler(EvolvedState(10), 2, num_replicas=2, rank=1)
+    with pytest.raises(ValueError, match="rank"):
+        sampler.load_state_dict(other.state_dict())
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, name",
+    [
+        ({"num_epochs": 0}, ValueError, "num_epochs"),
+        ({"num_epochs": 2.0}, TypeError, "num_epochs"),
+        ({"prune_ratio": 1.0}, ValueError, "prune_ratio"),
+        ({"prune_ratio": -0.1}, ValueError, "prune_ratio"),
+        ({"prune_by": "loss"}, ValueError, "prune_by"),
+        ({"anneal_start": 1.5}, ValueError, "anneal_start"),
+        ({"anneal_start": 0.6, "anneal_end": 0.6}, ValueError, "anneal_start"),
+        ({"num_replicas": 2, "rank": 2}, ValueError, "rank"),
+        ({"num_replicas": 0, "rank": 0}, ValueError, "num_replicas"),
+        ({"num_replicas": 20, "rank": 0, "prune_ratio": 0.5}, ValueError, "prune_ratio"),
+        ({"seed": -1}, ValueError, "seed"),
+    ],
+)
+def test_bad_settings_fail_at_construction(kwargs, error, name):
+    args = {"num_epochs": 5, **kwargs}
+    with pytest.raises(error, match=name):
+        EvolvedSampler(EvolvedState(20), **args)
+
+
+def test_bad_runtime_arguments():
+    sampler = EvolvedSampler(EvolvedState(20), 5)
+    with pytest.raises(ValueError, match="epoch"):
+        sampler.set_epoch(5)
+    with pytest.raises(ValueError, match="batch_size"):
+        sampler.steps_per_epoch(0)
+    with pytest.raises(ValueError, match="count"):
+        sampler.advance(21)

@@ -1,0 +1,132 @@
+"""EvolvedState: Algorithm 1's update by hand, save/load, and bad input leaving the state untouched."""
+
+from __future__ import annotations
+
+import io
+import random
+
+import pytest
+import torch
+
+from es_kernels import EvolvedState, evolved_select
+
+
+def algorithm1_by_hand(num_samples, beta1, beta2, visits):
+    """Plain-Python Algorithm 1 state after a list of (ids, losses) visits, in fp32 like the library."""
+    f32 = lambda x: torch.tensor(x, dtype=torch.float32).item()  # noqa: E731 - rounding to fp32
+    s = [f32(1.0 / num_samples)] * num_samples
+    w = list(s)
+    for ids, losses in visits:
+        for i, loss in zip(ids, losses, strict=True):
+            old = s[i]
+            w[i] = f32(f32(old * f32(beta1)) + f32(f32(loss) * f32(1.0 - beta1)))
+            s[i] = f32(f32(old * f32(beta2)) + f32(f32(loss) * f32(1.0 - beta2)))
+    return s, w
+
+
+@pytest.mark.parametrize("betas", [(0.2, 0.9), (0.2, 0.8), (0.0, 0.0), (1.0, 1.0), (0.37, 0.61)])
+def test_state_follows_algorithm1_over_random_steps(betas):
+    rng = random.Random(1234)
+    n = 17
+    state = EvolvedState(n, *betas)
+    visits = []
+    for step in range(40):
+        ids = rng.sample(range(n), rng.randint(1, 8))  # repeated visits of a sample across steps
+        losses = [rng.uniform(0.0, 5.0) for _ in ids]
+        idx, loss_t = torch.tensor(ids), torch.tensor(losses, dtype=torch.float32)
+        if step % 3 == 0:
+            state.observe(idx, loss_t)  # update-only step (annealing)
+        else:
+            evolved_select(state, idx, max(1, len(ids) // 2), losses=loss_t, backend="torch")
+        visits.append((ids, loss_t.tolist()))
+    s, w = algorithm1_by_hand(n, *betas, visits)
+    assert state.score.tolist() == s
+    assert state.weight.tolist() == w
+
+
+def test_initial_state_is_uniform_and_only_visited_samples_change():
+    state = EvolvedState(8)
+    assert torch.equal(state.score, torch.full((8,), 0.125))
+    assert torch.equal(state.weight, torch.full((8,), 0.125))
+    state.observe(torch.tensor([2, 5]), torch.tensor([1.0, 3.0]))
+    untouched = [0, 1, 3, 4, 6, 7]
+    assert torch.equal(state.score[untouched], torch.full((6,), 0.125))
+    assert state.weight[2].item() == pytest.approx(0.2 * 0.125 + 0.8 * 1.0)
+    assert state.score[5].item() == pytest.approx(0.9 * 0.125 + 0.1 * 3.0)
+
+
+def test_uniform_betas_keep_weights_constant():
+    state = EvolvedState(5, beta1=1.0, beta2=1.0)
+    state.observe(torch.arange(5), torch.tensor([9.0, 0.0, 3.0, 1.0, 2.0]))
+    assert torch.equal(state.weight, torch.full((5,), 0.2))
+
+
+def test_state_dict_round_trip_with_weights_only_load():
+    state = EvolvedState(6, beta1=0.3, beta2=0.7)
+    state.observe(torch.tensor([0, 4]), torch.tensor([2.0, 0.5]))
+    buffer = io.BytesIO()
+    torch.save(state.state_dict(), buffer)
+    buffer.seek(0)
+    restored = EvolvedState(6)
+    score_buffer = restored.score
+    restored.load_state_dict(torch.load(buffer, weights_only=True))
+    assert torch.equal(restored.score, state.score) and torch.equal(restored.weight, state.weight)
+    assert (restored.beta1, restored.beta2) == (0.3, 0.7)
+    assert restored.score is score_buffer  # loaded in place: captured graphs keep pointing at live buffers
+
+
+def test_state_dict_is_a_snapshot():
+    state = EvolvedState(3)
+    saved = state.state_dict()
+    state.observe(torch.tensor([1]), torch.tensor([4.0]))
+    assert saved["score"][1].item() == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, name",
+    [
+        ({"num_samples": 0}, ValueError, "num_samples"),
+        ({"num_samples": 2.5}, TypeError, "num_samples"),
+        ({"num_samples": 4, "beta1": 1.5}, ValueError, "beta1"),
+        ({"num_samples": 4, "beta2": -0.1}, ValueError, "beta2"),
+        ({"num_samples": 4, "beta1": "0.2"}, TypeError, "beta1"),
+    ],
+)
+def test_bad_construction_names_the_argument(kwargs, error, name):
+    with pytest.raises(error, match=name):
+        EvolvedState(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "indices, losses, error, name",
+    [
+        (torch.tensor([0, 1]), torch.tensor([1.0]), ValueError, "losses"),
+        (torch.tensor([0, 9]), torch.tensor([1.0, 1.0]), ValueError, "indices"),
+        (torch.tensor([-1, 1]), torch.tensor([1.0, 1.0]), ValueError, "indices"),
+        (torch.tensor([1, 1]), torch.tensor([1.0, 1.0]), ValueError, "indices"),
+        (torch.tensor([0.0, 1.0]), torch.tensor([1.0, 1.0]), TypeError, "indices"),
+        (torch.tensor([[0, 1]]), torch.tensor([1.0, 1.0]), ValueError, "indices"),
+        (torch.tensor([0, 1]), torch.tensor([1, 2]), TypeError, "losses"),
+        (torch.tensor([0, 1]), torch.tensor([float("nan"), 1.0]), ValueError, "losses"),
+        (torch.tensor([0, 1]), torch.tensor([float("inf"), 1.0]), ValueError, "losses"),
+        (torch.tensor([0, 1]), torch.tensor([-0.5, 1.0]), ValueError, "losses"),
+        ([0, 1], torch.tensor([1.0, 1.0]), TypeError, "indices"),
+    ],
+)
+def test_bad_observe_raises_and_leaves_state_unchanged(indices, losses, error, name):
+    state = EvolvedState(4)
+    state.observe(torch.tensor([0, 2]), torch.tensor([1.5, 0.25]))
+    before = state.state_dict()
+    with pytest.raises(error, match=name):
+        state.observe(indices, losses)
+    assert torch.equal(state.score, before["score"]) and torch.equal(state.weight, before["weight"])
+
+
+def test_load_state_dict_rejects_other_dataset_and_keeps_state():
+    state = EvolvedState(4)
+    before = state.state_dict()
+    with pytest.raises(ValueError, match="score"):
+        state.load_state_dict(EvolvedState(5).state_dict())
+    with pytest.raises(ValueError, match="missing"):
+        state.load_state_dict({"score": before["score"]})
+    assert torch.equal(state.score, before["score"])
