@@ -3,9 +3,31 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from es_kernels import _checks
 from es_kernels.reference.update import ema_update_
+
+SYNC_MODES = ("epoch", "step", "off")
+
+
+def communication_device(backend: str, device: torch.device) -> torch.device:
+    """Where the sync's tensors must live for a process group of ``backend`` when the state lives on ``device``.
+
+    NCCL only moves CUDA tensors; gloo moves host tensors for every collective used here (its CUDA support does not
+    cover all of them), so a GPU state under gloo is staged through the host. Other backends get the state's device.
+    """
+    names = backend.lower()
+    if device.type == "cuda" and "nccl" in names:
+        return device
+    if "gloo" in names or "mpi" in names:
+        return torch.device("cpu")
+    if device.type == "cpu" and "nccl" in names:
+        raise ValueError(
+            f"device: the state lives on the CPU but the process group's backend is {backend!r}, which only "
+            "communicates CUDA tensors; create the state with device='cuda' (or use a gloo group)"
+        )
+    return device
 
 
 class EvolvedState:
@@ -21,6 +43,13 @@ class EvolvedState:
         beta1: EMA factor of the weight (paper: 0.2).
         beta2: EMA factor of the score (paper: 0.9 for ES, 0.8 for ESWP).
         device: where the buffers live; put them where the logits are (the GPU in training).
+        sync: how data-parallel ranks keep one state (no effect unless ``torch.distributed`` is initialised with
+            more than one rank). ``"epoch"`` (default): each rank updates its own copy and :meth:`sync_epoch` merges
+            the copies exactly at the epoch boundary with one all-reduce of 8 bytes per sample. ``"step"``:
+            :meth:`sync_step` all-gathers every step's ids and losses and every rank applies every rank's update.
+            ``"off"``: never communicate (ranks that all see the same data, e.g. tensor-parallel groups).
+        process_group: the data-parallel group to synchronise over (default: the whole world). Use the same ranks
+            the sampler shards over.
     """
 
     def __init__(
@@ -29,13 +58,28 @@ class EvolvedState:
         beta1: float = 0.2,
         beta2: float = 0.9,
         device: torch.device | str | None = None,
+        *,
+        sync: str = "epoch",
+        process_group: dist.ProcessGroup | None = None,
     ) -> None:
         num_samples = _checks.check_int("num_samples", num_samples, low=1)
         self.beta1 = _checks.check_fraction("beta1", beta1)
         self.beta2 = _checks.check_fraction("beta2", beta2)
+        if not isinstance(sync, str) or sync not in SYNC_MODES:
+            raise ValueError(f"sync must be one of {SYNC_MODES}, got {sync!r}")
+        if process_group is not None and not (dist.is_available() and isinstance(process_group, dist.ProcessGroup)):
+            kind = type(process_group).__name__
+            raise TypeError(f"process_group must be a torch.distributed.ProcessGroup or None, got {kind}")
+        self.sync_mode = sync
+        self.process_group = process_group
         initial = 1.0 / num_samples
         self.score = torch.full((num_samples,), initial, dtype=torch.float32, device=device)
         self.weight = torch.full((num_samples,), initial, dtype=torch.float32, device=device)
+        # Epoch-mode merge baseline: the (score, weight) values all ranks agreed on at the last merge, stacked as
+        # (2, n). None means "the initial 1/n" until a load_state_dict (then "the loaded values"), so single-process
+        # runs never pay its 8n bytes.
+        self._sync_snapshot: torch.Tensor | None = None
+        self._pristine = True
 
     @property
     def num_samples(self) -> int:
@@ -62,13 +106,21 @@ class EvolvedState:
         ema_update_(self.score, self.weight, indices, losses.detach(), self.beta1, self.beta2)
 
     def state_dict(self) -> dict[str, object]:
-        """Tensors and plain numbers only, so ``torch.load(..., weights_only=True)`` reads it back."""
-        return {
+        """Tensors and plain numbers only, so ``torch.load(..., weights_only=True)`` reads it back.
+
+        In a distributed run with ``sync="epoch"`` it also holds ``"sync_snapshot"``, the values all ranks agreed on
+        at the last merge: a rank's copy saved mid-epoch holds only its own updates since then, and the merge after
+        resuming needs that baseline to stay exact. Save each rank's own dict (the sampler's shard is per rank too).
+        """
+        saved = {
             "score": self.score.detach().clone(),
             "weight": self.weight.detach().clone(),
             "beta1": self.beta1,
             "beta2": self.beta2,
         }
+        if self.sync_mode == "epoch" and self._world_size() > 1:
+            saved["sync_snapshot"] = self._merge_baseline().clone()
+        return saved
 
     def load_state_dict(self, state_dict: dict[str, object]) -> None:
         """Copy a saved state in place (the buffers keep their device and identity). Checks everything first."""
@@ -88,6 +140,123 @@ class EvolvedState:
             if value.dtype != torch.float32:
                 raise TypeError(f"state_dict['{key}'] must be float32, got {value.dtype}")
             tensors[key] = value
+        snapshot = state_dict.get("sync_snapshot")
+        if snapshot is not None:
+            snapshot = _checks.check_tensor("state_dict['sync_snapshot']", snapshot)
+            if snapshot.shape != (2, self.num_samples) or snapshot.dtype != torch.float32:
+                raise ValueError(
+                    f"state_dict['sync_snapshot'] must be float32 of shape (2, {self.num_samples}), got "
+                    f"{snapshot.dtype} {tuple(snapshot.shape)}"
+                )
         self.beta1, self.beta2 = beta1, beta2
         self.score.copy_(tensors["score"])
         self.weight.copy_(tensors["weight"])
+        self._pristine = False
+        if snapshot is not None:
+            self._sync_snapshot = snapshot.to(self.device, copy=True)
+        elif self.sync_mode == "epoch" and self._world_size() > 1:
+            # Every rank loaded the same values (one shared file), so they are the agreed baseline.
+            self._sync_snapshot = torch.stack([self.score, self.weight])
+        else:
+            self._sync_snapshot = None
+
+    # ----------------------------------------------------------------- distributed synchronisation
+
+    def _world_size(self) -> int:
+        if not (dist.is_available() and dist.is_initialized()):
+            return 1
+        return dist.get_world_size(self.process_group)
+
+    def _merge_baseline(self) -> torch.Tensor:
+        if self._sync_snapshot is not None:
+            return self._sync_snapshot
+        if self._pristine:
+            return torch.full((2, self.num_samples), 1.0 / self.num_samples, dtype=torch.float32, device=self.device)
+        return torch.stack([self.score, self.weight])
+
+    def sync_epoch(self) -> None:
+        """Merge every rank's updates since the last merge so all ranks hold the same state (``sync="epoch"``).
+
+        A collective: every rank of the group calls it at the same point, e.g. before the sampler plans the next
+        epoch (``EvolvedTraining.set_epoch`` does). A no-op without ``torch.distributed``, with one rank, or in the
+        ``"step"``/``"off"`` modes.
+
+        Exactness: the sampler gives each sample to at most one rank per epoch, so at every position at most one
+        rank's value moved away from the agreed baseline. Each rank contributes its value where it moved and -inf
+        elsewhere; an all-reduce MAX of that (2, n) fp32 tensor returns, at every moved position, the moving rank's
+        value bit for bit, and -inf where nobody moved (the baseline is kept). The result is bit-identical on all
+        ranks and equal to a single process that saw the same samples with the same losses, because each visited
+        value was computed from the same baseline. (Summing deltas ``new - old`` instead moves the same 8n bytes
+        but adds a rounding: ``old + (new - old)`` is not ``new`` in fp32.) Were a sample moved by two ranks
+        between merges, the larger value would win on every rank: ranks still agree, but that is not an exact
+        merge; keep such samplers to ``sync="step"``.
+        """
+        if self.sync_mode != "epoch" or self._world_size() == 1:
+            return
+        device = communication_device(dist.get_backend(self.process_group), self.device)
+        baseline = self._merge_baseline()
+        with torch.no_grad():
+            current = torch.stack([self.score, self.weight])
+            moved = torch.where(current != baseline, current, torch.full_like(current, -torch.inf))
+            moved = moved.to(device)
+            dist.all_reduce(moved, op=dist.ReduceOp.MAX, group=self.process_group)
+            moved = moved.to(self.device)
+            merged = torch.where(moved == -torch.inf, baseline, moved)
+            self.score.copy_(merged[0])
+            self.weight.copy_(merged[1])
+        self._sync_snapshot = merged
+
+    def sync_step(
+        self, indices: torch.Tensor, losses: torch.Tensor, *, check_values: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Share this step's update with the other ranks and apply theirs (``sync="step"``).
+
+        Call it after the local update (``evolved_select`` or ``observe``) with the same dataset ``indices`` and
+        fp32 ``losses``, on every rank at every step (an empty ``indices`` when a rank has no rows). The ids travel
+        as int64 and the losses as fp32 in two separate all-gathers: packing both in one float tensor would round
+        ids above 2**24. Other ranks' updates are applied in rank order with the reference rule, which every backend
+        reproduces bit for bit, so the states stay bit-identical on all ranks after every step.
+
+        Returns the ids and losses of all ranks in rank order (this rank's included). Outside ``"step"`` mode, or
+        without ``torch.distributed``, nothing is communicated and the checked local tensors come back.
+        Bad arguments raise before any communication and leave the state untouched.
+        """
+        indices = _checks.check_tensor("indices", indices)
+        if indices.numel() > 0:
+            indices = _checks.check_indices("indices", indices, self.num_samples, self.device, check_values)
+        else:
+            if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
+                raise TypeError(f"indices must be an integer tensor (int64 ids), got {indices.dtype}")
+            if indices.dim() != 1:
+                raise ValueError(f"indices must be 1-D, got shape {tuple(indices.shape)}")
+            _checks.check_device("indices", indices, self.device)
+            indices = indices.to(torch.int64)
+        losses = _checks.check_losses("losses", losses, indices.numel(), self.device, check_values)
+        losses = losses.detach().to(torch.float32)
+        world_size = self._world_size()
+        if self.sync_mode != "step" or world_size == 1:
+            return indices, losses
+        group = self.process_group
+        rank = dist.get_rank(group)
+        device = communication_device(dist.get_backend(group), self.device)
+        # Ranks may hold different row counts (padding rows dropped): gather the counts, pad to the largest.
+        count = torch.tensor([indices.numel()], dtype=torch.int64, device=device)
+        counts = [torch.empty_like(count) for _ in range(world_size)]
+        dist.all_gather(counts, count, group=group)
+        sizes = [int(c) for c in counts]
+        width = max(sizes)
+        padded_ids = torch.zeros(width, dtype=torch.int64, device=device)
+        padded_ids[: indices.numel()] = indices.to(device)
+        padded_losses = torch.zeros(width, dtype=torch.float32, device=device)
+        padded_losses[: losses.numel()] = losses.to(device)
+        all_ids = [torch.empty_like(padded_ids) for _ in range(world_size)]
+        all_losses = [torch.empty_like(padded_losses) for _ in range(world_size)]
+        dist.all_gather(all_ids, padded_ids, group=group)
+        dist.all_gather(all_losses, padded_losses, group=group)
+        all_ids = [ids[:size].to(self.device) for ids, size in zip(all_ids, sizes, strict=True)]
+        all_losses = [values[:size].to(self.device) for values, size in zip(all_losses, sizes, strict=True)]
+        with torch.no_grad():
+            for other, (ids, values) in enumerate(zip(all_ids, all_losses, strict=True)):
+                if other != rank and ids.numel() > 0:
+                    ema_update_(self.score, self.weight, ids, values, self.beta1, self.beta2)
+        return torch.cat(all_ids), torch.cat(all_losses)
