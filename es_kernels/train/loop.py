@@ -46,6 +46,8 @@ METHODS: dict[str, MethodPreset] = {
 
 SCORING_MODES = ("eval", "train")
 
+_RANK_SEED_STRIDE = 7_919_993  # keeps the selection seeds of ranks of nearby base seeds apart
+
 
 @dataclasses.dataclass
 class SelectedBatch:
@@ -85,6 +87,8 @@ class EvolvedTraining:
         device: where the state lives (where the model's outputs are).
         num_replicas, rank: data-parallel layout (default: from torch.distributed).
         backend: ``evolved_select`` backend.
+        sync, process_group: how ranks keep one state (see :class:`EvolvedState`): ``"epoch"`` merges at each
+            ``set_epoch``, ``"step"`` shares every step's ids and losses; nothing to call beyond ``torchrun``.
     """
 
     def __init__(
@@ -106,6 +110,8 @@ class EvolvedTraining:
         num_replicas: int | None = None,
         rank: int | None = None,
         backend: str = "auto",
+        sync: str = "epoch",
+        process_group: torch.distributed.ProcessGroup | None = None,
     ) -> None:
         if method not in METHODS:
             raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
@@ -125,6 +131,8 @@ class EvolvedTraining:
             beta1=preset.beta1 if beta1 is None else beta1,
             beta2=preset.beta2 if beta2 is None else beta2,
             device=device,
+            sync=sync,
+            process_group=process_group,
         )
         self.sampler = EvolvedSampler(
             self.state,
@@ -136,8 +144,10 @@ class EvolvedTraining:
             num_replicas=num_replicas,
             rank=rank,
         )
-        # The sampler's own generators are rebuilt per epoch; selection draws from one long-lived stream.
-        self.generator = torch.Generator(device=self.state.device).manual_seed(seed)
+        # The sampler's own generators are rebuilt per epoch; selection draws from one long-lived stream. Ranks get
+        # distinct streams (rank 0 keeps ``seed``), else every rank would reuse the same race noise per position.
+        selection_seed = seed + _RANK_SEED_STRIDE * self.sampler.rank
+        self.generator = torch.Generator(device=self.state.device).manual_seed(selection_seed)
         self.scored_samples = 0
         self.trained_samples = 0
 
@@ -147,6 +157,10 @@ class EvolvedTraining:
         return self.selects and self.sampler.selecting
 
     def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch``; under ``torch.distributed`` all ranks first merge their states (a collective: call it
+        on every rank), so the sampler prunes from the same weights everywhere."""
+        if self.selects:  # the baseline never changes its state: nothing to merge
+            self.state.sync_epoch()
         self.sampler.set_epoch(epoch)
 
     def steps_per_epoch(self, batch_size: int, *, drop_last: bool = False) -> int:
@@ -187,13 +201,14 @@ class EvolvedTraining:
             return SelectedBatch(indices, inputs, targets, scored=False)
         outputs = self._scoring_forward(model, inputs)
         k = self.num_selected(batch_size)
-        common = dict(generator=self.generator, backend=self.backend)
+        common = dict(generator=self.generator, backend=self.backend, return_losses=True)
         if loss_fn is None:
-            rows = evolved_select(
+            rows, losses = evolved_select(
                 self.state, indices, k, logits=outputs, targets=targets, label_smoothing=self.label_smoothing, **common
             )
         else:
-            rows = evolved_select(self.state, indices, k, losses=loss_fn(outputs, targets).detach(), **common)
+            rows, losses = evolved_select(self.state, indices, k, losses=loss_fn(outputs, targets).detach(), **common)
+        self.state.sync_step(indices, losses, check_values=False)  # no-op unless sync="step" across ranks
         self.scored_samples += batch_size
         self.trained_samples += k
         return SelectedBatch(take_rows(indices, rows), take_rows(inputs, rows), take_rows(targets, rows), scored=True)
@@ -205,8 +220,9 @@ class EvolvedTraining:
         """
         if batch.scored or not self.selects:
             return
-        losses = _checks.check_tensor("losses", losses)
-        self.state.observe(batch.indices, losses.detach().to(self.state.device, torch.float32))
+        losses = _checks.check_tensor("losses", losses).detach().to(self.state.device, torch.float32)
+        self.state.observe(batch.indices, losses)
+        self.state.sync_step(batch.indices, losses, check_values=False)  # no-op unless sync="step" across ranks
 
     def _real_rows(self, batch_size: int) -> torch.Tensor | None:
         """Rows of the batch that are not sharding padding (None when all are), and advance the sampler."""
