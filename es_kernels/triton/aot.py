@@ -1,0 +1,234 @@
+"""Ahead-of-time compile gate: every kernel variant the launchers can launch, compiled to cubin without a GPU.
+
+Run ``python -m es_kernels.triton.aot`` (``--help`` for options). For each variant and target (sm_80, sm_90) it
+prints registers, spilled bytes and shared memory, and exits non-zero on any compile error, any spill in a default
+configuration, or a fused multiply-add in the state update.
+
+Variants are derived, not listed by hand: for representative CPU tensors of each dtype, mode and memory layout the
+launchers' own argument builders (``launch.fused_select_arguments``, ``launch.prune_keys_arguments``) produce the
+arguments, and Triton's own binder turns them into the signature, constexprs and specialisations it would compile
+at launch time. Register and spill counts come from the ``ptxas -v`` log of Triton's own ptxas invocation.
+
+The no-FMA proof: Triton compiles with ``--fmad=false`` when ``enable_fp_fusion=False``; the gate also reads the
+PTX and fails if any instruction attributed (``.loc``) to the update lines of ``kernels.py`` is an fma/mad.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import inspect
+import io
+import os
+import re
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+TARGETS = (80, 90)
+# Source lines of the state update whose products must stay unfused.
+_UPDATE_MARKERS = ("weight_part = score_old * beta1", "score_new = score_part + loss * one_minus_beta2")
+
+
+@dataclass
+class Variant:
+    name: str
+    kernel: object
+    args: tuple
+    kwargs: dict
+
+
+@dataclass
+class Result:
+    variant: str
+    arch: int
+    registers: int | None = None
+    spill_bytes: int | None = None
+    shared_bytes: int | None = None
+    seconds: float = 0.0
+    error: str | None = None
+    fma_in_update: int = 0
+
+
+def variants() -> Iterator[Variant]:
+    """One variant per (mode, dtype, layout) the launchers produce, plus the pruning-key kernel."""
+    import torch
+
+    from es_kernels.triton import kernels, launch
+
+    batch, classes, n = 8, 64, 256
+    score = torch.zeros(n)
+    weight = torch.zeros(n)
+    indices = torch.arange(batch)
+    seed = torch.zeros(1, dtype=torch.int64)
+    labels = torch.zeros(batch, dtype=torch.int64)
+    float_dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+    layouts = {
+        # row stride a multiple of 16 elements (e.g. C = 1000 is not, C = 1024 is), or a transposed view.
+        "rows16": lambda t: t,
+        "rows": lambda t: t[:, : classes - 1],
+        "strided": lambda t: t.t().contiguous().t(),
+    }
+
+    def fused(name, **given):
+        arguments = dict(
+            score=score, weight=weight, indices=indices, seed=seed, k=2, beta1=0.2, beta2=0.9, logits=None,
+            labels_a=None, labels_b=None, soft_targets=None, lam=1.0, losses=None, label_smoothing=0.1,
+        )  # fmt: skip
+        arguments.update(given)
+        args, kwargs, _, _ = launch.fused_select_arguments(**arguments)
+        return Variant(name, kernels.fused_select_kernel, args, kwargs)
+
+    for dtype_name, dtype in float_dtypes.items():
+        yield fused(f"fused losses={dtype_name}", losses=torch.zeros(batch, dtype=dtype))
+    for dtype_name, dtype in float_dtypes.items():
+        for layout_name, layout in layouts.items():
+            logits = layout(torch.zeros(batch, classes, dtype=dtype))
+            yield fused(f"fused labels logits={dtype_name} {layout_name}", logits=logits, labels_a=labels)
+    for dtype_name, dtype in float_dtypes.items():
+        for target_name, target_dtype in float_dtypes.items():
+            logits = torch.zeros(batch, classes, dtype=dtype)
+            soft = torch.zeros(batch, classes, dtype=target_dtype)
+            yield fused(f"fused soft logits={dtype_name} targets={target_name}", logits=logits, soft_targets=soft)
+    args, kwargs, _ = launch.prune_keys_arguments(torch.zeros(n), seed)
+    yield Variant("prune_keys values=fp32", kernels.prune_keys_kernel, args, kwargs)
+
+
+def _update_lines() -> set[int]:
+    from es_kernels.triton import kernels
+
+    lines, first = inspect.getsourcelines(kernels)
+    numbers = [first + i for i, line in enumerate(lines) if any(m in line for m in _UPDATE_MARKERS)]
+    if len(numbers) != 2:
+        raise RuntimeError(f"cannot find the state update in kernels.py (markers {_UPDATE_MARKERS})")
+    return set(range(numbers[0], numbers[1] + 1))
+
+
+def _update_instructions(ptx: str, lines: set[int]) -> tuple[int, int]:
+    """(fma/mad count, separately rounded mul/add count) among the f32 instructions the PTX attributes to
+    ``lines`` of kernels.py."""
+    files = {m.group(1) for m in re.finditer(r'\.file\s+(\d+)\s+"([^"]*kernels\.py)"', ptx)}
+    current, fused, rounded = None, 0, 0
+    for raw in ptx.splitlines():
+        line = raw.strip()
+        location = re.match(r"\.loc\s+(\d+)\s+(\d+)\s+\d+", line)
+        if location:
+            current = (location.group(1), int(location.group(2)))
+            continue
+        if current and current[0] in files and current[1] in lines:
+            fused += bool(re.match(r"(fma|mad)\.[a-z.]*f32", line))
+            rounded += bool(re.match(r"(mul|add)\.rn\.f32", line))
+    return fused, rounded
+
+
+def _ptxas_numbers(log: str) -> tuple[int | None, int | None]:
+    registers = re.findall(r"Used (\d+) registers", log)
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    reg = max(int(r) for r in registers) if registers else None
+    spill = max(int(s) + int(lo) for s, lo in spills) if spills else None
+    return reg, spill
+
+
+def compile_variant(variant: Variant, arch: int) -> Result:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    result = Result(variant.name, arch)
+    start = time.perf_counter()
+    try:
+        target = GPUTarget("cuda", arch, 32)
+        backend = make_backend(target)
+        kernel = variant.kernel
+        kwargs = {"debug": False, **variant.kwargs}
+        binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+        bound_args, specialization, options = binder(*variant.args, **kwargs)
+        options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
+        source = triton.compiler.ASTSource(kernel, signature, constexprs, attrs)
+        log = io.StringIO()
+        # A cache hit would skip ptxas and its -v log; always compile, and capture the log Triton prints.
+        with (
+            triton.knobs.nvidia.scope(),
+            triton.knobs.compilation.scope(),
+            contextlib.redirect_stdout(log),
+        ):
+            triton.knobs.nvidia.dump_ptxas_log = True
+            triton.knobs.compilation.always_compile = True
+            compiled = triton.compile(source, target=target, options=options.__dict__)
+        result.registers, result.spill_bytes = _ptxas_numbers(log.getvalue())
+        result.shared_bytes = int(compiled.metadata.shared)
+        if variant.kernel.__name__ == "fused_select_kernel":
+            result.fma_in_update, rounded = _update_instructions(compiled.asm["ptx"], _update_lines())
+            if rounded < 4:
+                # Without the update's own mul/add in sight, "no fma" would prove nothing.
+                result.error = f"found {rounded} rounded mul/add of the state update in the PTX, expected 4"
+        if result.registers is None:
+            result.error = "no ptxas -v output to read registers from"
+    except Exception as error:  # every failure is a row of the table, not an abort of the gate
+        result.error = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _failures(result: Result) -> list[str]:
+    problems = []
+    if result.error:
+        problems.append(result.error)
+    if result.spill_bytes:
+        problems.append(f"{result.spill_bytes} bytes spilled")
+    if result.fma_in_update:
+        problems.append(f"{result.fma_in_update} fma in the state update")
+    return problems
+
+
+def table(results: list[Result]) -> str:
+    rows = [
+        "| kernel variant | target | registers | spilled bytes | shared memory (bytes) | status |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        status = "; ".join(_failures(r)) or "ok"
+        cells = [r.variant, f"sm_{r.arch}", r.registers, r.spill_bytes, r.shared_bytes, status]
+        rows.append("| " + " | ".join("-" if c is None else str(c) for c in cells) + " |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m es_kernels.triton.aot", description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, action="append", help="compute capability like 80 (repeatable)")
+    parser.add_argument("--only", default="", help="compile only variants whose name contains this text")
+    parser.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
+    options = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on", "y"):
+        print("unset TRITON_INTERPRET: the interpreter builds no compilable kernels", file=sys.stderr)
+        return 2
+    archs = options.arch or list(TARGETS)
+    chosen = [v for v in variants() if options.only in v.name]
+    jobs = [(v, arch) for v in chosen for arch in archs]
+    start = time.perf_counter()
+    if options.jobs > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(options.jobs) as pool:
+            results = list(pool.map(_compile_by_name, [(v.name, arch) for v, arch in jobs]))
+    else:
+        results = [compile_variant(v, arch) for v, arch in jobs]
+    print(table(results))
+    failed = [r for r in results if _failures(r)]
+    print(
+        f"\n{len(results)} compiles ({len(chosen)} variants x {len(archs)} targets) in "
+        f"{time.perf_counter() - start:.0f} s: {len(failed)} failed"
+    )
+    return 1 if failed or not results else 0
+
+
+def _compile_by_name(job: tuple[str, int]) -> Result:
+    name, arch = job
+    variant = next(v for v in variants() if v.name == name)
+    return compile_variant(variant, arch)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,246 @@
+"""Triton device code: the fused select kernel (loss, state update, race keys, top-k) and the pruning keys.
+
+Imported lazily (only when a kernel is launched or compiled): whether ``@triton.jit`` builds compiled kernels or
+interpreted ones is decided when this module is imported, from ``TRITON_INTERPRET`` as it was when ``triton``
+itself was imported.
+
+Rounding contract of the state update (see ``reference/update.py``): each product is rounded to fp32, then the sum.
+Launchers pass ``enable_fp_fusion=False`` so the compiler never contracts them into an FMA; ``aot.py`` checks the
+PTX of the update lines for it.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Where the per-sample losses come from (a constexpr: one compiled variant each).
+MODE_LOSSES = 0  # given losses, any float dtype
+MODE_LABELS = 1  # int64 class ids; the mixup form is two label vectors and lam
+MODE_SOFT = 2  # dense (B, C) target weights
+
+LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def race_key(weight, seed, position):
+    """``log(w) - log(E)``, E ~ Exp(1) from Philox at (seed, position); -inf unless w > 0 (zero, negative, NaN).
+
+    u = (m + 0.5) * 2**-23 with m the top 23 bits of one Philox word, so u lies strictly inside (0, 1) and
+    ``1 - u`` is exact in fp32: ``-log(1 - u)`` then equals ``-log1p(-u)`` to the accuracy of ``log`` (libdevice
+    ``logf`` on GPU, numpy in the interpreter), which has no log1p.
+    """
+    bits = tl.randint(seed, position)
+    uniform = ((bits >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07
+    exponential = -tl.log(1.0 - uniform)
+    key = tl.log(weight) - tl.log(exponential)
+    return tl.where(weight > 0.0, key, float("-inf"))
+
+
+@triton.jit
+def pack_key(key, position):
+    """int64 whose order is (key, then lower position first): monotone fp32 bits high, ~position low."""
+    bits = key.to(tl.int32, bitcast=True)
+    monotone = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    low = 4294967295 - position.to(tl.int64)
+    return (monotone.to(tl.int64) << 32) | low
+
+
+@triton.jit
+def select_top_k(keys_ptr, batch, k, positions_ptr, BLOCK_B: tl.constexpr):
+    """Write the positions of the k largest packed keys, ascending, into ``positions_ptr`` (one program).
+
+    A radix select instead of a sort, so any batch size works in one program. Four passes over the keys, one
+    8-bit digit of the key (the high half, as unsigned) each, histogram the keys that share the digits fixed so far
+    and fix the digit where the count from the top reaches the number still wanted. That yields T, the k-th largest
+    key, and how many keys equal to T belong in the draw; the last pass takes every key above T and the first of
+    the keys equal to T in ascending position, which is the packed order's tie-break (low half ~position).
+    """
+    offsets = tl.arange(0, BLOCK_B)
+    bins = tl.arange(0, 256)
+    prefix = tl.zeros([], tl.int64)
+    wanted = k + tl.zeros([], tl.int32)
+    for digit_index in range(4):
+        shift = 24 - 8 * digit_index
+        counts = tl.zeros([256], tl.int32)
+        for start in range(0, batch, BLOCK_B):
+            positions = start + offsets
+            inside = positions < batch
+            # .cg: other programs wrote these keys during this launch; read them from L2, never a stale L1 line.
+            key = tl.load(keys_ptr + positions, mask=inside, other=0, cache_modifier=".cg")
+            high = (key >> 32) + 2147483648
+            same_prefix = inside & ((high >> (shift + 8)) == (prefix >> (shift + 8)))
+            digit = ((high >> shift) & 255).to(tl.int32)
+            counts += tl.histogram(digit, 256, mask=same_prefix)
+        # from_top[d] = number of candidates whose digit is >= d; it reaches `wanted` at d = 0.
+        from_top = tl.sum(counts, 0) - tl.cumsum(counts, 0) + counts
+        chosen = tl.max(tl.where(from_top >= wanted, bins, -1), 0)
+        wanted -= tl.sum(tl.where(bins > chosen, counts, 0), 0)
+        prefix += chosen.to(tl.int64) << shift
+    written = tl.zeros([], tl.int32)
+    ties_seen = tl.zeros([], tl.int32)
+    for start in range(0, batch, BLOCK_B):
+        positions = start + offsets
+        inside = positions < batch
+        key = tl.load(keys_ptr + positions, mask=inside, other=0, cache_modifier=".cg")
+        high = (key >> 32) + 2147483648
+        tie = inside & (high == prefix)
+        tie_rank = ties_seen + tl.cumsum(tie.to(tl.int32), 0) - 1
+        take = (inside & (high > prefix)) | (tie & (tie_rank < wanted))
+        slot = written + tl.cumsum(take.to(tl.int32), 0) - 1
+        tl.store(positions_ptr + slot, positions.to(tl.int64), mask=take & (slot < k))
+        written += tl.sum(take.to(tl.int32), 0)
+        ties_seen += tl.sum(tie.to(tl.int32), 0)
+
+
+@triton.jit
+def row_loss(
+    row,
+    logits_ptr,
+    logits_row_stride,
+    logits_col_stride,
+    num_classes,
+    labels_a_ptr,
+    labels_b_ptr,
+    labels_a_stride,
+    labels_b_stride,
+    lam,
+    one_minus_lam,
+    soft_ptr,
+    soft_row_stride,
+    soft_col_stride,
+    label_smoothing,
+    one_minus_smoothing,
+    MODE: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """fp32 cross-entropy of one row: online log-sum-exp over column blocks, label smoothing in the same pass.
+
+    With m the row max and s = sum exp(x - m), lse = m + log(s); the loss is assembled as (m - x_y) + log(s) so a
+    confidently right row does not lose its small loss to cancellation against a large lse.
+    """
+    row_start = logits_ptr + row.to(tl.int64) * logits_row_stride
+    soft_start = soft_ptr + row.to(tl.int64) * soft_row_stride
+    columns = tl.arange(0, BLOCK_C)
+    row_max = tl.full([], float("-inf"), tl.float32)
+    exp_sum = tl.zeros([], tl.float32)
+    logit_sum = tl.zeros([], tl.float32)
+    target_sum = tl.zeros([], tl.float32)
+    target_logit_sum = tl.zeros([], tl.float32)
+    for start in range(0, num_classes, BLOCK_C):
+        cols = start + columns
+        inside = cols < num_classes
+        x = tl.load(row_start + cols.to(tl.int64) * logits_col_stride, mask=inside, other=float("-inf"))
+        x = x.to(tl.float32)
+        new_max = tl.maximum(row_max, tl.max(x, 0))
+        exp_sum = exp_sum * tl.exp2((row_max - new_max) * LOG2E) + tl.sum(tl.exp2((x - new_max) * LOG2E), 0)
+        row_max = new_max
+        x_or_zero = tl.where(inside, x, 0.0)
+        logit_sum += tl.sum(x_or_zero, 0)
+        if MODE == 2:
+            t = tl.load(soft_start + cols.to(tl.int64) * soft_col_stride, mask=inside, other=0.0).to(tl.float32)
+            target_sum += tl.sum(t, 0)
+            target_logit_sum += tl.sum(t * x_or_zero, 0)
+    log_sum = tl.log(exp_sum)
+    if MODE == 1:
+        # Out-of-range ids (possible only with value checks off) read nothing and give a NaN loss, never chosen.
+        label_a = tl.load(labels_a_ptr + row.to(tl.int64) * labels_a_stride)
+        label_b = tl.load(labels_b_ptr + row.to(tl.int64) * labels_b_stride)
+        valid_a = (label_a >= 0) & (label_a < num_classes)
+        valid_b = (label_b >= 0) & (label_b < num_classes)
+        x_a = tl.load(row_start + label_a * logits_col_stride, mask=valid_a, other=float("nan")).to(tl.float32)
+        x_b = tl.load(row_start + label_b * logits_col_stride, mask=valid_b, other=float("nan")).to(tl.float32)
+        nll = lam * ((row_max - x_a) + log_sum) + one_minus_lam * ((row_max - x_b) + log_sum)
+    else:
+        nll = target_sum * log_sum + (target_sum * row_max - target_logit_sum)
+    loss = one_minus_smoothing * nll
+    if label_smoothing > 0.0:
+        # Skipped at 0 so an overflowing logit sum cannot turn 0 * inf into NaN.
+        loss += label_smoothing * ((row_max - logit_sum / num_classes) + log_sum)
+    return loss
+
+
+@triton.jit(do_not_specialize=["n_samples", "batch", "k", "num_classes"])
+def fused_select_kernel(
+    score_ptr,
+    weight_ptr,
+    n_samples,
+    indices_ptr,
+    batch,
+    k,
+    logits_ptr,
+    logits_row_stride,
+    logits_col_stride,
+    num_classes,
+    labels_a_ptr,
+    labels_b_ptr,
+    labels_a_stride,
+    labels_b_stride,
+    lam,
+    one_minus_lam,
+    soft_ptr,
+    soft_row_stride,
+    soft_col_stride,
+    losses_ptr,
+    losses_stride,
+    label_smoothing,
+    one_minus_smoothing,
+    beta1,
+    one_minus_beta1,
+    beta2,
+    one_minus_beta2,
+    seed_ptr,
+    losses_out_ptr,
+    keys_ptr,
+    ticket_ptr,
+    positions_ptr,
+    MODE: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+):
+    """One program per meta-batch row: loss, update of w then s at the row's dataset id, packed race key.
+
+    The program that takes the last ticket (every other row's key is written by then) selects the k rows. No
+    program waits for another, so the grid may have any size whether or not its programs are co-resident.
+    """
+    row = tl.program_id(0)
+    if MODE == 0:
+        loss = tl.load(losses_ptr + row.to(tl.int64) * losses_stride).to(tl.float32)
+    else:
+        loss = row_loss(
+            row, logits_ptr, logits_row_stride, logits_col_stride, num_classes,
+            labels_a_ptr, labels_b_ptr, labels_a_stride, labels_b_stride, lam, one_minus_lam,
+            soft_ptr, soft_row_stride, soft_col_stride, label_smoothing, one_minus_smoothing,
+            MODE, BLOCK_C,
+        )  # fmt: skip
+    tl.store(losses_out_ptr + row, loss)
+
+    index = tl.load(indices_ptr + row)
+    # Out-of-range ids (value checks off) touch no memory; their NaN weight keeps them from being preferred.
+    valid = (index >= 0) & (index < n_samples)
+    score_old = tl.load(score_ptr + index, mask=valid, other=float("nan"))
+    weight_part = score_old * beta1
+    weight_new = weight_part + loss * one_minus_beta1
+    score_part = score_old * beta2
+    score_new = score_part + loss * one_minus_beta2
+    tl.store(weight_ptr + index, weight_new, mask=valid)
+    tl.store(score_ptr + index, score_new, mask=valid)
+
+    seed = tl.load(seed_ptr)
+    tl.store(keys_ptr + row, pack_key(race_key(weight_new, seed, row), row))
+
+    # Every thread's key store happens before this program's ticket is released.
+    tl.debug_barrier()
+    ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
+    if ticket == tl.num_programs(0) - 1:
+        select_top_k(keys_ptr, batch, k, positions_ptr, BLOCK_B)
+
+
+@triton.jit(do_not_specialize=["n"])
+def prune_keys_kernel(values_ptr, keys_ptr, n, seed_ptr, BLOCK: tl.constexpr):
+    """fp32 race keys for n values; the key of sample i depends on (seed, i) only, never on BLOCK."""
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offsets < n
+    values = tl.load(values_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+    seed = tl.load(seed_ptr)
+    tl.store(keys_ptr + offsets, race_key(values, seed, offsets), mask=inside)
