@@ -79,15 +79,30 @@ def backend_status(device: torch.device | str = "cpu") -> dict[str, str]:
 def resolve_backend(backend: str | Backend, device: torch.device) -> Backend:
     """The backend that will run: auto picks the first available in the device's order; a named one must run."""
     backend = parse_backend(backend)
+    answer = _resolve_constant(backend.value, device)
+    if answer.startswith("!"):
+        raise BackendUnavailableError(answer[1:])
+    return Backend(answer)
+
+
+@torch.compiler.assume_constant_result
+def _resolve_constant(backend: str, device: torch.device) -> str:
+    """The chosen backend's value, or "!" and the error message.
+
+    Availability checks import modules and read the environment, which torch.compile cannot trace: marked as a
+    constant result, this runs once when a graph is traced and the choice is baked into the graph (a later change of
+    availability does not recompile it). It returns plain strings, the kind of constant dynamo accepts.
+    """
+    backend = Backend(backend)
     if backend is Backend.AUTO:
         for candidate in _AUTO_ORDER.get(device.type, (Backend.TORCH,)):
             if unavailable_reason(candidate, device) is None:
-                return candidate
-        return Backend.TORCH
+                return candidate.value
+        return Backend.TORCH.value
     reason = unavailable_reason(backend, device)
     if reason is not None:
-        raise BackendUnavailableError(f"backend={backend.value!r} cannot run on {device}: {reason}")
-    return backend
+        return f"!backend={backend.value!r} cannot run on {device}: {reason}"
+    return backend.value
 
 
 def record_backend(backend: Backend) -> None:

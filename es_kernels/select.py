@@ -14,7 +14,6 @@ fp32-convertible losses), and, when value checks are on, finite logits and in-ra
 
 from __future__ import annotations
 
-import importlib
 import numbers
 from types import ModuleType
 
@@ -45,9 +44,15 @@ class _TorchBackend:
 
 
 def _backend_module(backend: Backend) -> ModuleType | type[_TorchBackend]:
+    # Import statements, not importlib: torch.compile traces these (the modules are loaded by the availability
+    # check already) but refuses importlib.import_module.
     if backend is Backend.TORCH:
         return _TorchBackend
-    return importlib.import_module(f"es_kernels.{backend.value}")
+    if backend is Backend.TRITON:
+        from es_kernels import triton as module
+    else:
+        from es_kernels import extension as module
+    return module
 
 
 def _check_generator(generator: object, device: torch.device) -> torch.Generator | None:
