@@ -1,0 +1,228 @@
+"""EvolvedTraining, the data utilities, and the digits demo."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from es_kernels import EvolvedTraining, IndexedDataset, corrupt_labels
+from es_kernels.train import digits
+
+N, CLASSES, EPOCHS, BATCH = 96, 4, 6, 16
+
+
+def toy_data(seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, 5, generator=generator)
+    y = (x[:, 0] > 0).long() + 2 * (x[:, 1] > 0).long()
+    return x, y
+
+
+def make_run(method="es", seed=0, **kwargs):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.ReLU(), torch.nn.Linear(16, CLASSES))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    kwargs = {"anneal_start": 0.2, "anneal_end": 0.2, **kwargs}
+    training = EvolvedTraining(method, N, EPOCHS, seed=seed, **kwargs)
+    x, y = toy_data()
+    loader = DataLoader(IndexedDataset(TensorDataset(x, y)), batch_size=BATCH, sampler=training.sampler)
+    return model, optimizer, training, loader
+
+
+def run_steps(model, optimizer, training, loader, start_epoch, stop_after=None, log=None):
+    """The README loop; stops after ``stop_after`` steps in total (None: to the end). Logs trained ids."""
+    steps = 0
+    for epoch in range(start_epoch, EPOCHS):
+        training.set_epoch(epoch)
+        for indices, inputs, targets in loader:
+            batch = training.select(model, indices, inputs, targets)
+            losses = F.cross_entropy(model(batch.inputs), batch.targets, reduction="none")
+            training.observe(batch, losses)
+            optimizer.zero_grad()
+            losses.mean().backward()
+            optimizer.step()
+            if log is not None:
+                log.append((epoch, batch.indices.tolist()))
+            steps += 1
+            if stop_after is not None and steps == stop_after:
+                return epoch
+    return EPOCHS
+
+
+def test_es_selects_k_rows_in_selecting_epochs_and_all_rows_in_annealing():
+    model, optimizer, training, loader = make_run()
+    log = []
+    run_steps(model, optimizer, training, loader, 0, log=log)
+    for epoch, ids in log:
+        expected = BATCH if epoch in (0, EPOCHS - 1) else training.num_selected(BATCH)
+        assert len(ids) == expected
+    assert training.trained_samples == sum(len(ids) for _, ids in log)
+    assert training.scored_samples == 4 * N  # 4 selecting epochs of N rows
+
+
+def test_selected_rows_keep_their_inputs_and_targets_together():
+    model, _, training, loader = make_run()
+    training.set_epoch(2)
+    x, y = toy_data()
+    for indices, inputs, targets in loader:
+        batch = training.select(model, indices, inputs, targets)
+        assert torch.equal(batch.inputs, x[batch.indices]) and torch.equal(batch.targets, y[batch.indices])
+
+
+def test_annealing_epochs_update_the_state_from_training_losses():
+    model, optimizer, training, loader = make_run()
+    before = training.state.weight.clone()
+    run_steps(model, optimizer, training, loader, 0, stop_after=N // BATCH)  # epoch 0 is annealing
+    assert not torch.equal(training.state.weight, before)
+    assert (training.state.weight != before).sum() == N  # every sample seen once in the full epoch
+
+
+def test_baseline_trains_every_row_through_the_same_loop_and_keeps_no_state():
+    model, optimizer, training, loader = make_run("baseline")
+    before = training.state.weight.clone()
+    log = []
+    run_steps(model, optimizer, training, loader, 0, log=log)
+    assert all(len(ids) == BATCH for _, ids in log)
+    assert training.trained_samples == EPOCHS * N and training.scored_samples == 0
+    assert torch.equal(training.state.weight, before)
+
+
+def test_scoring_forward_in_eval_mode_leaves_batchnorm_and_mode_alone():
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, CLASSES))
+    training = EvolvedTraining("es", N, EPOCHS, anneal_start=0, anneal_end=0)
+    x, y = toy_data()
+    running_mean = model[1].running_mean.clone()
+    model.train()
+    training.select(model, torch.arange(BATCH), x[:BATCH], y[:BATCH])
+    assert model.training
+    assert torch.equal(model[1].running_mean, running_mean)
+    train_mode = EvolvedTraining("es", N, EPOCHS, anneal_start=0, anneal_end=0, scoring_mode="train")
+    train_mode.select(model, torch.arange(BATCH), x[:BATCH], y[:BATCH])
+    assert not torch.equal(model[1].running_mean, running_mean)
+
+
+def test_loss_fn_for_other_tasks():
+    training = EvolvedTraining("loss", N, EPOCHS, anneal_start=0, anneal_end=0, select_ratio=0.5)
+    model = torch.nn.Linear(5, 1)
+    x = torch.randn(BATCH, 5)
+    target = torch.randn(BATCH, 1)
+    batch = training.select(model, torch.arange(BATCH), x, target, loss_fn=lambda out, t: ((out - t) ** 2).squeeze(1))
+    assert batch.indices.numel() == BATCH // 2
+    expected = ((model(x) - target) ** 2).squeeze(1).detach()
+    assert torch.allclose(training.state.weight[:BATCH], expected)  # b1 = 0: w is the loss itself
+
+
+def test_resume_mid_epoch_gives_the_same_run():
+    model, optimizer, training, loader = make_run("eswp")
+    full_log = []
+    run_steps(model, optimizer, training, loader, 0, log=full_log)
+    reference_state = training.state.state_dict()
+
+    model, optimizer, training, loader = make_run("eswp")
+    first_log = []
+    stopped_epoch = run_steps(model, optimizer, training, loader, 0, stop_after=13, log=first_log)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "es": training.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+
+    model, optimizer, training, loader = make_run("eswp", seed=0)
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    training.load_state_dict(saved["es"])
+    rest_log = []
+    run_steps(model, optimizer, training, loader, stopped_epoch, log=rest_log)
+    assert first_log + rest_log == full_log
+    assert torch.equal(training.state.score, reference_state["score"])
+    assert torch.equal(training.state.weight, reference_state["weight"])
+
+
+def test_padding_rows_are_dropped_so_no_sample_updates_twice():
+    n = 10  # 2 ranks, 10 ids: no padding; 3 ranks: 2 padded positions
+    trainings = [
+        EvolvedTraining("es", n, 3, anneal_start=0, anneal_end=0, num_replicas=3, rank=r, sync="off") for r in range(3)
+    ]
+    model = torch.nn.Linear(5, CLASSES)
+    x, y = torch.randn(n, 5), torch.randint(0, CLASSES, (n,))
+    seen = []
+    for training in trainings:
+        training.set_epoch(0)
+        shard = torch.tensor(list(training.sampler))
+        batch = training.select(model, shard, x[shard], y[shard])
+        seen += training.state.weight.ne(0.1).nonzero().flatten().tolist()  # ids this rank's state updated
+        assert batch.indices.numel() <= training.num_selected(shard.numel())
+    assert sorted(seen) == list(range(n))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, name",
+    [
+        ({"method": "magic"}, ValueError, "method"),
+        ({"select_ratio": 0.0}, ValueError, "select_ratio"),
+        ({"select_ratio": 1.5}, ValueError, "select_ratio"),
+        ({"scoring_mode": "test"}, ValueError, "scoring_mode"),
+        ({"prune_ratio": 1.0}, ValueError, "prune_ratio"),
+        ({"beta1": 2.0}, ValueError, "beta1"),
+        ({"num_epochs": 0}, ValueError, "num_epochs"),
+    ],
+)
+def test_bad_configuration_fails_at_construction(kwargs, error, name):
+    args = {"method": "es", "num_samples": N, "num_epochs": EPOCHS, **kwargs}
+    with pytest.raises(error, match=name):
+        EvolvedTraining(**args)
+
+
+# ----------------------------------------------------------------------------------------- data utilities
+
+
+def test_indexed_dataset_puts_the_id_first():
+    dataset = IndexedDataset(TensorDataset(torch.arange(5) * 10, torch.arange(5)))
+    assert dataset[3][0] == 3 and dataset[3][1].item() == 30 and len(dataset) == 5
+    assert IndexedDataset([7, 8])[1] == (1, 8)
+
+
+@pytest.mark.parametrize("mode", ["uniform", "flip"])
+def test_label_noise_changes_exactly_the_rate_and_is_seeded(mode):
+    labels = torch.arange(1000) % 10
+    noisy, mask = corrupt_labels(labels, 0.4, num_classes=10, mode=mode, seed=3)
+    assert mask.sum() == 400
+    assert torch.equal(noisy != labels, mask)  # every corrupted label really changed, no other did
+    if mode == "flip":
+        assert torch.equal(noisy[mask], (labels[mask] + 1) % 10)
+    else:
+        assert len(set(noisy[mask].tolist())) == 10
+    again, _ = corrupt_labels(labels, 0.4, num_classes=10, mode=mode, seed=3)
+    assert torch.equal(noisy, again)
+
+
+def test_label_noise_bad_input():
+    with pytest.raises(ValueError, match="rate"):
+        corrupt_labels(torch.zeros(4, dtype=torch.long), 1.5, num_classes=3)
+    with pytest.raises(ValueError, match="mode"):
+        corrupt_labels(torch.zeros(4, dtype=torch.long), 0.1, num_classes=3, mode="pair")
+    with pytest.raises(ValueError, match="labels"):
+        corrupt_labels(torch.tensor([0, 5]), 0.1, num_classes=3)
+
+
+# ----------------------------------------------------------------------------------------- the digits demo
+
+
+def test_digits_demo_writes_results(tmp_path):
+    out = tmp_path / "results.json"
+    rows = digits.main(["--methods", "baseline", "es", "--seeds", "0", "--epochs", "3", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert [row["method"] for row in saved["summary"]] == ["baseline", "es"] == [row["method"] for row in rows]
+    baseline, es = saved["summary"]
+    assert baseline["backprop_samples"] == 3 * 1347
+    assert es["backprop_samples"] < baseline["backprop_samples"]
+    assert len(saved["runs"][0]["curve"]) == 3
+
+
+def test_digits_demo_rejects_bad_noise():
+    with pytest.raises(SystemExit):
+        digits.main(["--noise", "gaussian:0.2"])
