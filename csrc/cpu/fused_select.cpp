@@ -1,0 +1,123 @@
+// CPU fused select: per-sample losses (parallel over rows), the state update, and the exponential race over the
+// meta-batch, in one call with no intermediate tensors.
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Generator.h>
+#include <ATen/ops/empty.h>
+
+#include <algorithm>
+#include <limits>
+#include <mutex>
+#include <vector>
+
+#include "checks.h"
+#include "cpu/row_loss.h"
+#include "cpu/rng.h"
+#include "kernels/philox.cuh"
+#include "kernels/race.cuh"
+#include "kernels/update.cuh"
+#include "ops.h"
+
+namespace es_kernels {
+
+uint64_t draw_cpu_seed(const std::optional<at::Generator>& generator) {
+  auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(generator, at::detail::getDefaultCPUGenerator());
+  // One 64-bit draw per call advances the user's generator (so successive calls differ and torch.manual_seed
+  // reproduces them); every per-element number then comes from Philox keyed by it.
+  std::lock_guard<std::mutex> lock(gen->mutex_);
+  return gen->random64();
+}
+
+namespace {
+
+// Below this many logits per chunk, thread start-up costs more than the rows (measured: B = 64, C = 10 runs
+// fastest single-threaded).
+constexpr int64_t kLossGrainElements = 16384;
+
+void compute_losses(const PreparedSelect& p, const LossParams& params, float* out) {
+  cpu::RowLossArgs args{};
+  const auto dtype = p.logits.scalar_type();
+  args.logits = p.logits.data_ptr();
+  args.logits_row_stride = p.logits.stride(0);
+  args.logits_type = dtype == at::kHalf       ? LogitsType::kFloat16
+                     : dtype == at::kBFloat16 ? LogitsType::kBFloat16
+                                              : LogitsType::kFloat32;
+  if (params.kind == TargetKind::kSoft) {
+    args.soft_targets = p.target.data_ptr<float>();
+  } else {
+    args.labels = p.target.data_ptr<int64_t>();
+    if (params.kind == TargetKind::kMixup) args.labels_b = p.target_b.data_ptr<int64_t>();
+  }
+  args.params = params;
+  args.out = out;
+  const int64_t grain = std::max<int64_t>(1, kLossGrainElements / p.num_classes);
+  const bool widen = args.logits_type != LogitsType::kFloat32;
+  at::parallel_for(0, p.batch, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(widen ? p.num_classes : 0);
+    cpu::loss_rows(args, begin, end, scratch.data());
+  });
+}
+
+struct RaceEntry {
+  double key;
+  int64_t position;
+};
+
+// k largest keys, ties to the lower position, returned ascending.
+at::Tensor race_top_k(const std::vector<float>& weights, int64_t k, uint64_t seed) {
+  const int64_t batch = static_cast<int64_t>(weights.size());
+  std::vector<RaceEntry> entries(batch);
+  for (int64_t i = 0; i < batch; i += 2) {
+    const Philox4 r = philox4x32_10(seed, 0, static_cast<uint64_t>(i) >> 1);
+    entries[i] = {race_key(weights[i], uniform_double(r.x, r.y)), i};
+    if (i + 1 < batch) entries[i + 1] = {race_key(weights[i + 1], uniform_double(r.z, r.w)), i + 1};
+  }
+  at::Tensor positions = at::empty({k}, at::TensorOptions().dtype(at::kLong));
+  int64_t* out = positions.data_ptr<int64_t>();
+  if (k < batch) {
+    const auto first = [](const RaceEntry& a, const RaceEntry& b) {
+      return a.key > b.key || (a.key == b.key && a.position < b.position);
+    };
+    std::nth_element(entries.begin(), entries.begin() + k, entries.end(), first);
+  }
+  for (int64_t j = 0; j < k; ++j) out[j] = entries[j].position;
+  std::sort(out, out + k);
+  return positions;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> fused_select_cpu(const SelectArgs& args) {
+  const PreparedSelect p = prepare_select(args);
+  const LossParams params = make_loss_params(p, args.label_smoothing, args.lam);
+  at::Tensor losses = p.losses;
+  if (params.kind != TargetKind::kNone) {
+    losses = at::empty({p.batch}, at::TensorOptions().dtype(at::kFloat));
+    compute_losses(p, params, losses.data_ptr<float>());
+  }
+
+  // The update is B scalar operations; doing it serially keeps repeated ids (possible with value checks off)
+  // race-free, and an id outside [0, n) is skipped instead of written.
+  const Betas betas = make_betas(args.beta1, args.beta2);
+  const int64_t n = args.score.numel();
+  float* score = args.score.data_ptr<float>();
+  float* weight = args.weight.data_ptr<float>();
+  const int64_t* indices = p.indices.data_ptr<int64_t>();
+  const float* loss = losses.data_ptr<float>();
+  std::vector<float> fresh(p.batch);
+  for (int64_t r = 0; r < p.batch; ++r) {
+    const int64_t id = indices[r];
+    if (id < 0 || id >= n) {
+      fresh[r] = std::numeric_limits<float>::quiet_NaN();
+      continue;
+    }
+    fresh[r] = visit(score + id, loss[r], betas);
+    weight[id] = fresh[r];
+  }
+  // Raw-pointer writes do not bump autograd's version counters; do it so misuse of the buffers is detected.
+  args.score.unsafeGetTensorImpl()->bump_version();
+  args.weight.unsafeGetTensorImpl()->bump_version();
+  return {race_top_k(fresh, args.k, draw_cpu_seed(args.generator)), losses};
+}
+
+}  // namespace es_kernels

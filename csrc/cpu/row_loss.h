@@ -1,0 +1,26 @@
+// Row-range entry point of the CPU loss kernel (row_loss.cpp), called from at::parallel_for chunks.
+#pragma once
+
+#include <cstdint>
+
+#include "kernels/common.cuh"
+
+namespace es_kernels {
+namespace cpu {
+
+struct RowLossArgs {
+  const void* logits;           // (B, C) rows with unit column stride
+  int64_t logits_row_stride;
+  LogitsType logits_type;
+  const int64_t* labels;        // hard labels or y_a
+  const int64_t* labels_b;      // mixup y_b
+  const float* soft_targets;    // contiguous (B, C) fp32
+  LossParams params;
+  float* out;                   // (B,) fp32 losses
+};
+
+// `scratch` holds C floats; rows of fp16/bf16 logits are widened into it.
+void loss_rows(const RowLossArgs& args, int64_t begin, int64_t end, float* scratch);
+
+}  // namespace cpu
+}  // namespace es_kernels
