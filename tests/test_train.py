@@ -226,3 +226,51 @@ def test_digits_demo_writes_results(tmp_path):
 def test_digits_demo_rejects_bad_noise():
     with pytest.raises(SystemExit):
         digits.main(["--noise", "gaussian:0.2"])
+
+
+def test_order_trains_the_k_largest_scoring_losses_and_updates_the_state():
+    from es_kernels.reference import per_sample_cross_entropy
+
+    model, _, training, loader = make_run("order", label_smoothing=0.1)
+    training.set_epoch(2)  # a selecting epoch (annealing covers epochs 0-1 and 5 of 6)
+    indices, inputs, targets = next(iter(loader))  # a DataLoader iterator draws its seed: read the RNG after
+    rng_before = torch.get_rng_state()
+    with torch.no_grad():
+        expected_losses = per_sample_cross_entropy(model.eval()(inputs), targets, 0.1)
+    model.train()
+    batch = training.select(model, indices, inputs, targets)
+    k = training.num_selected(BATCH)
+    top = set(expected_losses.topk(k).indices.tolist())
+    assert batch.scored and set(batch.indices.tolist()) == {int(indices[i]) for i in top}
+    assert torch.equal(batch.targets, targets[sorted(top)])
+    # b1 = b2 = 0: the weight and score are the latest loss of each scored sample
+    assert torch.allclose(training.state.weight[indices], expected_losses, rtol=1e-6, atol=0)
+    assert torch.allclose(training.state.score[indices], expected_losses, rtol=1e-6, atol=0)
+    assert torch.equal(torch.get_rng_state(), rng_before)  # no draw at all, from any generator
+    assert training.trained_samples == k and training.scored_samples == BATCH
+
+
+def test_order_breaks_ties_to_the_lower_position():
+    training = EvolvedTraining("order", N, EPOCHS, anneal_start=0.0, anneal_end=0.0)
+    training.set_epoch(0)
+    indices = torch.arange(BATCH).flip(0)  # ids need not be sorted; positions decide ties
+    labels = torch.zeros(BATCH, dtype=torch.int64)
+    batch = training.select(torch.nn.Identity(), indices, torch.zeros(BATCH, CLASSES), labels)
+    k = training.num_selected(BATCH)
+    assert batch.indices.tolist() == indices[:k].tolist()
+
+
+def test_order_with_a_loss_fn_and_soft_targets():
+    training = EvolvedTraining("order", N, EPOCHS, anneal_start=0.0, anneal_end=0.0)
+    training.set_epoch(0)
+    indices = torch.arange(8)
+    losses = torch.tensor([0.5, 3.0, 0.1, 2.0, 2.0, 0.0, 1.0, 4.0])
+    batch = training.select(torch.nn.Identity(), indices, losses, losses, loss_fn=lambda out, _: out)
+    assert batch.indices.tolist() == [1, 7]  # k = round(0.25 * 8) = 2
+    assert torch.equal(training.state.weight[indices], losses)
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(8, CLASSES, generator=generator)
+    soft = torch.rand(8, CLASSES, generator=generator).softmax(dim=1)
+    batch = training.select(torch.nn.Identity(), indices + 8, logits, soft)
+    expected = -(soft * logits.log_softmax(dim=1)).sum(dim=1)
+    assert set(batch.indices.tolist()) == set((expected.topk(2).indices + 8).tolist())

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from es_kernels import _checks
+from es_kernels.reference import per_sample_cross_entropy
 from es_kernels.sampler import EvolvedSampler
 from es_kernels.select import evolved_select
 from es_kernels.state import EvolvedState
@@ -34,14 +35,19 @@ class MethodPreset:
     beta1: float
     beta2: float
     prune_ratio: float
+    # True: keep the k largest losses of the meta-batch (deterministic, ties to the lower position) instead of the
+    # exponential race; the state is still updated with the same rule, so logs and pruning see the same s/w.
+    top_k: bool = False
 
 
-# Paper defaults (DESIGN §3). "loss" is plain loss-proportional sampling, the ablation with b1 = b2 = 0.
+# Paper defaults (DESIGN §3). "loss" is plain loss-proportional sampling, the ablation with b1 = b2 = 0; "order" is
+# the paper's "Order" baseline: the top-k losses of each meta-batch, no randomness.
 METHODS: dict[str, MethodPreset] = {
     "baseline": MethodPreset(selects=False, beta1=0.2, beta2=0.9, prune_ratio=0.0),
     "es": MethodPreset(selects=True, beta1=0.2, beta2=0.9, prune_ratio=0.0),
     "eswp": MethodPreset(selects=True, beta1=0.2, beta2=0.8, prune_ratio=0.2),
     "loss": MethodPreset(selects=True, beta1=0.0, beta2=0.0, prune_ratio=0.0),
+    "order": MethodPreset(selects=True, beta1=0.0, beta2=0.0, prune_ratio=0.0, top_k=True),
 }
 
 SCORING_MODES = ("eval", "train")
@@ -74,7 +80,8 @@ class EvolvedTraining:
     """State, epoch plan and per-step selection of one training run.
 
     Args:
-        method: ``"baseline"`` (every row trained, nothing selected), ``"es"``, ``"eswp"`` or ``"loss"``.
+        method: ``"baseline"`` (every row trained, nothing selected), ``"es"``, ``"eswp"``, ``"loss"`` or
+            ``"order"`` (the k largest losses of each meta-batch, deterministic).
         num_samples: training-set size n.
         num_epochs: total epochs E.
         select_ratio: k/B, the fraction of each meta-batch back-propagated (paper: 0.25).
@@ -118,6 +125,7 @@ class EvolvedTraining:
         preset = METHODS[method]
         self.method = method
         self.selects = preset.selects
+        self.top_k = preset.top_k
         self.select_ratio = _checks.check_fraction("select_ratio", select_ratio)
         if self.select_ratio == 0.0:
             raise ValueError("select_ratio must be in (0, 1], got 0.0")
@@ -202,7 +210,9 @@ class EvolvedTraining:
         outputs = self._scoring_forward(model, inputs)
         k = self.num_selected(batch_size)
         common = dict(generator=self.generator, backend=self.backend, return_losses=True)
-        if loss_fn is None:
+        if self.top_k:
+            rows, losses = self._top_k_select(indices, k, outputs, targets, loss_fn)
+        elif loss_fn is None:
             rows, losses = evolved_select(
                 self.state, indices, k, logits=outputs, targets=targets, label_smoothing=self.label_smoothing, **common
             )
@@ -212,6 +222,20 @@ class EvolvedTraining:
         self.scored_samples += batch_size
         self.trained_samples += k
         return SelectedBatch(take_rows(indices, rows), take_rows(inputs, rows), take_rows(targets, rows), scored=True)
+
+    def _top_k_select(
+        self, indices: torch.Tensor, k: int, outputs: Any, targets: Any, loss_fn: Callable | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The "order" rule: positions of the k largest losses (ascending), after the usual state update."""
+        if loss_fn is None:
+            losses = per_sample_cross_entropy(outputs, targets, self.label_smoothing)
+        else:
+            losses = loss_fn(outputs, targets)
+        losses = _checks.check_tensor("losses", losses).detach().to(self.state.device, torch.float32)
+        self.state.observe(indices, losses)
+        # A stable sort, not topk: topk's order among equal losses is unspecified, and "order" must be reproducible.
+        order = torch.sort(losses, descending=True, stable=True).indices
+        return order[:k].sort().values, losses
 
     def observe(self, batch: SelectedBatch, losses: torch.Tensor) -> None:
         """Feed the training forward's per-sample losses to the state when ``select`` did not score the rows.
