@@ -194,17 +194,19 @@ class EvolvedState:
         if self.sync_mode != "epoch" or self._world_size() == 1:
             return
         device = communication_device(dist.get_backend(self.process_group), self.device)
-        baseline = self._merge_baseline()
+        baseline = self._merge_baseline()  # becomes the next baseline, overwritten in place
         with torch.no_grad():
-            current = torch.stack([self.score, self.weight])
-            moved = torch.where(current != baseline, current, torch.full_like(current, -torch.inf))
-            moved = moved.to(device)
-            dist.all_reduce(moved, op=dist.ReduceOp.MAX, group=self.process_group)
-            moved = moved.to(self.device)
-            merged = torch.where(moved == -torch.inf, baseline, moved)
-            self.score.copy_(merged[0])
-            self.weight.copy_(merged[1])
-        self._sync_snapshot = merged
+            # The (2, n) contribution is the only full-size temporary besides two boolean masks: fresh memory is
+            # slow to fault in on the host, and at n > 2**24 each extra buffer is 134 MB.
+            moved = torch.stack([self.score, self.weight])
+            moved.masked_fill_(moved == baseline, -torch.inf)
+            shipped = moved.to(device)
+            dist.all_reduce(shipped, op=dist.ReduceOp.MAX, group=self.process_group)
+            moved = shipped.to(self.device)
+            torch.where(moved == -torch.inf, baseline, moved, out=baseline)
+            self.score.copy_(baseline[0])
+            self.weight.copy_(baseline[1])
+        self._sync_snapshot = baseline
 
     def sync_step(
         self, indices: torch.Tensor, losses: torch.Tensor, *, check_values: bool = True
