@@ -1,0 +1,186 @@
+"""es-vit: fine-tune a timm model (default ViT-Large/16) on an ImageFolder with ES, ESWP or a baseline.
+
+Paper setting (ImageNet-1K, one GPU or torchrun):
+    es-vit --data /data/imagenet --pretrained --method baseline es eswp --out runs/vit-l
+    torchrun --nproc_per_node 8 -m es_kernels.train.vit --data /data/imagenet --pretrained --method eswp
+
+The embedded demo (digits rendered as 32x32 images, a 4-block ViT, CPU, minutes):
+    es-vit --demo
+
+Each method writes OUT/<method>/{log.json, log.csv, checkpoint.pt} and the plots (test accuracy against
+back-propagated samples and against training wall-clock) next to its log; with several methods, the plots with all
+curves are also written to OUT. ``--resume`` continues every method from its checkpoint (exactly: model, optimizer,
+schedule, ES state, sampler position and all random streams).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from es_kernels.train.data import NOISE_MODES
+from es_kernels.train.loop import METHODS, SCORING_MODES
+from es_kernels.train.vit.demo import DEMO_MODEL, DEMO_MODEL_KWARGS
+
+PROG = "es-vit"
+
+# What --demo changes; any option given explicitly on the command line still wins.
+DEMO_DEFAULTS = {
+    "method": ["baseline", "es", "eswp"],
+    "epochs": 10,
+    "batch_size": 64,
+    "lr": 2e-3,
+    "weight_decay": 0.05,
+    "drop_path": 0.0,
+    "label_smoothing": 0.1,
+    "scale": (0.75, 1.0),
+    "hflip": 0.0,  # digits are not mirror-symmetric
+    "workers": 0,
+    "out": Path("runs/vit-demo"),
+    "device": "cpu",
+    "model": DEMO_MODEL,
+    "model_kwargs": list(DEMO_MODEL_KWARGS.items()),
+}
+
+
+class ConfigError(Exception):
+    """A bad setting found before training; the CLI turns it into ``SystemExit`` with this message."""
+
+
+def parse_label_noise(text: str) -> tuple[str, float] | None:
+    if text == "none":
+        return None
+    mode, _, rate = text.partition(":")
+    if mode not in NOISE_MODES or not rate:
+        raise argparse.ArgumentTypeError(f"must be 'none' or MODE:RATE with MODE in {NOISE_MODES}, got {text!r}")
+    try:
+        value = float(rate)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"rate must be a number, got {rate!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"rate must be in [0, 1), got {value}")
+    return mode, value
+
+
+def parse_model_kwarg(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)  # numbers, booleans, lists; anything else stays a string
+    except json.JSONDecodeError:
+        return key, value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add = parser.add_argument
+    add("--demo", action="store_true", help="run the embedded CPU demo (generates its data; see DEMO_DEFAULTS)")
+    add("--data", type=Path, help="ImageFolder root holding train/ and val/")
+    add("--out", type=Path, default=Path("runs/vit"), help="output folder; each method writes OUT/<method>/")
+    add("--method", nargs="+", default=["es"], choices=sorted(METHODS), help="one or more, run one after another")
+
+    group = parser.add_argument_group("model and weights")
+    group.add_argument("--model", default="vit_large_patch16_224", help="any timm model name")
+    group.add_argument("--model-kwargs", nargs="*", type=parse_model_kwarg, default=[], metavar="KEY=VALUE")
+    group.add_argument("--pretrained", action="store_true", help="timm's pretrained weights (needs the hub)")
+    group.add_argument("--checkpoint", type=Path, help="initial weights from a local file (weights_only load)")
+    group.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth rate")
+
+    group = parser.add_argument_group("optimisation (paper: Adam, OneCycle cosine, max lr 2e-5, 10 epochs, B=256)")
+    group.add_argument("--epochs", type=int, default=10)
+    group.add_argument("--batch-size", type=int, default=256, help="global meta-batch B (split across ranks)")
+    group.add_argument("--lr", type=float, default=2e-5, help="OneCycle maximum learning rate")
+    group.add_argument("--pct-start", type=float, default=0.3, help="OneCycle warm-up fraction")
+    group.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decoupled decay (0: Adam, as paper)")
+    group.add_argument("--clip-grad", type=float, default=None, help="max gradient norm (off by default)")
+    group.add_argument(
+        "--precision",
+        choices=["auto", "bf16", "fp16", "fp32"],
+        default="auto",
+        help="autocast dtype; auto = bf16 on CUDA, fp32 on CPU",
+    )
+    group.add_argument("--label-smoothing", type=float, default=0.1)
+    group.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (0: off); applied after selection")
+    group.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (0: off); applied after selection")
+
+    group = parser.add_argument_group("evolved sampling")
+    group.add_argument("--select-ratio", type=float, default=0.25, help="k/B, fraction back-propagated")
+    group.add_argument("--prune-ratio", type=float, default=None, help="r (default: 0.2 for eswp, 0 otherwise)")
+    group.add_argument(
+        "--betas",
+        type=float,
+        nargs=2,
+        default=None,
+        metavar=("B1", "B2"),
+        help="default: es (0.2, 0.9), eswp (0.2, 0.8), loss/order (0, 0)",
+    )
+    group.add_argument(
+        "--anneal",
+        type=float,
+        nargs=2,
+        default=(0.05, 0.05),
+        metavar=("START", "END"),
+        help="fractions of epochs without selection at the start and the end",
+    )
+    group.add_argument("--label-noise", type=parse_label_noise, default=None, metavar="{uniform,flip}:RATE")
+    group.add_argument("--scoring-mode", choices=SCORING_MODES, default="eval")
+    group.add_argument("--sync", choices=["epoch", "step"], default="epoch", help="how ranks share the ES state")
+    group.add_argument("--backend", choices=["auto", "torch", "triton", "extension"], default="auto")
+
+    group = parser.add_argument_group("data")
+    group.add_argument("--input-size", type=int, default=None, help="default: the model's own image size")
+    group.add_argument(
+        "--scale",
+        type=float,
+        nargs=2,
+        default=(0.08, 1.0),
+        metavar=("MIN", "MAX"),
+        help="RandomResizedCrop scale range",
+    )
+    group.add_argument("--hflip", type=float, default=0.5)
+    group.add_argument("--color-jitter", type=float, default=None)
+    group.add_argument("--auto-augment", default=None, help="timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1")
+    group.add_argument("--workers", type=int, default=8, help="DataLoader workers per rank")
+    group.add_argument("--eval-batch-size", type=int, default=None, help="default: the per-rank meta-batch")
+
+    group = parser.add_argument_group("run")
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    group.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
+    group.add_argument("--resume", action="store_true", help="continue each method from OUT/<method>/checkpoint.pt")
+    group.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        metavar="EPOCHS",
+        help="stop after this many epochs in all (time-limited jobs; continue with --resume)",
+    )
+    group.add_argument("--baseline-log", type=Path, default=None, help="log.json of a baseline run (time saved)")
+    group.add_argument("--compare", type=Path, nargs="*", default=[], help="more log.json files to plot alongside")
+    group.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.demo:
+        parser.set_defaults(**DEMO_DEFAULTS)
+        args = parser.parse_args(argv)
+    args.method = list(dict.fromkeys(args.method))  # each method once
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, list[dict[str, object]]]:
+    """Run the CLI; returns each method's epoch records (rank 0; other ranks get empty lists)."""
+    from es_kernels.train.vit import recipe
+
+    args = parse_args(argv)
+    try:
+        return recipe.run_all(args)
+    except ConfigError as error:
+        raise SystemExit(f"{PROG}: error: {error}") from None

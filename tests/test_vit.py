@@ -1,0 +1,273 @@
+"""The es-vit recipe on a tiny ImageFolder: every method end to end, logs, plots, checkpoints, exact resume,
+a 2-process torchrun (gloo) run, and bad configurations failing before any training."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("timm")
+pytest.importorskip("torchvision")
+pytest.importorskip("matplotlib")
+
+from es_kernels.train.loop import EvolvedTraining
+from es_kernels.train.vit import cli, logs, recipe
+
+CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS, SIZE = 3, 8, 3, 16
+N_TRAIN = CLASSES * TRAIN_PER_CLASS
+BATCH = 8
+METHODS = ["baseline", "es", "eswp", "loss", "order"]
+# A one-block ViT on 16x16 images (4 patches): each step takes milliseconds on one thread.
+TINY = ["--model", "vit_tiny_patch16_224", "--model-kwargs", "img_size=16", "patch_size=8", "embed_dim=32", "depth=1"]
+TINY += ["num_heads=2"]
+
+
+def write_image_folder(root: Path) -> Path:
+    """Class c is a noisy image tinted by channel c, so the tiny model can learn something in 2 epochs."""
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(0)
+    for split, count in (("train", TRAIN_PER_CLASS), ("val", VAL_PER_CLASS)):
+        for label in range(CLASSES):
+            folder = root / split / f"class{label}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = torch.rand(SIZE, SIZE, 3, generator=generator) * 0.5
+                pixels[..., label] += 0.5
+                Image.fromarray((pixels * 255).to(torch.uint8).numpy()).save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_image_folder(tmp_path_factory.mktemp("images"))
+
+
+def cli_args(data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "--data", str(data), "--out", str(out), *TINY, "--epochs", "2", "--batch-size", str(BATCH),
+        "--lr", "1e-3", "--workers", "0", "--threads", "1", "--device", "cpu", "--no-progress",
+        "--anneal", "0.5", "0",  # epoch 1 anneals (observe path), epoch 2 selects
+        *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def all_methods(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    results = cli.main(cli_args(data, out, "--method", *METHODS))
+    return out, results
+
+
+def expected_backprop(method: str) -> list[int]:
+    """Cumulative back-propagated samples after each epoch, from the helper's own plan arithmetic."""
+    training = EvolvedTraining(method, N_TRAIN, 2, anneal_start=0.5, anneal_end=0.0)
+    counts, total = [], 0
+    for epoch in range(2):
+        size = training.sampler.epoch_size(epoch)
+        rows = [min(BATCH, size - start) for start in range(0, size, BATCH)]
+        selecting = training.selects and training.sampler.is_selecting(epoch)
+        total += sum(training.num_selected(r) for r in rows) if selecting else size
+        counts.append(total)
+    return counts
+
+
+def test_every_method_trains_and_logs(all_methods):
+    out, results = all_methods
+    assert list(results) == METHODS
+    for method in METHODS:
+        records = results[method]
+        assert [r["epoch"] for r in records] == [0, 1]
+        assert [r["backprop_samples"] for r in records] == expected_backprop(method)
+        assert all(math.isfinite(r["train_loss"]) and 0.0 <= r["test_accuracy"] <= 1.0 for r in records)
+        assert [r["selecting"] for r in records] == [False, method != "baseline"]
+        log = json.loads((out / method / logs.LOG_NAME).read_text())
+        assert log["config"]["method"] == method and log["epochs"] == records
+        with open(out / method / logs.CSV_NAME) as handle:
+            rows = list(csv.DictReader(handle))
+        assert list(rows[0]) == list(logs.FIELDS) and len(rows) == 2
+        assert float(rows[1]["backprop_samples"]) == records[1]["backprop_samples"]
+        if method != "baseline":  # the baseline ran first into the same --out: its log is the reference
+            assert records[1]["time_saved_vs_baseline"] is not None
+    assert results["es"][1]["scored_samples"] == N_TRAIN  # epoch 2 scored every sample once
+    assert results["baseline"][1]["scored_samples"] == 0
+
+
+def test_plots_are_written_next_to_each_log_and_for_all_methods(all_methods):
+    out, _ = all_methods
+    for folder in [out, *(out / m for m in METHODS)]:
+        for name in logs.PLOT_NAMES:
+            png = (folder / name).read_bytes()
+            assert png.startswith(b"\x89PNG") and len(png) > 5_000
+
+
+def test_checkpoint_holds_everything_to_continue(all_methods):
+    out, results = all_methods
+    checkpoint = torch.load(out / "eswp" / recipe.CHECKPOINT_NAME, weights_only=True)
+    assert checkpoint["epoch"] == 2 and checkpoint["records"] == results["eswp"]
+    assert {"model", "optimizer", "scheduler", "scaler", "training", "rng"} <= set(checkpoint)
+    (state,) = checkpoint["training"]  # one rank
+    assert state["method"] == "eswp" and state["sampler"]["epoch"] == 1
+    assert state["trained_samples"] == results["eswp"][1]["backprop_samples"]
+    assert not torch.all(state["state"]["weight"] == 1.0 / N_TRAIN)  # the state moved
+    steps = EvolvedTraining("eswp", N_TRAIN, 2, anneal_start=0.5, anneal_end=0.0).total_steps(BATCH)
+    assert checkpoint["scheduler"]["last_epoch"] == steps  # OneCycle told the exact step count and ran all of it
+    assert len(checkpoint["optimizer"]["state"]) > 0
+    assert not list(out.glob("**/.*.tmp*"))  # atomic writes left no temporary file
+
+
+def test_resume_after_epoch_one_continues_exactly(data, tmp_path, all_methods):
+    out, results = all_methods
+    args = cli_args(data, tmp_path, "--method", "eswp")
+    first = cli.main([*args, "--stop-after", "1"])
+    assert [r["epoch"] for r in first["eswp"]] == [0]
+    with pytest.raises(SystemExit, match="already holds a run"):  # never silently overwrite a run
+        cli.main(args)
+    resumed = cli.main([*args, "--resume"])
+    reference = torch.load(out / "eswp" / recipe.CHECKPOINT_NAME, weights_only=True)
+    again = torch.load(tmp_path / "eswp" / recipe.CHECKPOINT_NAME, weights_only=True)
+    ref_state, state = reference["training"][0], again["training"][0]
+    for key in ("score", "weight"):
+        assert torch.equal(state["state"][key], ref_state["state"][key])
+    assert torch.equal(state["generator"], ref_state["generator"])
+    assert torch.equal(state["sampler"]["shard"], ref_state["sampler"]["shard"])  # same epoch-2 pruning plan
+    assert state["trained_samples"] == ref_state["trained_samples"]
+    for name, tensor in reference["model"].items():
+        assert torch.equal(again["model"][name], tensor), name
+    for key in ("train_loss", "test_loss", "test_accuracy", "backprop_samples"):
+        assert [r[key] for r in resumed["eswp"]] == [r[key] for r in results["eswp"]]
+
+
+def test_mixup_and_cutmix_after_selection(data, tmp_path):
+    results = cli.main(cli_args(data, tmp_path, "--method", "es", "--mixup", "0.8", "--cutmix", "1.0"))
+    assert [r["backprop_samples"] for r in results["es"]] == expected_backprop("es")
+    assert all(math.isfinite(r["train_loss"]) for r in results["es"])
+
+
+def test_mix_rows_keeps_an_odd_last_row_unmixed():
+    from timm.data import Mixup
+
+    mixer = Mixup(mixup_alpha=1.0, cutmix_alpha=0.0, label_smoothing=0.0, num_classes=4)
+    inputs, labels = torch.randn(3, 3, 4, 4), torch.tensor([0, 1, 2])
+    last = inputs[-1].clone()
+    mixed, soft = recipe.mix_rows(mixer, inputs, labels, 4, 0.0)
+    assert mixed.shape == (3, 3, 4, 4) and soft.shape == (3, 4)
+    assert torch.equal(mixed[-1], last) and soft[-1].tolist() == [0.0, 0.0, 1.0, 0.0]
+    assert torch.allclose(soft.sum(dim=1), torch.ones(3))
+    _, single_soft = recipe.mix_rows(mixer, inputs[:1], labels[:1], 4, 0.0)
+    assert single_soft.tolist() == [[1.0, 0.0, 0.0, 0.0]]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_share_one_state(data, tmp_path):
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+        "--master_port", str(free_port()), "-m", "es_kernels.train.vit",
+        *cli_args(data, tmp_path, "--method", "eswp"),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    checkpoint = torch.load(tmp_path / "eswp" / recipe.CHECKPOINT_NAME, weights_only=True)
+    rank0, rank1 = checkpoint["training"]
+    assert (rank0["sampler"]["rank"], rank1["sampler"]["rank"]) == (0, 1)
+    assert not torch.equal(rank0["sampler"]["shard"], rank1["sampler"]["shard"])  # each rank its own shard
+    for key in ("score", "weight"):
+        assert torch.equal(rank0["state"][key], rank1["state"][key]), key
+    # Each rank saw half the ids in the annealing epoch; only the merge makes every sample's entry move on both.
+    assert torch.all(rank0["state"]["score"] != 1.0 / N_TRAIN)
+    records = checkpoint["records"]
+    assert [r["epoch"] for r in records] == [0, 1]
+    assert records[0]["backprop_samples"] == N_TRAIN  # summed over the ranks
+    assert records[1]["scored_samples"] - records[0]["scored_samples"] == round(0.8 * N_TRAIN)  # ESWP keeps 80%
+
+
+def test_demo_writes_its_data_and_runs(tmp_path):
+    results = cli.main(
+        ["--demo", "--out", str(tmp_path), "--method", "es", "--epochs", "1", "--batch-size", "512", "--threads", "1",
+         "--model-kwargs", "img_size=32", "patch_size=8", "embed_dim=32", "depth=1", "num_heads=2", "--no-progress"]
+    )  # fmt: skip
+    assert len(list((tmp_path / "data" / "train").glob("*/*.png"))) == 1347
+    assert len(list((tmp_path / "data" / "val").glob("*/*.png"))) == 450
+    # one epoch: 5% annealing rounds to no epoch, so it selects 25% of meta-batches of 512, 512 and 323 rows
+    assert results["es"][0]["backprop_samples"] == 128 + 128 + 81
+    assert (tmp_path / "es" / logs.LOG_NAME).exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--prune-ratio", "1.0"], "--prune-ratio must be in"),
+        (["--select-ratio", "0"], "--select-ratio must be in"),
+        (["--model", "vit_nonexistent_patch99"], "unknown timm model"),
+        (["--model-kwargs", "depth=-3"], "cannot build timm model"),
+        (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--anneal", "0.7", "0.7"], "--anneal"),
+    ],
+)
+def test_bad_configuration_fails_before_training(data, tmp_path, extra, message):
+    with pytest.raises(SystemExit, match=message):
+        cli.main([*cli_args(data, tmp_path / "out"), *extra])
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_data_folder_and_unreadable_checkpoint(data, tmp_path):
+    with pytest.raises(SystemExit, match=r"data folder .* does not exist"):
+        cli.main(cli_args(tmp_path / "missing", tmp_path / "out"))
+    (tmp_path / "bare").mkdir()
+    with pytest.raises(SystemExit, match="has no train/ subfolder"):
+        cli.main(cli_args(tmp_path / "bare", tmp_path / "out"))
+    garbage = tmp_path / "weights.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="cannot read --checkpoint"):
+        cli.main([*cli_args(data, tmp_path / "out"), "--checkpoint", str(garbage)])
+    with pytest.raises(SystemExit, match="cannot read --checkpoint"):
+        cli.main([*cli_args(data, tmp_path / "out"), "--checkpoint", str(tmp_path / "absent.pt")])
+    other = tmp_path / "other.pt"
+    torch.save({"model": {"blocks.0.weight": torch.zeros(3)}}, other)
+    with pytest.raises(SystemExit, match="does not fit"):
+        cli.main([*cli_args(data, tmp_path / "out"), "--checkpoint", str(other)])
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_method_is_an_argparse_error(data, tmp_path, capsys):
+    with pytest.raises(SystemExit) as raised:
+        cli.main([*cli_args(data, tmp_path / "out"), "--method", "es", "nonsense"])
+    assert raised.value.code == 2 and "invalid choice: 'nonsense'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_checkpoint_weights_load_and_a_head_of_another_shape_is_dropped(data, tmp_path, all_methods):
+    """--checkpoint takes an es-vit checkpoint or a plain state dict; a classifier for other classes is left out."""
+    out, _ = all_methods
+    weights = dict(torch.load(out / "es" / recipe.CHECKPOINT_NAME, weights_only=True)["model"])
+    weights["head.weight"] = torch.ones(7, weights["head.weight"].shape[1])  # a 7-class head
+    weights["head.bias"] = torch.ones(7)
+    path = tmp_path / "plain.pt"
+    torch.save({f"module.{key}": value for key, value in weights.items()}, path)  # as a DDP model saves it
+    args = cli.parse_args([*cli_args(data, tmp_path / "out"), "--checkpoint", str(path)])
+    matched = recipe.match_weights(recipe.check_model(args, CLASSES), recipe.read_weights(path), "test")
+    assert set(weights) - set(matched) == {"head.weight", "head.bias"}
+    model = recipe.build_model(args, CLASSES, matched)
+    for key, value in model.state_dict().items():
+        if key in matched:
+            assert torch.equal(value, weights[key]), key
+        else:
+            assert value.shape[0] == CLASSES and not torch.all(value == 1.0)
+    results = cli.main([*cli_args(data, tmp_path / "out"), "--method", "baseline", "--checkpoint", str(path)])
+    assert len(results["baseline"]) == 2
