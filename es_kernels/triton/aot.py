@@ -200,19 +200,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", type=int, action="append", help="compute capability like 80 (repeatable)")
     parser.add_argument("--only", default="", help="compile only variants whose name contains this text")
     parser.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
+    parser.add_argument(
+        "--enable-fp-fusion", action="store_true", help="compile with FMA contraction on, to see the gate catch it"
+    )
     options = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on", "y"):
         print("unset TRITON_INTERPRET: the interpreter builds no compilable kernels", file=sys.stderr)
         return 2
     archs = options.arch or list(TARGETS)
     chosen = [v for v in variants() if options.only in v.name]
+    if options.enable_fp_fusion:
+        for variant in chosen:
+            variant.kwargs["enable_fp_fusion"] = True
     jobs = [(v, arch) for v in chosen for arch in archs]
     start = time.perf_counter()
     if options.jobs > 1:
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(options.jobs) as pool:
-            results = list(pool.map(_compile_by_name, [(v.name, arch) for v, arch in jobs]))
+            work = [(v.name, arch, options.enable_fp_fusion) for v, arch in jobs]
+            results = list(pool.map(_compile_by_name, work))
     else:
         results = [compile_variant(v, arch) for v, arch in jobs]
     print(table(results))
@@ -224,9 +231,12 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed or not results else 0
 
 
-def _compile_by_name(job: tuple[str, int]) -> Result:
-    name, arch = job
+def _compile_by_name(job: tuple[str, int, bool]) -> Result:
+    # Kernels do not pickle; a worker process rebuilds the variant from its name.
+    name, arch, enable_fp_fusion = job
     variant = next(v for v in variants() if v.name == name)
+    if enable_fp_fusion:
+        variant.kwargs["enable_fp_fusion"] = True
     return compile_variant(variant, arch)
 
 

@@ -1,8 +1,8 @@
 """Triton device code: the fused select kernel (loss, state update, race keys, top-k) and the pruning keys.
 
-Imported lazily (only when a kernel is launched or compiled): whether ``@triton.jit`` builds compiled kernels or
-interpreted ones is decided when this module is imported, from ``TRITON_INTERPRET`` as it was when ``triton``
-itself was imported.
+Imported lazily (only when a kernel is launched or compiled). Kernels are built in the mode triton itself was
+imported in (interpreted if ``TRITON_INTERPRET=1`` was set then), whatever the variable says by the time this module
+is imported: interpreted kernels cannot call compiled library functions such as ``tl.randint``, nor the reverse.
 
 Rounding contract of the state update (see ``reference/update.py``): each product is rounded to fp32, then the sum.
 Launchers pass ``enable_fp_fusion=False`` so the compiler never contracts them into an FMA; ``aot.py`` checks the
@@ -13,6 +13,14 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+
+def _jit(fn=None, **options):
+    if isinstance(tl.randint, InterpretedFunction):
+        return InterpretedFunction(fn, **options) if fn is not None else lambda f: InterpretedFunction(f, **options)
+    return triton.jit(fn, **options)
+
 
 # Where the per-sample losses come from (a constexpr: one compiled variant each).
 MODE_LOSSES = 0  # given losses, any float dtype
@@ -22,7 +30,7 @@ MODE_SOFT = 2  # dense (B, C) target weights
 LOG2E = tl.constexpr(1.4426950408889634)
 
 
-@triton.jit
+@_jit
 def race_key(weight, seed, position):
     """``log(w) - log(E)``, E ~ Exp(1) from Philox at (seed, position); -inf unless w > 0 (zero, negative, NaN).
 
@@ -37,7 +45,7 @@ def race_key(weight, seed, position):
     return tl.where(weight > 0.0, key, float("-inf"))
 
 
-@triton.jit
+@_jit
 def pack_key(key, position):
     """int64 whose order is (key, then lower position first): monotone fp32 bits high, ~position low."""
     bits = key.to(tl.int32, bitcast=True)
@@ -46,7 +54,7 @@ def pack_key(key, position):
     return (monotone.to(tl.int64) << 32) | low
 
 
-@triton.jit
+@_jit
 def select_top_k(keys_ptr, batch, k, positions_ptr, BLOCK_B: tl.constexpr):
     """Write the positions of the k largest packed keys, ascending, into ``positions_ptr`` (one program).
 
@@ -93,7 +101,7 @@ def select_top_k(keys_ptr, batch, k, positions_ptr, BLOCK_B: tl.constexpr):
         ties_seen += tl.sum(tie.to(tl.int32), 0)
 
 
-@triton.jit
+@_jit
 def row_loss(
     row,
     logits_ptr,
@@ -160,7 +168,7 @@ def row_loss(
     return loss
 
 
-@triton.jit(do_not_specialize=["n_samples", "batch", "k", "num_classes"])
+@_jit(do_not_specialize=["n_samples", "batch", "k", "num_classes"])
 def fused_select_kernel(
     score_ptr,
     weight_ptr,
@@ -236,7 +244,7 @@ def fused_select_kernel(
         select_top_k(keys_ptr, batch, k, positions_ptr, BLOCK_B)
 
 
-@triton.jit(do_not_specialize=["n"])
+@_jit(do_not_specialize=["n"])
 def prune_keys_kernel(values_ptr, keys_ptr, n, seed_ptr, BLOCK: tl.constexpr):
     """fp32 race keys for n values; the key of sample i depends on (seed, i) only, never on BLOCK."""
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)

@@ -1,0 +1,444 @@
+"""The Triton backend under Triton's interpreter, on CPU tensors: losses, exact state, the draw, shapes, one launch.
+
+Triton fixes interpreter mode when it is first imported, so this module imports it with ``TRITON_INTERPRET=1``
+before anything else can. If triton was already imported in compiled mode (another test module imported
+``torch._dynamo``, say), the tests here cannot run in this process and ``test_in_subprocess`` runs this file in a
+fresh one instead. The variable is set only while a test of this module runs, so other modules still see Triton
+as unavailable on CPU.
+
+The interpreter runs programs one after another in numpy at roughly 0.1 s per launch plus 40 ms per meta-batch
+row, so shapes are small and the selection law is shown in two exact steps instead of 20,000 fused launches:
+every fused draw equals the k largest packed race keys (checked for many seeds), and the race keys over many
+independent positions follow the successive-sampling law (one launch gives thousands of draws).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+_previous = os.environ.get("TRITON_INTERPRET")
+if "triton" not in sys.modules:
+    os.environ["TRITON_INTERPRET"] = "1"
+    import triton  # noqa: F401  (fixes interpreter mode for this process)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from helpers import CHI_SQUARE_ALPHA, LOSS_TOLERANCES, subset_chi_square_pvalue  # noqa: E402
+
+from es_kernels import (  # noqa: E402
+    EvolvedState,
+    MixupTargets,
+    backend_status,
+    evolved_prune,
+    evolved_select,
+    last_backend,
+    reference,
+)
+from es_kernels.triton import _interpreter_active, draw_seed, kernels, launch  # noqa: E402
+
+if _previous is None:
+    os.environ.pop("TRITON_INTERPRET", None)
+else:
+    os.environ["TRITON_INTERPRET"] = _previous
+
+# Zero weights take log(0) = -inf on purpose; numpy warns about it in the interpreter.
+pytestmark = pytest.mark.filterwarnings("ignore:(divide by zero|invalid value) encountered in log:RuntimeWarning")
+IN_PROCESS = _interpreter_active()
+in_process = pytest.mark.skipif(not IN_PROCESS, reason="triton is compiled-mode here; test_in_subprocess runs these")
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_env(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+@pytest.mark.skipif(IN_PROCESS, reason="the tests run in this process")
+def test_in_subprocess():
+    environment = {**os.environ, "TRITON_INTERPRET": "1"}
+    command = [sys.executable, "-m", "pytest", __file__, "-x", "-q", "-p", "no:cacheprovider", "-m", "not slow"]
+    done = subprocess.run(command, env=environment, capture_output=True, text=True, cwd=os.path.dirname(__file__))
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+
+
+# ----------------------------------------------------------------------------------------- helpers
+
+
+def seeded_state(num_samples, beta1=0.2, beta2=0.9, seed=0):
+    state = EvolvedState(num_samples, beta1, beta2)
+    generator = torch.Generator().manual_seed(seed)
+    state.score.copy_(torch.rand(num_samples, generator=generator) + 0.05)
+    state.weight.copy_(torch.rand(num_samples, generator=generator))
+    return state
+
+
+def clone_generator(generator):
+    return torch.Generator().set_state(generator.get_state())
+
+
+def expected_draw(weights, seed, k):
+    """Positions of the k largest race keys (ties to the lower position): the draw the fused kernel must make.
+
+    The pruning kernel computes the same keys (one Philox stream per position), so this shares no selection code
+    with the fused kernel.
+    """
+    keys = launch.prune_keys(weights.contiguous(), seed)
+    order = torch.sort(keys, descending=True, stable=True).indices[:k]
+    return torch.sort(order).values
+
+
+def select_and_expect(state, ids, k, generator_seed, **kwargs):
+    """(fused draw, expected draw from the updated weights with the same seed, losses)."""
+    generator = torch.Generator().manual_seed(generator_seed)
+    seed = draw_seed(clone_generator(generator), CPU)
+    positions, losses = evolved_select(
+        state, ids, k, generator=generator, backend="triton", return_losses=True, **kwargs
+    )
+    return positions, expected_draw(state.weight[ids], seed, k), losses
+
+
+def random_targets(kind, batch, classes, generator):
+    labels = torch.randint(0, classes, (batch,), generator=generator)
+    if kind == "labels":
+        return labels
+    if kind == "soft":
+        return torch.rand(batch, classes, generator=generator).softmax(dim=1)
+    return MixupTargets(labels, torch.randint(0, classes, (batch,), generator=generator), 0.3)
+
+
+# ----------------------------------------------------------------------------------------- losses
+
+
+@in_process
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("kind", ["labels", "soft", "mixup"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_losses_match_reference(dtype, kind, smoothing):
+    generator = torch.Generator().manual_seed(1)
+    batch, classes = 5, 37
+    logits = (torch.randn(batch, classes, generator=generator) * 4).to(dtype)
+    targets = random_targets(kind, batch, classes, generator)
+    state = seeded_state(20)
+    ids = torch.tensor([3, 17, 0, 9, 12])
+    _, losses = evolved_select(
+        state, ids, 2, logits=logits, targets=targets, label_smoothing=smoothing, backend="triton", return_losses=True
+    )
+    assert last_backend() == "triton"
+    assert losses.dtype == torch.float32
+    # The reference sees the same (already rounded) logits; fp64 logits are rounded to fp32 by both.
+    expected = reference.per_sample_cross_entropy(logits, targets, smoothing)
+    tolerance = LOSS_TOLERANCES.get(dtype, LOSS_TOLERANCES[torch.float32])
+    torch.testing.assert_close(losses, expected.float(), **tolerance)
+
+
+@in_process
+def test_confident_rows_keep_their_small_loss():
+    # lse - x_y cancels for a confidently right row; the kernel's (max - x_y) + log(sum) keeps the tiny loss.
+    logits = torch.tensor([[40.0, 0.0, -3.0], [0.0, 25.0, 1.0]])
+    labels = torch.tensor([0, 1])
+    _, losses = evolved_select(
+        EvolvedState(4), torch.arange(2), 1, logits=logits, targets=labels, backend="triton", return_losses=True
+    )
+    expected = reference.per_sample_cross_entropy(logits.double(), labels).float()
+    torch.testing.assert_close(losses, expected, rtol=1e-4, atol=0.0)
+
+
+# ----------------------------------------------------------------------------------------- the state
+
+
+@in_process
+@pytest.mark.parametrize("betas", [(0.2, 0.9), (0.2, 0.8), (0.0, 0.0), (1.0, 1.0), (0.37, 0.61)])
+def test_state_equals_reference_exactly(betas):
+    state = seeded_state(50, *betas)
+    oracle = seeded_state(50, *betas)
+    ids = torch.tensor([49, 0, 7, 13, 21, 33, 8])
+    losses = torch.rand(7, generator=torch.Generator().manual_seed(4)) * 5
+    evolved_select(state, ids, 3, losses=losses, backend="triton")
+    reference.ema_update_(oracle.score, oracle.weight, ids, losses, *betas)
+    assert torch.equal(state.score, oracle.score)
+    assert torch.equal(state.weight, oracle.weight)
+
+
+@in_process
+def test_state_from_computed_losses_equals_reference_exactly():
+    state, oracle = seeded_state(30), seeded_state(30)
+    generator = torch.Generator().manual_seed(2)
+    ids = torch.tensor([5, 29, 11, 2])
+    logits = torch.randn(4, 11, generator=generator).to(torch.bfloat16)
+    _, losses = evolved_select(
+        state, ids, 2, logits=logits, targets=torch.tensor([1, 0, 10, 4]), backend="triton", return_losses=True
+    )
+    reference.ema_update_(oracle.score, oracle.weight, ids, losses, state.beta1, state.beta2)
+    assert torch.equal(state.score, oracle.score)
+    assert torch.equal(state.weight, oracle.weight)
+
+
+@in_process
+def test_given_half_precision_losses_are_rounded_like_the_reference():
+    state, oracle = seeded_state(10), seeded_state(10)
+    ids = torch.tensor([4, 1, 8])
+    losses = torch.tensor([0.1, 2.5, 7.3], dtype=torch.float16)
+    _, returned = evolved_select(state, ids, 1, losses=losses, backend="triton", return_losses=True)
+    assert torch.equal(returned, losses.float())
+    reference.ema_update_(oracle.score, oracle.weight, ids, losses, state.beta1, state.beta2)
+    assert torch.equal(state.weight, oracle.weight)
+
+
+# ----------------------------------------------------------------------------------------- the draw
+
+
+@in_process
+@pytest.mark.parametrize("batch,k", [(1, 1), (3, 2), (6, 3), (40, 10)])
+def test_draw_is_the_k_largest_race_keys(batch, k):
+    ids = torch.randperm(64, generator=torch.Generator().manual_seed(batch))[:batch]
+    for generator_seed in range(4):
+        state = seeded_state(64, seed=generator_seed)
+        losses = torch.rand(batch, generator=torch.Generator().manual_seed(100 + generator_seed))
+        positions, expected, _ = select_and_expect(state, ids, k, generator_seed, losses=losses)
+        assert positions.dtype == torch.int64
+        assert positions.tolist() == expected.tolist()
+
+
+@in_process
+def test_draw_does_not_depend_on_block_sizes(monkeypatch):
+    # 90 rows in blocks of 16 make the radix select loop over 6 blocks, the last one partial; zero weights (score
+    # and loss 0) tie across blocks and 80 of 90 places reach into them.
+    ids = torch.randperm(300, generator=torch.Generator().manual_seed(0))[:90]
+    losses = torch.rand(90, generator=torch.Generator().manual_seed(1))
+    losses[::3] = 0.0
+
+    def state():
+        fresh = seeded_state(300)
+        fresh.score[ids[::3]] = 0.0
+        return fresh
+
+    baseline, expected, _ = select_and_expect(state(), ids, 80, 5, losses=losses)
+    monkeypatch.setattr(launch, "BLOCK_B", 16)
+    monkeypatch.setattr(launch, "PRUNE_BLOCK", 64)
+    small, expected_small, _ = select_and_expect(state(), ids, 80, 5, losses=losses)
+    assert baseline.tolist() == expected.tolist() == small.tolist() == expected_small.tolist()
+    zero_positions = set(range(0, 90, 3))
+    assert len(zero_positions & set(baseline.tolist())) == 20  # 60 positive, then the 20 lowest zero positions
+    assert sorted(zero_positions & set(baseline.tolist())) == sorted(zero_positions)[:20]
+
+
+@in_process
+@pytest.mark.parametrize(
+    "weights,k",
+    [([0.1, 0.5, 1.0, 2.0, 0.3, 4.0], 3), ([0.0, 1.0, 0.0, 2.0, 0.0, 0.5], 2)],
+)
+def test_race_keys_follow_the_successive_sampling_law(weights, k):
+    """20,000 draws of k of the 6 weights, as the lead's reference test; each group of 6 positions is one draw."""
+    draws = 20_000
+    values = torch.tensor(weights).repeat(draws)
+    seed = draw_seed(torch.Generator().manual_seed(9), CPU)
+    keys = launch.prune_keys(values, seed).view(draws, len(weights))
+    chosen = torch.sort(keys, dim=1, descending=True, stable=True).indices[:, :k].sort(dim=1).values
+    rows = iter(chosen)
+    assert subset_chi_square_pvalue(lambda: next(rows), weights, k, draws=draws) > CHI_SQUARE_ALPHA
+
+
+@in_process
+@pytest.mark.slow
+def test_fused_draws_follow_the_law_end_to_end():
+    """The law through evolved_select itself; few draws (the interpreter needs ~0.3 s each), so a coarse check."""
+    weights = [0.5, 1.0, 2.0, 0.0]
+    state = EvolvedState(4, 0.0, 0.0)
+    generator = torch.Generator().manual_seed(13)
+
+    def draw():
+        return evolved_select(state, torch.arange(4), 2, losses=torch.tensor(weights), generator=generator,
+                              backend="triton")  # fmt: skip
+
+    assert subset_chi_square_pvalue(draw, weights, 2, draws=300) > CHI_SQUARE_ALPHA
+
+
+@in_process
+def test_zero_weights_only_when_fewer_than_k_positive():
+    state = EvolvedState(6, 0.0, 0.0)
+    losses = torch.tensor([0.0, 3.0, 0.0, 1.0, 0.0, 0.0])
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.arange(6)
+    for _ in range(3):
+        assert evolved_select(state, ids, 2, losses=losses, generator=generator, backend="triton").tolist() == [1, 3]
+        four = evolved_select(state, ids, 4, losses=losses, generator=generator, backend="triton")
+        assert four.tolist() == [0, 1, 2, 3]  # ties among zeros go to the lower positions
+    all_zero = torch.zeros(6)
+    assert evolved_select(state, torch.arange(6), 5, losses=all_zero, backend="triton").tolist() == [0, 1, 2, 3, 4]
+
+
+@in_process
+def test_bad_values_with_checks_off_are_never_preferred_and_never_written_out_of_bounds():
+    state = EvolvedState(8, 0.0, 0.0)
+    before = state.score.clone()
+    # NaN, negative and inf-free positives; ids out of range on both sides.
+    ids = torch.tensor([0, 1, 2, 3, -1, 8, 1_000_000])
+    losses = torch.tensor([float("nan"), -5.0, 0.5, 0.25, 2.0, 3.0, 4.0])
+    for seed in range(5):
+        chosen = evolved_select(
+            state, ids, 2, losses=losses, generator=torch.Generator().manual_seed(seed), backend="triton",
+            check_values=False,
+        )  # fmt: skip
+        assert chosen.tolist() == [2, 3]
+    # Only the in-range ids were written; the rest of the buffer (and memory around it) is untouched.
+    assert torch.equal(state.score[4:], before[4:])
+    assert state.score[2].item() == 0.5 and state.score[3].item() == 0.25
+    labels = torch.tensor([0, 5, -3])  # out-of-range labels with checks off: NaN losses, in-range reads only
+    _, returned = evolved_select(
+        EvolvedState(3), torch.arange(3), 1, logits=torch.randn(3, 4), targets=labels, backend="triton",
+        check_values=False, return_losses=True,
+    )  # fmt: skip
+    assert torch.isfinite(returned[0]) and torch.isnan(returned[1:]).all()
+
+
+@in_process
+def test_same_seed_same_draw_and_global_rng_untouched():
+    state_a, state_b = seeded_state(40), seeded_state(40)
+    ids = torch.arange(0, 40, 3)
+    losses = torch.rand(ids.numel(), generator=torch.Generator().manual_seed(3))
+    global_before = torch.get_rng_state()
+    first = evolved_select(
+        state_a, ids, 5, losses=losses, generator=torch.Generator().manual_seed(21), backend="triton"
+    )
+    second = evolved_select(
+        state_b, ids, 5, losses=losses, generator=torch.Generator().manual_seed(21), backend="triton"
+    )
+    assert torch.equal(torch.get_rng_state(), global_before)
+    assert first.tolist() == second.tolist()
+    torch.manual_seed(5)
+    third = evolved_select(seeded_state(40), ids, 5, losses=losses, backend="triton")
+    torch.manual_seed(5)
+    fourth = evolved_select(seeded_state(40), ids, 5, losses=losses, backend="triton")
+    assert third.tolist() == fourth.tolist()
+
+
+# ----------------------------------------------------------------------------------------- shapes and layouts
+
+
+@in_process
+@pytest.mark.parametrize("batch,classes", [(1, 2), (3, 2), (257, 2), (3, 1000), (1, 32769), (3, 32769)])
+def test_odd_shapes(batch, classes):
+    generator = torch.Generator().manual_seed(batch + classes)
+    logits = torch.randn(batch, classes, generator=generator) * 3
+    labels = torch.randint(0, classes, (batch,), generator=generator)
+    ids = torch.randperm(300, generator=generator)[:batch]
+    k = max(1, batch // 4)
+    state = seeded_state(300)
+    positions, expected, losses = select_and_expect(state, ids, k, 8, logits=logits, targets=labels)
+    torch.testing.assert_close(losses, reference.per_sample_cross_entropy(logits, labels), rtol=1e-5, atol=1e-5)
+    assert positions.tolist() == expected.tolist()
+    oracle = seeded_state(300)
+    reference.ema_update_(oracle.score, oracle.weight, ids, losses, state.beta1, state.beta2)
+    assert torch.equal(state.weight, oracle.weight) and torch.equal(state.score, oracle.score)
+
+
+@in_process
+@pytest.mark.parametrize("layout", ["transposed", "column_slice", "every_other_column"])
+@pytest.mark.parametrize("kind", ["labels", "soft"])
+def test_non_contiguous_logits(layout, kind):
+    generator = torch.Generator().manual_seed(6)
+    base = torch.randn(40, 40, generator=generator).to(torch.bfloat16)
+    logits = {
+        "transposed": base.t()[:5, :33],
+        "column_slice": base[3:8, 2:35],
+        "every_other_column": base[:5, ::2][:, :20],
+    }[layout]
+    assert not logits.is_contiguous()
+    targets = random_targets(kind, 5, logits.shape[1], generator)
+    if kind == "soft":
+        targets = targets.t().contiguous().t()  # strided soft targets too
+    _, losses = evolved_select(
+        EvolvedState(10), torch.arange(5), 2, logits=logits, targets=targets, backend="triton", return_losses=True
+    )
+    expected = reference.per_sample_cross_entropy(logits.contiguous(), targets)
+    torch.testing.assert_close(losses, expected, **LOSS_TOLERANCES[torch.bfloat16])
+
+
+# ----------------------------------------------------------------------------------------- launches, pruning
+
+
+@in_process
+def test_one_launch_per_call(monkeypatch):
+    launches = []
+    for kernel in (kernels.fused_select_kernel, kernels.prune_keys_kernel):
+        original = kernel.run
+
+        def counting_run(*args, _original=original, _kernel=kernel, **kwargs):
+            launches.append(_kernel.__name__)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(kernel, "run", counting_run)
+    state = EvolvedState(20)
+    logits = torch.randn(4, 7)
+    calls = [
+        dict(losses=torch.rand(4)),
+        dict(logits=logits, targets=torch.tensor([0, 6, 2, 3]), label_smoothing=0.1),
+        dict(logits=logits, targets=torch.rand(4, 7)),
+        dict(logits=logits, targets=(torch.tensor([0, 1, 2, 3]), torch.tensor([3, 2, 1, 0]), 0.4)),
+    ]
+    for call in calls:
+        launches.clear()
+        evolved_select(state, torch.tensor([1, 5, 9, 13]), 2, backend="triton", **call)
+        assert launches == ["fused_select_kernel"]
+    launches.clear()
+    evolved_prune(state, 7, backend="triton")
+    assert launches == ["prune_keys_kernel"]
+
+
+@in_process
+def test_prune_select():
+    state = EvolvedState(5000, 0.0, 0.0)
+    state.weight.copy_(torch.rand(5000, generator=torch.Generator().manual_seed(0)))
+    state.weight[::10] = 0.0
+    kept = evolved_prune(state, 4000, generator=torch.Generator().manual_seed(1), backend="triton")
+    assert last_backend() == "triton"
+    assert kept.dtype == torch.int64 and kept.numel() == 4000
+    assert torch.equal(kept, torch.unique(kept))  # ascending, no repeats
+    assert not (state.weight[kept] == 0).any()  # 4500 positive weights cover all 4000 places
+    again = evolved_prune(state, 4000, generator=torch.Generator().manual_seed(1), backend="triton")
+    assert torch.equal(kept, again)
+
+
+@in_process
+def test_backend_status_in_interpreter_mode():
+    assert backend_status("cpu")["triton"] == "available"
+
+
+def test_cpu_is_refused_without_the_interpreter(monkeypatch):
+    from es_kernels.triton import unavailable_reason
+
+    monkeypatch.delenv("TRITON_INTERPRET")
+    reason = unavailable_reason("cpu")
+    assert reason is not None and "TRITON_INTERPRET=1" in reason
+
+
+@in_process
+def test_compiles_without_graph_breaks_through_the_triton_op():
+    def step(state, ids, logits, labels):
+        return evolved_select(state, ids, 2, logits=logits, targets=labels, check_values=False, backend="triton")
+
+    generator = torch.Generator().manual_seed(7)
+    ids, logits = torch.tensor([3, 0, 5, 1]), torch.randn(4, 6, generator=generator)
+    labels = torch.randint(0, 6, (4,), generator=generator)
+    eager_state, compiled_state = EvolvedState(8), EvolvedState(8)
+    torch.manual_seed(0)
+    eager = step(eager_state, ids, logits, labels)
+    torch.manual_seed(0)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(compiled_state, ids, logits, labels)
+    assert torch.equal(eager, compiled)
+    assert torch.equal(eager_state.weight, compiled_state.weight)
+
+
+@in_process
+def test_opcheck_with_the_interpreted_kernel():
+    generator = torch.Generator().manual_seed(8)
+    score = torch.rand(10, generator=generator)
+    arguments = (
+        score, score.clone(), torch.tensor([2, 7, 4]), draw_seed(generator, CPU), 2, 0.2, 0.9,
+        torch.randn(3, 5, generator=generator), torch.tensor([0, 4, 1]), None, None, 1.0, None, 0.1,
+    )  # fmt: skip
+    torch.library.opcheck(torch.ops.es_kernels.fused_select.default, arguments)
+    values = torch.rand(40, generator=generator)
+    torch.library.opcheck(torch.ops.es_kernels.prune_select.default, (values, draw_seed(generator, CPU), 9))
