@@ -211,6 +211,8 @@ def fused_select_kernel(
     The program that takes the last ticket (every other row's key is written by then) selects the k rows. No
     program waits for another, so the grid may have any size whether or not its programs are co-resident.
     """
+    # One program per row, so the program id *is* the row's meta-batch position, which alone (with the seed)
+    # picks the Philox stream: the draw does not depend on the grid or block sizes.
     row = tl.program_id(0)
     if MODE == 0:
         loss = tl.load(losses_ptr + row.to(tl.int64) * losses_stride).to(tl.float32)
