@@ -274,3 +274,14 @@ def test_order_with_a_loss_fn_and_soft_targets():
     batch = training.select(torch.nn.Identity(), indices + 8, logits, soft)
     expected = -(soft * logits.log_softmax(dim=1)).sum(dim=1)
     assert set(batch.indices.tolist()) == set((expected.topk(2).indices + 8).tolist())
+
+
+@pytest.mark.slow
+def test_es_beats_the_baseline_under_40_percent_label_noise(tmp_path):
+    """The demo's default setting (uniform 40% noise, 40 epochs, 3 seeds): ES's mean clean test accuracy is higher.
+
+    Measured here: baseline 91.2 ± 0.9, ES 93.0 ± 0.3 (README); ES won on every seed.
+    """
+    rows = digits.main(["--methods", "baseline", "es", "--out", str(tmp_path / "r.json")])
+    baseline, es = rows
+    assert es["test_accuracy_mean"] > baseline["test_accuracy_mean"]
