@@ -30,6 +30,7 @@ COLLECTIVE_TIMEOUT_S = 30  # a rank stuck in a collective raises after this inst
 JOB_TIMEOUT_S = 120  # the whole job; the parent kills the workers after it
 
 N, EPOCHS, BATCH, SEED = 101, 6, 6, 5  # n odd: full epochs pad one id; 81 kept ids in pruned epochs pad too
+PADDING_ONLY_BATCH = 5  # shards of 51 and 41 ids: rank 1's last batch is its padding row alone in every epoch
 PLAN = dict(prune_ratio=0.2, anneal_start=0.2, anneal_end=0.2, seed=SEED)  # epochs 0 and 5 anneal, 1-4 prune
 BIG_N = 2**24 + 1000  # ids above 2**24 are not representable in fp32
 
@@ -151,6 +152,12 @@ def _training_job(rank: int) -> dict:
 
     training = _training("epoch")
     results["logits"] = _run_logits(training, BATCH)
+
+    for sync in ("epoch", "step"):
+        training = _training(sync)
+        results[f"padding_only_{sync}"] = _run(training, PADDING_ONLY_BATCH, range(EPOCHS))
+        training.state.sync_epoch()
+        results[f"padding_only_{sync}"]["final"] = _clone_state(training.state)
     return results
 
 
@@ -181,6 +188,9 @@ def _single_process_reference() -> dict:
     record = _run(training, WORLD_SIZE * BATCH, range(EPOCHS))
     record["final"] = _clone_state(training.state)
     record["logits"] = _run_logits(_training("epoch", num_replicas=1, rank=0), WORLD_SIZE * BATCH)
+    alone = _training("epoch", num_replicas=1, rank=0)
+    record["padding_only"] = _run(alone, WORLD_SIZE * PADDING_ONLY_BATCH, range(EPOCHS))
+    record["padding_only"]["final"] = _clone_state(alone.state)
     return record
 
 
@@ -255,6 +265,22 @@ def test_step_sync_state_is_bit_identical_after_every_step(training_runs):
         assert torch.equal(state0, state1), f"ranks disagree after step {step}"
         assert torch.equal(state0, alone), f"step {step} differs from one process over the same global batch"
     assert torch.equal(ranks[0]["step"]["final"], single["final"])
+
+
+def test_a_batch_of_padding_only_neither_hangs_nor_updates_the_state(training_runs):
+    # Every rank must take the same number of steps (and, in step mode, join the same collectives) even when one
+    # rank's last batch is nothing but its padding repeat.
+    ranks, single = training_runs
+    record = ranks[1]["padding_only_epoch"]
+    for shard, padding in zip(record["shards"], record["padding"], strict=True):
+        assert shard.numel() % PADDING_ONLY_BATCH == 1 and bool(padding[-1])  # the last batch: one padding row
+    for sync in ("epoch", "step"):
+        assert torch.equal(ranks[0][f"padding_only_{sync}"]["final"], single["padding_only"]["final"]), sync
+        assert torch.equal(ranks[1][f"padding_only_{sync}"]["final"], single["padding_only"]["final"]), sync
+    steps = [r["padding_only_step"]["step_states"] for r in ranks] + [single["padding_only"]["step_states"]]
+    assert len(steps[0]) == len(steps[1]) == len(steps[2])
+    for step, (state0, state1, alone) in enumerate(zip(*steps, strict=True)):
+        assert torch.equal(state0, state1) and torch.equal(state0, alone), f"step {step}"
 
 
 def test_logits_path_agrees_across_ranks_and_with_one_process(training_runs):

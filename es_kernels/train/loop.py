@@ -196,11 +196,20 @@ class EvolvedTraining:
         In selecting epochs: a scoring forward of ``model`` on all rows under ``torch.no_grad()`` in
         ``scoring_mode``, per-sample losses (cross-entropy of the outputs against ``targets``, or ``loss_fn(outputs,
         targets)`` returning shape (B,) for any other task), the state update, and the draw of k rows. Otherwise
-        all rows. Rows that repeat another rank's ids (padding of an uneven last shard) are dropped.
+        all rows. Rows that repeat another rank's ids (padding of an uneven last shard) are dropped, unless the
+        batch holds nothing else: then they are trained on and never update the state.
         """
         indices = _checks.check_tensor("indices", indices)
         real_rows = self._real_rows(indices.numel())
         indices = indices.to(self.state.device)
+        if real_rows is not None and real_rows.numel() == 0:
+            # A last batch of padding only (one repeated id): every rank must still take an optimizer step (DDP
+            # all-reduces gradients), so train on the repeat, but never let it touch the state. In step mode the
+            # other ranks are in a sync_step now: join it with nothing to share.
+            if self.selects:
+                self.state.sync_step(indices[:0], torch.empty(0, device=self.state.device), check_values=False)
+            self.trained_samples += indices.numel()
+            return SelectedBatch(indices, inputs, targets, scored=True)
         if real_rows is not None:
             indices, inputs, targets = (take_rows(v, real_rows) for v in (indices, inputs, targets))
         batch_size = indices.numel()
