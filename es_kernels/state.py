@@ -108,9 +108,10 @@ class EvolvedState:
     def state_dict(self) -> dict[str, object]:
         """Tensors and plain numbers only, so ``torch.load(..., weights_only=True)`` reads it back.
 
-        In a distributed run with ``sync="epoch"`` it also holds ``"sync_snapshot"``, the values all ranks agreed on
-        at the last merge: a rank's copy saved mid-epoch holds only its own updates since then, and the merge after
-        resuming needs that baseline to stay exact. Save each rank's own dict (the sampler's shard is per rank too).
+        In a distributed run with ``sync="epoch"`` whose state moved since the last merge it also holds
+        ``"sync_snapshot"``, the values all ranks agreed on at that merge: a rank's copy saved mid-epoch holds only
+        its own updates since then, and the merge after resuming needs that baseline to stay exact. Save each rank's
+        own dict (the sampler's shard is per rank too), or call :meth:`sync_epoch` on every rank first.
         """
         saved = {
             "score": self.score.detach().clone(),
@@ -119,7 +120,10 @@ class EvolvedState:
             "beta2": self.beta2,
         }
         if self.sync_mode == "epoch" and self._world_size() > 1:
-            saved["sync_snapshot"] = self._merge_baseline().clone()
+            baseline = self._merge_baseline()
+            # Right after a merge the baseline is the state itself: loading the values alone restores it then.
+            if not (torch.equal(baseline[0], self.score) and torch.equal(baseline[1], self.weight)):
+                saved["sync_snapshot"] = baseline.clone()
         return saved
 
     def load_state_dict(self, state_dict: dict[str, object]) -> None:

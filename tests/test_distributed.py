@@ -144,11 +144,13 @@ def _training_job(rank: int) -> dict:
     training = _training("epoch")
     _run(training, BATCH, range(3), stop_at=(2, 3))
     saved = training.state_dict()
+    results["saved_keys"] = {"mid_epoch": sorted(saved["state"])}
     resumed = _training("epoch")
     resumed.load_state_dict(saved)
     results["resumed"] = _run(resumed, BATCH, range(2, EPOCHS))
     resumed.state.sync_epoch()
     results["resumed"]["final"] = _clone_state(resumed.state)
+    results["saved_keys"]["merged"] = sorted(resumed.state.state_dict())
 
     training = _training("epoch")
     results["logits"] = _run_logits(training, BATCH)
@@ -307,6 +309,9 @@ def test_per_rank_checkpoint_mid_epoch_resumes_exactly(training_runs):
         # The resumed epoch-2 plan is the saved one, and the merge after resuming still sees both halves.
         assert torch.equal(resumed["start_states"][1], single["start_states"][3])
         assert torch.equal(resumed["final"], single["final"])
+        # The baseline travels only while it carries information: after a merge the values alone restore it.
+        assert rank["saved_keys"]["mid_epoch"] == ["beta1", "beta2", "score", "sync_snapshot", "weight"]
+        assert rank["saved_keys"]["merged"] == ["beta1", "beta2", "score", "weight"]
 
 
 # ----------------------------------------------------------------------------------------- ids above 2**24
