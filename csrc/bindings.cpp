@@ -11,10 +11,10 @@ std::tuple<at::Tensor, at::Tensor> fused_select(at::Tensor score, at::Tensor wei
                                                 double beta1, double beta2, std::optional<at::Tensor> logits,
                                                 std::optional<at::Tensor> target, std::optional<at::Tensor> target_b,
                                                 double lam, std::optional<at::Tensor> losses, double label_smoothing,
-                                                std::optional<at::Generator> generator) {
+                                                std::optional<at::Generator> generator, bool check_losses) {
   SelectArgs args{std::move(score), std::move(weight), std::move(indices), k, beta1, beta2, std::move(logits),
                   std::move(target), std::move(target_b), std::move(losses), lam, label_smoothing,
-                  std::move(generator)};
+                  std::move(generator), check_losses};
   if (args.score.is_cuda()) {
 #ifdef ES_KERNELS_WITH_CUDA
     return es_kernels::fused_select_cuda(args);
@@ -55,7 +55,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_select", &fused_select, py::arg("score"), py::arg("weight"), py::arg("indices"), py::arg("k"),
         py::arg("beta1"), py::arg("beta2"), py::arg("logits"), py::arg("target"), py::arg("target_b"),
         py::arg("lam"), py::arg("losses"), py::arg("label_smoothing"), py::arg("generator"),
-        py::call_guard<py::gil_scoped_release>(),
+        py::arg("check_losses") = false, py::call_guard<py::gil_scoped_release>(),
         "(positions int64 (k,) ascending, losses fp32 (B,)); updates score/weight in place at indices");
   m.def("prune_select", &prune_select, py::arg("values"), py::arg("keep"), py::arg("generator"),
         py::call_guard<py::gil_scoped_release>(), "keep ids (ascending int64) drawn without replacement ∝ values");

@@ -19,7 +19,13 @@ struct SelectArgs {
   std::optional<at::Tensor> logits, target, target_b, losses;
   double lam, label_smoothing;
   std::optional<at::Generator> generator;
+  // Refuse (ValueError, state untouched) losses computed from logits that are not finite and non-negative, e.g.
+  // finite logits whose log-sum-exp overflows. select.py's value checks cannot see them before the fused update.
+  bool check_losses = false;
 };
+
+// The message select.py's value checks use for the same condition (es_kernels/_checks.py).
+constexpr const char* kComputedLossesName = "losses computed from logits";
 
 // Returns (positions: int64 (k,) ascending, losses: fp32 (B,)).
 std::tuple<at::Tensor, at::Tensor> fused_select_cpu(const SelectArgs& args);

@@ -173,8 +173,14 @@ def _require() -> ModuleType:
     return module
 
 
-def fused_select(score, weight, indices, k, beta1, beta2, logits, targets, losses, label_smoothing, generator):
-    """Backend entry of ``evolved_select`` (contract in es_kernels/select.py); one C++ call, one kernel pass."""
+def fused_select(
+    score, weight, indices, k, beta1, beta2, logits, targets, losses, label_smoothing, generator, *, check_losses=False
+):
+    """Backend entry of ``evolved_select`` (contract in es_kernels/select.py); one C++ call, one kernel pass.
+
+    ``check_losses=True`` refuses losses computed from logits that are not finite and non-negative with the
+    ValueError of select.py's value checks, before the state is touched (finite logits can still overflow).
+    """
     target = target_b = None
     lam = 1.0
     if logits is not None:
@@ -184,7 +190,7 @@ def fused_select(score, weight, indices, k, beta1, beta2, logits, targets, losse
             target = targets
     return _require().fused_select(
         score, weight, indices, int(k), float(beta1), float(beta2),
-        logits, target, target_b, lam, losses, float(label_smoothing), generator,
+        logits, target, target_b, lam, losses, float(label_smoothing), generator, bool(check_losses),
     )  # fmt: skip
 
 

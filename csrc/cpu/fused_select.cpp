@@ -6,6 +6,7 @@
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <mutex>
 #include <vector>
@@ -58,6 +59,14 @@ void compute_losses(const PreparedSelect& p, const LossParams& params, float* ou
   });
 }
 
+void check_computed_losses(const float* losses, int64_t batch) {
+  for (int64_t r = 0; r < batch; ++r) {
+    TORCH_CHECK_VALUE(std::isfinite(losses[r]), kComputedLossesName, " must be finite (found NaN or inf)");
+    TORCH_CHECK_VALUE(losses[r] >= 0.0f, kComputedLossesName,
+                      " must be non-negative (weights are proportional to losses)");
+  }
+}
+
 struct RaceEntry {
   double key;
   int64_t position;
@@ -94,6 +103,7 @@ std::tuple<at::Tensor, at::Tensor> fused_select_cpu(const SelectArgs& args) {
   if (params.kind != TargetKind::kNone) {
     losses = at::empty({p.batch}, at::TensorOptions().dtype(at::kFloat));
     compute_losses(p, params, losses.data_ptr<float>());
+    if (args.check_losses) check_computed_losses(losses.data_ptr<float>(), p.batch);
   }
 
   // The update is B scalar operations; doing it serially keeps repeated ids (possible with value checks off)

@@ -51,7 +51,8 @@ template <typename T, TargetKind kKind>
 void launch_rows(const FusedSelectLaunch& a, const Workspace& w, cudaStream_t stream) {
   loss_row_kernel<T, kKind><<<static_cast<unsigned>(a.batch), kRowThreads, 0, stream>>>(
       static_cast<const T*>(a.logits), a.logits_row_stride, a.labels, a.labels_b, a.soft_targets, a.params, a.score,
-      a.weight, a.num_samples, a.indices, a.betas, a.philox, a.losses_out, w.keys_in, w.positions_in);
+      a.weight, a.num_samples, a.indices, a.betas, a.philox, a.losses_out, w.keys_in, w.positions_in,
+      a.losses_only);
 }
 
 template <typename T>
@@ -93,7 +94,7 @@ cudaError_t launch_fused_select(const FusedSelectLaunch& a, cudaStream_t stream)
     }
   }
   cudaError_t status = cudaGetLastError();
-  if (status != cudaSuccess) return status;
+  if (status != cudaSuccess || a.losses_only) return status;
 
   // Radix sort is stable: equal keys (e.g. all the zero weights) stay in position order, lower position first.
   size_t scratch = w.sort_scratch_bytes;

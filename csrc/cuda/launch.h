@@ -35,6 +35,7 @@ struct FusedSelectLaunch {
   float* losses_out;      // may equal given_losses
   int64_t* positions_out; // (k,)
   void* workspace;
+  bool losses_only;  // write the losses and stop: no update, no draw (the host checks them first)
 };
 
 size_t fused_select_workspace_bytes(int64_t batch, int64_t k);

@@ -1,10 +1,14 @@
 // Torch glue of the CUDA build, compiled by the host compiler: checks, output and workspace allocation on the
 // caching allocator, the current stream, and the philox seed/offset of the user's CUDA generator — reserved under
 // the generator's mutex exactly as torch.multinomial's CUDA kernel does, so CUDA graphs capture it correctly.
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <ATen/cuda/CUDAGeneratorImpl.h>
+#include <ATen/ops/all.h>
+#include <ATen/ops/any.h>
 #include <ATen/ops/arange.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/isfinite.h>
+#include <ATen/ops/lt.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
@@ -85,8 +89,21 @@ std::tuple<at::Tensor, at::Tensor> fused_select_cuda(const SelectArgs& args) {
   launch.positions_out = positions.data_ptr<int64_t>();
   const at::Tensor scratch = workspace(cuda::fused_select_workspace_bytes(p.batch, args.k), device);
   launch.workspace = scratch.data_ptr();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (args.check_losses && params.kind != TargetKind::kNone) {
+    // Value checks already synchronise in select.py; one more sync lets the state stay untouched on bad losses.
+    launch.losses_only = true;
+    C10_CUDA_CHECK(cuda::launch_fused_select(launch, stream));
+    TORCH_CHECK_VALUE(at::isfinite(losses).all().item<bool>(), kComputedLossesName,
+                      " must be finite (found NaN or inf)");
+    TORCH_CHECK_VALUE(!at::lt(losses, 0).any().item<bool>(), kComputedLossesName,
+                      " must be non-negative (weights are proportional to losses)");
+    launch.losses_only = false;
+    launch.logits = nullptr;  // second pass: update and draw from the checked losses
+    launch.given_losses = losses.data_ptr<float>();
+  }
   launch.philox = reserve_philox(args.generator, device);
-  C10_CUDA_CHECK(cuda::launch_fused_select(launch, at::cuda::getCurrentCUDAStream()));
+  C10_CUDA_CHECK(cuda::launch_fused_select(launch, stream));
   // Raw-pointer writes do not bump autograd's version counters; do it so misuse of the buffers is detected.
   args.score.unsafeGetTensorImpl()->bump_version();
   args.weight.unsafeGetTensorImpl()->bump_version();
@@ -115,7 +132,7 @@ at::Tensor prune_select_cuda(const at::Tensor& values_in, int64_t keep, std::opt
   launch.keep = keep;
   launch.out = kept.data_ptr<int64_t>();
   launch.workspace = scratch.data_ptr();
-  C10_CUDA_CHECK(cuda::launch_prune(launch, at::cuda::getCurrentCUDAStream()));
+  C10_CUDA_CHECK(cuda::launch_prune(launch, c10::cuda::getCurrentCUDAStream()));
   return kept;
 }
 

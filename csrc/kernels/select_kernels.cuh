@@ -84,7 +84,7 @@ __global__ void __launch_bounds__(kRowThreads)
                     const int64_t* __restrict__ labels_b, const float* __restrict__ soft_targets, LossParams params,
                     float* score, float* weight, int64_t num_samples, const int64_t* __restrict__ indices,
                     Betas betas, PhiloxArgs philox, float* __restrict__ losses, uint64_t* __restrict__ keys,
-                    int64_t* __restrict__ positions) {
+                    int64_t* __restrict__ positions, bool losses_only) {
   const int64_t row = blockIdx.x;
   const int64_t n = params.num_classes;
   const T* x = logits + row * row_stride;
@@ -131,6 +131,7 @@ __global__ void __launch_bounds__(kRowThreads)
   }
   if (isnan(shifted_sum)) loss = NAN;  // NaN or +inf logits: NaN loss, as the reference gives
   losses[row] = loss;
+  if (losses_only) return;
   update_and_key(row, loss, score, weight, num_samples, indices, betas, philox, keys, positions);
 }
 
