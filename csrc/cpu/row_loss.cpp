@@ -3,8 +3,17 @@
 //
 // Vectorisation: ATen's Vectorized<float> only uses AVX2 when the including file is compiled for AVX2, and an
 // extension must run on any x86-64, so the hot loops are written with GCC/Clang vector extensions and a
-// polynomial exp, and the row loop is cloned for AVX2 with target_clones (picked at load time by the dynamic
-// loader). Other compilers get the scalar loop.
+// polynomial exp, compiled twice: for the baseline ISA and for AVX2+FMA, picked once at run time by CPUID. Other
+// compilers get the scalar loop.
+//
+// Contraction into fused multiply-adds is allowed in this file only: losses are compared with a tolerance, while
+// the state update (update.cuh, compiled in fused_select.cpp) must round exactly like the reference.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("fp-contract=fast")
+// The 256-bit helpers below are always inlined, so no vector crosses a call boundary of the baseline build.
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
 #include "cpu/row_loss.h"
 
 #include <cmath>
@@ -19,10 +28,8 @@ namespace cpu {
 
 namespace {
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define ES_ROW_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define ES_ROW_CLONES
+#if defined(__GNUC__) && defined(__x86_64__)
+#define ES_X86_DISPATCH 1
 #endif
 
 #if defined(__GNUC__)
@@ -139,7 +146,7 @@ ES_INLINE const float* widen_row(const T* row, int64_t n, float* scratch) {
   return scratch;
 }
 
-ES_ROW_CLONES void loss_rows_impl(const RowLossArgs& a, int64_t begin, int64_t end, float* scratch) {
+ES_INLINE void loss_rows_body(const RowLossArgs& a, int64_t begin, int64_t end, float* scratch) {
   const int64_t n = a.params.num_classes;
   for (int64_t r = begin; r < end; ++r) {
     const float* x;
@@ -172,10 +179,25 @@ ES_ROW_CLONES void loss_rows_impl(const RowLossArgs& a, int64_t begin, int64_t e
   }
 }
 
+void loss_rows_baseline(const RowLossArgs& a, int64_t begin, int64_t end, float* scratch) {
+  loss_rows_body(a, begin, end, scratch);
+}
+
+#ifdef ES_X86_DISPATCH
+__attribute__((target("avx2,fma"))) void loss_rows_avx2(const RowLossArgs& a, int64_t begin, int64_t end,
+                                                         float* scratch) {
+  loss_rows_body(a, begin, end, scratch);
+}
+#endif
+
 }  // namespace
 
 void loss_rows(const RowLossArgs& args, int64_t begin, int64_t end, float* scratch) {
-  loss_rows_impl(args, begin, end, scratch);
+#ifdef ES_X86_DISPATCH
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (avx2) return loss_rows_avx2(args, begin, end, scratch);
+#endif
+  loss_rows_baseline(args, begin, end, scratch);
 }
 
 }  // namespace cpu
