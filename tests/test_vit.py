@@ -147,8 +147,10 @@ def test_resume_after_epoch_one_continues_exactly(data, tmp_path, all_methods):
         assert [r[key] for r in resumed["eswp"]] == [r[key] for r in results["eswp"]]
 
 
-def test_mixup_and_cutmix_after_selection(data, tmp_path):
-    results = cli.main(cli_args(data, tmp_path, "--method", "es", "--mixup", "0.8", "--cutmix", "1.0"))
+def test_mixup_and_cutmix_after_selection_under_bf16_autocast(data, tmp_path):
+    extra = ["--method", "es", "--mixup", "0.8", "--cutmix", "1.0", "--precision", "bf16"]
+    results = cli.main(cli_args(data, tmp_path, *extra))
+    assert json.loads((tmp_path / "es" / logs.LOG_NAME).read_text())["config"]["precision"] == "bf16"
     assert [r["backprop_samples"] for r in results["es"]] == expected_backprop("es")
     assert all(math.isfinite(r["train_loss"]) for r in results["es"])
 
@@ -271,3 +273,21 @@ def test_checkpoint_weights_load_and_a_head_of_another_shape_is_dropped(data, tm
             assert value.shape[0] == CLASSES and not torch.all(value == 1.0)
     results = cli.main([*cli_args(data, tmp_path / "out"), "--method", "baseline", "--checkpoint", str(path)])
     assert len(results["baseline"]) == 2
+
+
+def test_pretrained_weights_out_of_reach_fail_at_start(data, tmp_path, monkeypatch):
+    import timm
+
+    original = timm.create_model
+
+    def offline(*args, pretrained=False, **kwargs):
+        if pretrained:  # what timm raises without network or cache (huggingface_hub's LocalEntryNotFoundError)
+            raise OSError("cannot find the requested files in the local cache")
+        return original(*args, pretrained=pretrained, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(SystemExit, match=r"cannot get pretrained weights .* --checkpoint PATH"):
+        cli.main([*cli_args(data, tmp_path / "out"), "--pretrained"])
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit, match="pass one"):
+        cli.main([*cli_args(data, tmp_path / "out"), "--pretrained", "--checkpoint", "x.pt"])

@@ -28,7 +28,7 @@ PROG = "es-vit"
 # What --demo changes; any option given explicitly on the command line still wins.
 DEMO_DEFAULTS = {
     "method": ["baseline", "es", "eswp"],
-    "epochs": 10,
+    "epochs": 20,
     "batch_size": 64,
     "lr": 2e-3,
     "weight_decay": 0.05,

@@ -10,9 +10,17 @@ from pathlib import Path
 
 DEMO_SIZE = 32  # pixels; 8x8 digits are upscaled so a patch-8 ViT sees 16 patches
 
-# The tiny ViT of the demo: timm's vit_tiny_patch16_224 architecture with these overrides.
+# The tiny ViT of the demo: timm's vit_tiny_patch16_224 architecture with these overrides. Average pooling of the
+# patch tokens instead of a class token: trained from scratch on 1347 images it learns markedly faster.
 DEMO_MODEL = "vit_tiny_patch16_224"
-DEMO_MODEL_KWARGS = {"img_size": DEMO_SIZE, "patch_size": 8, "embed_dim": 96, "depth": 4, "num_heads": 3}
+DEMO_MODEL_KWARGS = {
+    "img_size": DEMO_SIZE,
+    "patch_size": 8,
+    "embed_dim": 96,
+    "depth": 4,
+    "num_heads": 3,
+    "global_pool": "avg",
+}
 
 
 def write_digits_imagefolder(root: Path, *, test_size: int = 450, seed: int = 0) -> Path:
