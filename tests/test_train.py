@@ -285,3 +285,13 @@ def test_es_beats_the_baseline_under_40_percent_label_noise(tmp_path):
     rows = digits.main(["--methods", "baseline", "es", "--out", str(tmp_path / "r.json")])
     baseline, es = rows
     assert es["test_accuracy_mean"] > baseline["test_accuracy_mean"]
+
+
+def test_select_accepts_mixup_form_targets():
+    training = EvolvedTraining("es", N, EPOCHS, anneal_start=0, anneal_end=0, select_ratio=0.5)
+    x, y = toy_data()
+    model = torch.nn.Linear(5, CLASSES)
+    targets = (y[:BATCH], y[BATCH : 2 * BATCH], 0.7)
+    batch = training.select(model, torch.arange(BATCH), x[:BATCH], targets)
+    y_a, y_b, lam = batch.targets
+    assert lam == 0.7 and torch.equal(y_a, y[batch.indices]) and torch.equal(y_b, y[batch.indices + BATCH])

@@ -66,9 +66,14 @@ class SelectedBatch:
 
 
 def take_rows(value: Any, rows: torch.Tensor) -> Any:
-    """Rows ``rows`` of a tensor, or of every tensor in a (nested) tuple, list or dict."""
+    """Rows ``rows`` of a tensor, or of every tensor in a (nested) tuple, list or dict.
+
+    Plain numbers pass through unchanged: they belong to the whole batch (the ``lam`` of mixup-form targets).
+    """
     if isinstance(value, torch.Tensor):
         return value.index_select(0, rows.to(value.device))
+    if isinstance(value, (int, float)):
+        return value
     if isinstance(value, (tuple, list)):
         return type(value)(take_rows(item, rows) for item in value)
     if isinstance(value, dict):
