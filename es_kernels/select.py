@@ -182,9 +182,12 @@ def evolved_select(
             computed = reference.per_sample_cross_entropy(logits, targets, label_smoothing)
             _checks.check_loss_values("losses computed from logits", computed)
             logits, targets, losses = None, None, computed
+        # The extension checks the losses it computes between its loss and update passes (finite logits can still
+        # overflow); Triton cannot without a host sync, so there the logits pre-check is the guard.
+        extension_only = {"check_losses": check_values} if chosen is Backend.EXTENSION else {}
         positions, batch_losses = implementation.fused_select(
             state.score, state.weight, indices, k, state.beta1, state.beta2,
-            logits, targets, losses, label_smoothing, generator,
+            logits, targets, losses, label_smoothing, generator, **extension_only,
         )  # fmt: skip
     record_backend(chosen)
     return (positions, batch_losses) if return_losses else positions

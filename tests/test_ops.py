@@ -107,3 +107,16 @@ def test_evolved_prune_compiles_without_graph_breaks():
     eager = prune(state)
     torch.manual_seed(1)
     assert torch.equal(_compiled(prune)(state), eager)
+
+
+def test_auto_backend_compiles_without_graph_breaks_where_the_extension_is_built():
+    """Eagerly, auto runs the extension on CPU; while compiling it must pick a traceable backend instead."""
+
+    def step(state, ids, losses):
+        return evolved_select(state, ids, 2, losses=losses, check_values=False)
+
+    state = EvolvedState(8)
+    torch.manual_seed(0)
+    chosen = _compiled(step)(state, torch.tensor([1, 3, 5]), torch.tensor([0.5, 2.0, 1.0]))
+    assert chosen.numel() == 2
+    assert state.weight[1].item() == pytest.approx(0.2 / 8 + 0.8 * 0.5)

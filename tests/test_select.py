@@ -271,12 +271,13 @@ def test_bad_input_names_the_argument_and_leaves_state_unchanged(args, kwargs, e
     assert torch.equal(state.score, before["score"]) and torch.equal(state.weight, before["weight"])
 
 
-def test_logits_overflowing_to_inf_loss_are_refused_before_the_update():
+@pytest.mark.parametrize("backend", ["torch", "auto"])  # auto: the extension where it is built
+def test_logits_overflowing_to_inf_loss_are_refused_before_the_update(backend):
     state = EvolvedState(2)
     before = state.state_dict()
     huge = torch.tensor([[3e38, -3e38], [0.0, 1.0]])
     with pytest.raises(ValueError, match="losses computed from logits"):
-        evolved_select(state, torch.arange(2), 1, logits=huge, targets=torch.tensor([1, 0]), backend="torch")
+        evolved_select(state, torch.arange(2), 1, logits=huge, targets=torch.tensor([1, 0]), backend=backend)
     assert torch.equal(state.weight, before["weight"])
 
 
