@@ -1,0 +1,77 @@
+"""The self-check command: passes on the real backends, fails (exit 1) on a broken one, keeps the shared tolerances."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from helpers import LOSS_TOLERANCES, extension_unavailable_reason, inclusion_probabilities
+
+from es_kernels import reference, selfcheck
+from es_kernels.select import _TorchBackend
+
+
+def test_tolerances_are_the_test_suites():
+    assert selfcheck.LOSS_TOLERANCES == LOSS_TOLERANCES
+
+
+def test_exact_inclusion_matches_the_test_suites_law():
+    weights = [1.0, 2.0, 3.0, 4.0, 6.0]
+    assert selfcheck.exact_inclusion(weights, 2) == pytest.approx(inclusion_probabilities(weights, 2), abs=1e-12)
+
+
+def test_passes_on_cpu_backends():
+    out = io.StringIO()
+    assert selfcheck.run(["cpu"], timing=False, out=out), out.getvalue()
+    text = out.getvalue()
+    assert "torch      PASS" in text
+    if extension_unavailable_reason() is None:
+        assert "extension  PASS" in text
+
+
+def _only_torch(monkeypatch):
+    # Check the reference backend alone (the broken behaviour below is patched into it), with fewer law draws: a
+    # sampler that always takes the first k is caught by a few hundred.
+    monkeypatch.setattr(selfcheck, "backend_status", lambda device: {"torch": "available"})
+    monkeypatch.setattr(selfcheck, "LAW_DRAWS", 300)
+
+
+def test_fails_on_wrong_losses(monkeypatch):
+    _only_torch(monkeypatch)
+    original = _TorchBackend.fused_select
+
+    def off_by_a_bit(score, weight, indices, k, b1, b2, logits, targets, losses, smoothing, generator):
+        # select.py hands the reference losses it computed itself (value checks on), or logits: skew both alike.
+        if losses is None:
+            losses = reference.per_sample_cross_entropy(logits, targets, smoothing)
+        losses = losses * (1 + 1e-3)
+        return original(score, weight, indices, k, b1, b2, None, None, losses, smoothing, generator)
+
+    monkeypatch.setattr(_TorchBackend, "fused_select", staticmethod(off_by_a_bit))
+    out = io.StringIO()
+    assert not selfcheck.run(["cpu"], timing=False, out=out)
+    assert "torch      FAIL" in out.getvalue() and "losses differ from the reference" in out.getvalue()
+
+
+def test_fails_on_a_biased_selection(monkeypatch):
+    _only_torch(monkeypatch)
+    original = _TorchBackend.fused_select
+
+    def first_k(*args):
+        positions, losses = original(*args)
+        return torch.arange(positions.numel(), device=positions.device), losses
+
+    monkeypatch.setattr(_TorchBackend, "fused_select", staticmethod(first_k))
+    out = io.StringIO()
+    assert not selfcheck.run(["cpu"], timing=False, out=out)
+    assert "selection law" in out.getvalue()
+
+
+def test_main_exit_code(monkeypatch, capsys):
+    _only_torch(monkeypatch)
+    assert selfcheck.main(["--device", "cpu"]) == 0
+    assert "| B | C | logits | torch |" in capsys.readouterr().out
+    monkeypatch.setattr(selfcheck, "CHECKS", [("always broken", lambda backend, device: 1 / 0)])
+    assert selfcheck.main(["--device", "cpu", "--no-timing"]) == 1
+    assert "ZeroDivisionError" in capsys.readouterr().out
