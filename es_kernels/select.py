@@ -99,7 +99,7 @@ def _check_targets(targets: object, logits: torch.Tensor, device: torch.device, 
             f"targets as soft labels must have the logits' shape {tuple(logits.shape)}, got {tuple(targets.shape)}"
         )
     _checks.check_device("targets", targets, device)
-    if check_values and (not bool(torch.isfinite(targets).all()) or bool((targets < 0).any())):
+    if check_values and not _checks.all_finite_non_negative(targets):
         raise ValueError("targets as soft labels must be finite and non-negative")
     return targets
 
@@ -113,7 +113,7 @@ def _check_logits(logits: object, batch: int, device: torch.device, check_values
     if logits.shape[1] < 2:
         raise ValueError(f"logits must have at least 2 classes, got {logits.shape[1]}")
     _checks.check_device("logits", logits, device)
-    if check_values and not bool(torch.isfinite(logits).all()):
+    if check_values and not _checks.all_finite(logits):
         raise ValueError("logits must be finite (found NaN or inf)")
     return logits
 
