@@ -289,3 +289,18 @@ def test_state_argument_and_prune_arguments_are_checked():
         evolved_prune(state, 5)
     with pytest.raises(ValueError, match="by"):
         evolved_prune(state, 2, by="loss")
+
+
+@pytest.mark.parametrize("argument", ["indices", "losses", "logits", "targets"])
+def test_tensors_on_another_device_are_refused_by_name(argument):
+    """The meta device stands in for a GPU: the check compares devices before reading any value."""
+    state = EvolvedState(8)
+    tensors = {"indices": torch.arange(4), "logits": LOGITS, "targets": LABELS, "losses": torch.rand(4)}
+    tensors[argument] = tensors[argument].to("meta")
+    scored = (
+        {"losses": tensors["losses"]}
+        if argument == "losses"
+        else {"logits": tensors["logits"], "targets": tensors["targets"]}
+    )
+    with pytest.raises(ValueError, match=f"{argument} is on meta"):
+        evolved_select(state, tensors["indices"], 1, **scored)
