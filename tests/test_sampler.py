@@ -41,8 +41,10 @@ def test_pruning_draws_from_the_weights_at_the_epoch_start():
     state.observe(torch.arange(10), torch.tensor([0.0] * 5 + [1.0] * 5))
     sampler = EvolvedSampler(state, 3, prune_ratio=0.5, anneal_start=0.0, anneal_end=0.0)
     assert sorted(sampler) == [5, 6, 7, 8, 9]
-    sampler_s = EvolvedSampler(state, 3, prune_ratio=0.5, prune_by="score", anneal_start=0.0, anneal_end=0.0)
-    assert len(list(sampler_s)) == 5
+    by_score = EvolvedState(10, beta1=1.0, beta2=0.0)  # s = loss, w stays uniform
+    by_score.observe(torch.arange(10), torch.tensor([1.0] * 5 + [0.0] * 5))
+    sampler_s = EvolvedSampler(by_score, 3, prune_ratio=0.5, prune_by="score", anneal_start=0.0, anneal_end=0.0)
+    assert sorted(sampler_s) == [0, 1, 2, 3, 4]
 
 
 def test_shuffle_differs_between_epochs_and_is_seeded():

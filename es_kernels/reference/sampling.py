@@ -18,7 +18,10 @@ def race_keys(weights: torch.Tensor, generator: torch.Generator | None, dtype: t
     uniform = torch.rand(weights.shape, generator=generator, device=weights.device, dtype=dtype)
     uniform.clamp_(min=_UNIFORM_FLOOR[dtype])
     exponential = torch.log1p(-uniform).neg_()
-    return torch.log(weights.to(dtype)) - torch.log(exponential)
+    weights = weights.to(dtype)
+    keys = torch.log(weights) - torch.log(exponential)
+    # NaN and negative weights (reachable only with value checks off) must never be preferred: sorts rank NaN first.
+    return torch.where(weights > 0, keys, float("-inf"))
 
 
 def race_select(weights: torch.Tensor, k: int, generator: torch.Generator | None) -> torch.Tensor:
