@@ -89,10 +89,12 @@ def value_range(tensor: torch.Tensor) -> tuple[float, float]:
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
-    return all(math.isfinite(end) for end in value_range(tensor))
+    return tensor.numel() == 0 or all(math.isfinite(end) for end in value_range(tensor))
 
 
 def all_finite_non_negative(tensor: torch.Tensor) -> bool:
+    if tensor.numel() == 0:
+        return True
     low, high = value_range(tensor)
     return math.isfinite(low) and math.isfinite(high) and low >= 0
 

@@ -28,7 +28,7 @@ class EvolvedSampler(Sampler[int]):
     is plain ES). Annealing epochs use every id. The kept ids are shuffled, then sharded: each of the
     ``num_replicas`` ranks gets the same number of ids. When the count does not divide evenly the plan is padded
     with ids from its start (like ``DistributedSampler``); ``is_padding(position)`` tells a loop which positions
-    are such repeats, so they are trained on but never update the state twice.
+    are such repeats; EvolvedTraining drops them, so no sample updates the state twice.
 
     Every rank must build the sampler with the same ``seed`` and have the same state at the epoch start; then
     pruning and shuffling agree on all ranks without communication.
@@ -134,27 +134,32 @@ class EvolvedSampler(Sampler[int]):
         if epoch != self.epoch:
             self.epoch, self.position, self._shard = epoch, 0, None
 
-    def _epoch_generator(self, device: torch.device) -> torch.Generator:
-        return torch.Generator(device=device).manual_seed(self.seed * _SEED_STRIDE + self.epoch)
+    def _epoch_generator(self, device: torch.device, purpose: int) -> torch.Generator:
+        # Pruning and shuffling get different streams: on a CPU state one seed would reuse the very random bits that
+        # chose the kept set to order it.
+        return torch.Generator(device=device).manual_seed((self.seed * _SEED_STRIDE + self.epoch) * 2 + purpose)
 
     def _make_shard(self) -> torch.Tensor:
         size = self.epoch_size(self.epoch)
         if size < self.state.num_samples:
-            generator = self._epoch_generator(self.state.device)
+            generator = self._epoch_generator(self.state.device, purpose=0)
             plan = evolved_prune(self.state, size, by=self.prune_by, generator=generator).cpu()
         else:
             plan = torch.arange(size)
         if self.shuffle:
-            plan = plan[torch.randperm(size, generator=self._epoch_generator(torch.device("cpu")))]
+            plan = plan[torch.randperm(size, generator=self._epoch_generator(torch.device("cpu"), purpose=1))]
         padded = self.shard_size(self.epoch) * self.num_replicas
         if padded > size:
             plan = torch.cat([plan, plan[: padded - size]])
         return plan[self.rank :: self.num_replicas].clone()
 
+    def real_size(self) -> int:
+        """Ids of this rank's shard in the current epoch that are not padding; the padding trails them."""
+        return max(0, math.ceil((self.epoch_size(self.epoch) - self.rank) / self.num_replicas))
+
     def is_padding(self, position: int) -> bool:
         """Whether this rank's ``position``-th id of the epoch repeats an id another rank also has."""
-        size = self.epoch_size(self.epoch)
-        return position * self.num_replicas + self.rank >= size
+        return position >= self.real_size()
 
     def __iter__(self) -> Iterator[int]:
         if self._shard is None:
@@ -189,6 +194,9 @@ class EvolvedSampler(Sampler[int]):
         }
 
     def load_state_dict(self, state_dict: dict[str, object]) -> None:
+        missing = {"epoch", "position", "shard", "has_shard", "seed", "num_replicas", "rank"} - set(state_dict)
+        if missing:
+            raise ValueError(f"state_dict is missing {sorted(missing)}")
         for key in ("num_replicas", "rank", "seed"):
             if state_dict[key] != getattr(self, key):
                 raise ValueError(
@@ -197,6 +205,12 @@ class EvolvedSampler(Sampler[int]):
                 )
         epoch = _checks.check_int("state_dict['epoch']", state_dict["epoch"], low=0, high=self.num_epochs - 1)
         shard = state_dict["shard"] if state_dict["has_shard"] else None
+        if shard is not None:
+            shard = _checks.check_tensor("state_dict['shard']", shard)
+            if shard.dtype != torch.int64:
+                raise TypeError(f"state_dict['shard'] must hold int64 sample ids, got {shard.dtype}")
+            if shard.numel() and (int(shard.min()) < 0 or int(shard.max()) >= self.state.num_samples):
+                raise ValueError(f"state_dict['shard'] holds ids outside [0, {self.state.num_samples})")
         if shard is not None and shard.numel() != self.shard_size(epoch):
             raise ValueError(
                 f"state_dict['shard'] has {shard.numel()} ids, expected {self.shard_size(epoch)} for epoch {epoch}"

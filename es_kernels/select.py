@@ -60,7 +60,8 @@ def _check_generator(generator: object, device: torch.device) -> torch.Generator
         return None
     if not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    if generator.device.type != device.type:
+    same_index = generator.device.index is None or device.index is None or generator.device.index == device.index
+    if generator.device.type != device.type or not same_index:
         raise ValueError(f"generator is on {generator.device} but the state lives on {device}")
     return generator
 

@@ -143,6 +143,8 @@ class EvolvedState:
                 )
             if value.dtype != torch.float32:
                 raise TypeError(f"state_dict['{key}'] must be float32, got {value.dtype}")
+            if not _checks.all_finite_non_negative(value):
+                raise ValueError(f"state_dict['{key}'] must be finite and non-negative (a corrupted checkpoint?)")
             tensors[key] = value
         snapshot = state_dict.get("sync_snapshot")
         if snapshot is not None:

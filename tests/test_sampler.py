@@ -162,3 +162,24 @@ def test_bad_runtime_arguments():
         sampler.steps_per_epoch(0)
     with pytest.raises(ValueError, match="count"):
         sampler.advance(21)
+
+
+def test_load_state_dict_refuses_missing_keys_and_foreign_ids():
+    sampler = EvolvedSampler(EvolvedState(10), 2)
+    list(sampler)
+    saved = sampler.state_dict()
+    with pytest.raises(ValueError, match="missing"):
+        sampler.load_state_dict({"epoch": 0})
+    bad = dict(saved, shard=saved["shard"] + 100)
+    with pytest.raises(ValueError, match="shard"):
+        sampler.load_state_dict(bad)
+    with pytest.raises(TypeError, match="shard"):
+        sampler.load_state_dict(dict(saved, shard=saved["shard"].float()))
+
+
+def test_shuffle_stream_differs_from_the_prune_stream():
+    state = EvolvedState(64)
+    sampler = EvolvedSampler(state, 3, prune_ratio=0.5, anneal_start=0, anneal_end=0, seed=5)
+    prune_draw = sampler._epoch_generator(torch.device("cpu"), purpose=0).get_state()
+    shuffle_draw = sampler._epoch_generator(torch.device("cpu"), purpose=1).get_state()
+    assert not torch.equal(prune_draw, shuffle_draw)

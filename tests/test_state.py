@@ -130,3 +130,12 @@ def test_load_state_dict_rejects_other_dataset_and_keeps_state():
     with pytest.raises(ValueError, match="missing"):
         state.load_state_dict({"score": before["score"]})
     assert torch.equal(state.score, before["score"])
+
+
+def test_load_state_dict_refuses_nan_or_negative_values():
+    state = EvolvedState(3)
+    saved = state.state_dict()
+    for bad in (torch.tensor([0.1, float("nan"), 0.1]), torch.tensor([0.1, -1.0, 0.1])):
+        with pytest.raises(ValueError, match="weight"):
+            state.load_state_dict(dict(saved, weight=bad))
+    assert torch.equal(state.weight, saved["weight"])

@@ -295,3 +295,45 @@ def test_select_accepts_mixup_form_targets():
     batch = training.select(model, torch.arange(BATCH), x[:BATCH], targets)
     y_a, y_b, lam = batch.targets
     assert lam == 0.7 and torch.equal(y_a, y[batch.indices]) and torch.equal(y_b, y[batch.indices + BATCH])
+
+
+def test_a_raising_select_moves_nothing():
+    model, _, training, loader = make_run()
+    training.set_epoch(2)
+    indices, inputs, targets = next(iter(loader))
+    before = training.state_dict()
+    with pytest.raises(ValueError, match="targets"):
+        training.select(model, indices, inputs, targets + CLASSES)
+    assert training.sampler.position == 0 and training.scored_samples == 0
+    assert torch.equal(training.state.weight, before["state"]["weight"])
+    training.select(model, indices, inputs, targets)  # the retry succeeds and only now moves the position
+    assert training.sampler.position == BATCH
+
+
+def test_order_method_checks_its_targets_like_the_others():
+    model, _, training, loader = make_run("order")
+    training.set_epoch(2)
+    indices, inputs, targets = next(iter(loader))
+    with pytest.raises(ValueError, match="targets"):
+        training.select(model, indices, inputs, targets + CLASSES)
+
+
+def test_load_state_dict_is_all_or_nothing():
+    _, _, training, _ = make_run()
+    training.state.observe(torch.arange(4), torch.ones(4))
+    saved = training.state_dict()
+    _, _, other, _ = make_run()
+    broken = other.state_dict()
+    broken["sampler"]["rank"] = 1  # the state part is fine, the sampler part fails after it
+    with pytest.raises(ValueError, match="rank"):
+        training.load_state_dict(broken)
+    assert torch.equal(training.state.weight, saved["state"]["weight"])
+
+
+def test_check_values_off_skips_the_checks():
+    model, _, training, loader = make_run(check_values=False)
+    assert training.check_values is False
+    training.set_epoch(2)
+    indices, inputs, targets = next(iter(loader))
+    batch = training.select(model, indices, inputs, targets)
+    assert batch.indices.numel() == training.num_selected(BATCH)

@@ -23,7 +23,6 @@ from typing import Any
 import torch
 
 from es_kernels import _checks
-from es_kernels.reference import per_sample_cross_entropy
 from es_kernels.sampler import EvolvedSampler
 from es_kernels.select import evolved_select
 from es_kernels.state import EvolvedState
@@ -101,6 +100,8 @@ class EvolvedTraining:
         backend: ``evolved_select`` backend.
         sync, process_group: how ranks keep one state (see :class:`EvolvedState`): ``"epoch"`` merges at each
             ``set_epoch``, ``"step"`` shares every step's ids and losses; nothing to call beyond ``torchrun``.
+        check_values: validate ids, labels and losses every step (several host syncs on a GPU); switch off once a
+            run is known to be sound.
     """
 
     def __init__(
@@ -124,6 +125,7 @@ class EvolvedTraining:
         backend: str = "auto",
         sync: str = "epoch",
         process_group: torch.distributed.ProcessGroup | None = None,
+        check_values: bool = True,
     ) -> None:
         if method not in METHODS:
             raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
@@ -131,6 +133,7 @@ class EvolvedTraining:
         self.method = method
         self.selects = preset.selects
         self.top_k = preset.top_k
+        self.check_values = bool(check_values)
         self.select_ratio = _checks.check_fraction("select_ratio", select_ratio)
         if self.select_ratio == 0.0:
             raise ValueError("select_ratio must be in (0, 1], got 0.0")
@@ -205,9 +208,21 @@ class EvolvedTraining:
         batch holds nothing else: then they are trained on and never update the state.
         """
         indices = _checks.check_tensor("indices", indices)
-        real_rows = self._real_rows(indices.numel())
+        if indices.dim() != 1 or not 1 <= indices.numel() <= len(self.sampler):
+            raise ValueError(
+                f"indices must be 1-D with 1 to {len(self.sampler)} ids (what is left of this rank's epoch), got "
+                f"shape {tuple(indices.shape)}"
+            )
+        batch = self._select(model, indices, inputs, targets, loss_fn)
+        # Only a step that succeeded moves the epoch position: a raising call can be retried, or checkpointed.
+        self.sampler.advance(indices.numel())
+        return batch
+
+    def _select(self, model, indices, inputs, targets, loss_fn) -> SelectedBatch:
+        # Padding always trails a shard, so the real rows of this batch are a prefix of it.
+        real = min(indices.numel(), max(0, self.sampler.real_size() - self.sampler.position))
         indices = indices.to(self.state.device)
-        if real_rows is not None and real_rows.numel() == 0:
+        if real == 0:
             # A last batch of padding only (one repeated id): every rank must still take an optimizer step (DDP
             # all-reduces gradients), so train on the repeat, but never let it touch the state. In step mode the
             # other ranks are in a sync_step now: join it with nothing to share.
@@ -215,41 +230,36 @@ class EvolvedTraining:
                 self.state.sync_step(indices[:0], torch.empty(0, device=self.state.device), check_values=False)
             self.trained_samples += indices.numel()
             return SelectedBatch(indices, inputs, targets, scored=True)
-        if real_rows is not None:
-            indices, inputs, targets = (take_rows(v, real_rows) for v in (indices, inputs, targets))
+        if real < indices.numel():
+            rows = torch.arange(real)
+            indices, inputs, targets = (take_rows(v, rows) for v in (indices, inputs, targets))
         batch_size = indices.numel()
         if not self.selecting:
             self.trained_samples += batch_size
             return SelectedBatch(indices, inputs, targets, scored=False)
         outputs = self._scoring_forward(model, inputs)
         k = self.num_selected(batch_size)
-        common = dict(generator=self.generator, backend=self.backend, return_losses=True)
-        if self.top_k:
-            rows, losses = self._top_k_select(indices, k, outputs, targets, loss_fn)
-        elif loss_fn is None:
+        # "order" scores and updates exactly like the race (same checks), then keeps the k largest losses itself.
+        draw = batch_size if self.top_k else k
+        common = dict(
+            generator=self.generator, backend=self.backend, return_losses=True, check_values=self.check_values
+        )
+        if loss_fn is None:
             rows, losses = evolved_select(
-                self.state, indices, k, logits=outputs, targets=targets, label_smoothing=self.label_smoothing, **common
-            )
+                self.state, indices, draw, logits=outputs, targets=targets, label_smoothing=self.label_smoothing,
+                **common,
+            )  # fmt: skip
         else:
-            rows, losses = evolved_select(self.state, indices, k, losses=loss_fn(outputs, targets).detach(), **common)
+            rows, losses = evolved_select(
+                self.state, indices, draw, losses=loss_fn(outputs, targets).detach(), **common
+            )
+        if self.top_k:
+            # A stable sort, not topk: topk's order among equal losses is unspecified, and "order" must be reproducible.
+            rows = torch.sort(losses, descending=True, stable=True).indices[:k].sort().values
         self.state.sync_step(indices, losses, check_values=False)  # no-op unless sync="step" across ranks
         self.scored_samples += batch_size
         self.trained_samples += k
         return SelectedBatch(take_rows(indices, rows), take_rows(inputs, rows), take_rows(targets, rows), scored=True)
-
-    def _top_k_select(
-        self, indices: torch.Tensor, k: int, outputs: Any, targets: Any, loss_fn: Callable | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The "order" rule: positions of the k largest losses (ascending), after the usual state update."""
-        if loss_fn is None:
-            losses = per_sample_cross_entropy(outputs, targets, self.label_smoothing)
-        else:
-            losses = loss_fn(outputs, targets)
-        losses = _checks.check_tensor("losses", losses).detach().to(self.state.device, torch.float32)
-        self.state.observe(indices, losses)
-        # A stable sort, not topk: topk's order among equal losses is unspecified, and "order" must be reproducible.
-        order = torch.sort(losses, descending=True, stable=True).indices
-        return order[:k].sort().values, losses
 
     def observe(self, batch: SelectedBatch, losses: torch.Tensor) -> None:
         """Feed the training forward's per-sample losses to the state when ``select`` did not score the rows.
@@ -259,17 +269,8 @@ class EvolvedTraining:
         if batch.scored or not self.selects:
             return
         losses = _checks.check_tensor("losses", losses).detach().to(self.state.device, torch.float32)
-        self.state.observe(batch.indices, losses)
+        self.state.observe(batch.indices, losses, check_values=self.check_values)
         self.state.sync_step(batch.indices, losses, check_values=False)  # no-op unless sync="step" across ranks
-
-    def _real_rows(self, batch_size: int) -> torch.Tensor | None:
-        """Rows of the batch that are not sharding padding (None when all are), and advance the sampler."""
-        start = self.sampler.position
-        self.sampler.advance(batch_size)
-        padding = [self.sampler.is_padding(p) for p in range(start, start + batch_size)]
-        if not any(padding):
-            return None
-        return torch.tensor([row for row, pad in enumerate(padding) if not pad], dtype=torch.int64)
 
     def _scoring_forward(self, model: torch.nn.Module, inputs: Any) -> Any:
         was_training = model.training
@@ -294,6 +295,14 @@ class EvolvedTraining:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict["method"] != self.method:
             raise ValueError(f"state_dict is from method {state_dict['method']!r}, this run is {self.method!r}")
+        backup = self.state_dict()
+        try:
+            self._apply(state_dict)
+        except Exception:
+            self._apply(backup)  # all or nothing: a part that fails late must not leave earlier parts loaded
+            raise
+
+    def _apply(self, state_dict: dict[str, Any]) -> None:
         self.state.load_state_dict(state_dict["state"])
         self.sampler.load_state_dict(state_dict["sampler"])
         self.generator.set_state(state_dict["generator"])
