@@ -185,10 +185,12 @@ def plot(rows: list[dict], path: str, stat: str) -> None:
         for r in rows:
             if r["classes"] == c:
                 lines[(r["device"], r["backend"], r["dtype"], r["check_values"])].append((r["batch"], r["seconds"]))
+        series = sorted({key[:3] for key in lines})
         for (device, backend, dtype, checks), points in sorted(lines.items()):
             points.sort()
             axis.plot(
                 [p[0] for p in points], [p[1] * 1e3 for p in points], marker="o",
+                color=f"C{series.index((device, backend, dtype)) % 10}",  # checks on/off of one series: one colour
                 linestyle=":" if checks else "-", label=f"{backend} {dtype} {device}" + (" checks" if checks else ""),
             )  # fmt: skip
         axis.set(xscale="log", yscale="log", xlabel="B (meta-batch)", title=f"C = {c}")
