@@ -101,8 +101,10 @@ def _wide_table(rows: list[dict], keys: tuple[str, ...], headers: tuple[str, ...
     return lines
 
 
-def select_table(rows: list[dict], stat: str) -> list[str]:
+def select_table(rows: list[dict], stat: str, checks: str = "both") -> list[str]:
     rows = [r for r in rows if r.get("suite") == "select"]
+    if checks != "both":
+        rows = [r for r in rows if bool(r["check_values"]) == (checks == "on")]
     if not rows:
         return []
     keys = ("device", "batch", "classes", "dtype", "check_values")
@@ -209,12 +211,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare", metavar="BEFORE", help="an earlier JSON to compare the results against")
     parser.add_argument("--plot", metavar="PNG", help="write a plot of the select rows here")
     parser.add_argument("--stat", default="median", choices=("median", "min", "mean"))
+    parser.add_argument(
+        "--checks", default="both", choices=("both", "off", "on"), help="select rows with value checks off/on only"
+    )
     args = parser.parse_args(argv)
     data = load(args.results)
     rows = _rows(data, args.stat)
     out = header(data)
     for title, table in (
-        ("evolved_select", select_table(rows, args.stat)),
+        ("evolved_select", select_table(rows, args.stat, args.checks)),
         ("evolved_prune", prune_table(rows, args.stat)),
     ):
         if table:
