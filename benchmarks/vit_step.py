@@ -11,7 +11,8 @@ Parts, each timed separately with a fresh autograd graph (model in train mode, 2
 * ``score_B``: forward on B under ``no_grad``; ``fwd_B``/``bwd_B`` and ``fwd_k``/``bwd_k``: forward with autograd
   recording, and backward alone (its forward done untimed just before), on B and on k.
 
-Reported: selection overhead = select / es step; measured ratio = es / baseline; analytic limit =
+Reported (per round, then the median over rounds): selection overhead = select / es step; measured ratio =
+es / baseline; analytic limit =
 (score_B + fwd_k + bwd_k) / (fwd_B + bwd_B) — the paper's (F(B) + F(k) + Bw(k)) / (F(B) + Bw(B)) with the
 scoring forward measured as it runs (under no_grad); gap = measured / limit - 1, what ES costs beyond the ideal.
 
@@ -54,7 +55,7 @@ class ViTConfig:
     num_classes: int = 1000
     batch: int = 256
     keep: int = 64
-    rounds: int = 5
+    rounds: int = 11
 
 
 CONFIGS = {
@@ -167,6 +168,13 @@ def measure(config: ViTConfig, device: str = "cpu", backend: str = "auto", round
         for name in PARTS:
             samples[name].append(bench.time_part(name))
     medians = {name: statistics.median(values) for name, values in samples.items()}
+    # The figures are medians of per-round figures: the parts of one round ran within seconds of each other, so a
+    # load change between rounds cancels in each round's ratios (medians of the parts would mix rounds).
+    per_round = [summarize({name: samples[name][i] for name in PARTS}) for i in range(len(samples["es"]))]
+    summary = {key: statistics.median(r[key] for r in per_round) for key in per_round[0]}
+    gaps = [r["gap_percent"] for r in per_round]
+    quartiles = statistics.quantiles(gaps, n=4) if len(gaps) > 1 else gaps * 3
+    summary["gap_percent_quartiles"] = [quartiles[0], quartiles[2]]
     return {
         "config": asdict(config),
         "device": device,
@@ -174,7 +182,8 @@ def measure(config: ViTConfig, device: str = "cpu", backend: str = "auto", round
         "threads": torch.get_num_threads(),
         "seconds": medians,
         "samples": samples,
-        "summary": summarize(medians),
+        "per_round": per_round,
+        "summary": summary,
     }
 
 
@@ -209,6 +218,9 @@ def markdown(result: dict) -> str:
         f"| measured ES / baseline step | {d['es_over_baseline']:.3f} |",
         f"| analytic limit (F(B) + F(k) + Bw(k)) / (F(B) + Bw(B)) | {d['analytic_limit']:.3f} |",
         f"| gap to the limit | {d['gap_percent']:+.1f}% |",
+        "| gap, quartiles over rounds | {:+.1f}% .. {:+.1f}% |".format(*d["gap_percent_quartiles"]),
+        "",
+        "Figures are medians over rounds of each round's figure; part times are medians over rounds.",
     ]
     return "\n".join(lines)
 
