@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from fractions import Fraction
 
 import torch
 from torch.utils.data import Sampler
@@ -15,15 +16,24 @@ from es_kernels.state import EvolvedState
 _SEED_STRIDE = 1_000_003  # keeps per-epoch seeds of nearby base seeds apart
 
 
+def as_written(fraction: float) -> Fraction:
+    """The decimal the user wrote: in binary floating point 0.35 * 90 is 31.4999..., which rounds the wrong way."""
+    return Fraction(repr(float(fraction)))
+
+
+def round_half_up(value: Fraction) -> int:
+    return math.floor(value + Fraction(1, 2))
+
+
 def annealing_epochs(num_epochs: int, fraction: float) -> int:
     """Epochs covered by an annealing fraction, rounded half up (5% of 10 epochs is 1 epoch, of 200 is 10)."""
-    return math.floor(fraction * num_epochs + 0.5)
+    return round_half_up(as_written(fraction) * num_epochs)
 
 
 class EvolvedSampler(Sampler[int]):
     """Yields this rank's dataset ids for the current epoch; use it as a DataLoader ``sampler``.
 
-    Selecting epochs ``anneal_start_epochs <= e < num_epochs - anneal_end_epochs`` keep ``round((1 - r) n)`` ids
+    Selecting epochs ``anneal_start_epochs <= e < num_epochs - anneal_end_epochs`` keep ``(1 - r) n`` ids (half up)
     drawn without replacement ∝ ``w`` (or ``s``) from the state as it is when the epoch's plan is made (ESWP; r = 0
     is plain ES). Annealing epochs use every id. The kept ids are shuffled, then sharded: each of the
     ``num_replicas`` ranks gets the same number of ids. When the count does not divide evenly the plan is padded
@@ -41,7 +51,9 @@ class EvolvedSampler(Sampler[int]):
         anneal_start, anneal_end: fractions of epochs at the start and end without selection or pruning.
         shuffle: shuffle the ids each epoch (False keeps ascending order; for debugging).
         seed: base seed of pruning and shuffling; epoch e uses a generator seeded from (seed, e).
-        num_replicas, rank: data-parallel world size and this process's rank (default: from torch.distributed).
+        num_replicas, rank: data-parallel world size and this process's rank (default: from the state's
+            ``process_group``, else the whole ``torch.distributed`` world), so the sampler shards over exactly the
+            ranks the state merges over.
     """
 
     def __init__(
@@ -76,13 +88,14 @@ class EvolvedSampler(Sampler[int]):
         self.seed = _checks.check_int("seed", seed, low=0)
         if num_replicas is None or rank is None:
             distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+            group = state.process_group
             if num_replicas is None:
-                num_replicas = torch.distributed.get_world_size() if distributed else 1
+                num_replicas = torch.distributed.get_world_size(group) if distributed else 1
             if rank is None:
-                rank = torch.distributed.get_rank() if distributed else 0
+                rank = torch.distributed.get_rank(group) if distributed else 0
         self.num_replicas = _checks.check_int("num_replicas", num_replicas, low=1)
         self.rank = _checks.check_int("rank", rank, low=0, high=self.num_replicas - 1)
-        self.kept_samples = round((1.0 - self.prune_ratio) * state.num_samples)
+        self.kept_samples = round_half_up((1 - as_written(self.prune_ratio)) * state.num_samples)
         if self.kept_samples < self.num_replicas:
             raise ValueError(
                 f"prune_ratio={self.prune_ratio} keeps {self.kept_samples} of {state.num_samples} samples, fewer "
@@ -164,7 +177,9 @@ class EvolvedSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         if self._shard is None:
             self._shard = self._make_shard()
-        yield from self._shard[self.position :].tolist()
+        # In chunks: a whole shard of 1e8 ids as Python ints would take gigabytes.
+        for chunk in self._shard[self.position :].split(1 << 16):
+            yield from chunk.tolist()
 
     def __len__(self) -> int:
         return self.shard_size(self.epoch) - self.position
@@ -172,7 +187,9 @@ class EvolvedSampler(Sampler[int]):
     def advance(self, count: int) -> None:
         """Record that the loop consumed ``count`` more ids of this epoch (the training helper calls it per step).
 
-        The sampler cannot count this itself: a DataLoader draws ids ahead of the loop to prefetch.
+        The sampler cannot count this itself: a DataLoader draws ids ahead of the loop to prefetch. A loop that uses
+        the sampler without the training helper must call it once per batch, or a mid-epoch ``state_dict`` resumes
+        from the epoch's start.
         """
         count = _checks.check_int("count", count, low=0, high=len(self))
         self.position += count

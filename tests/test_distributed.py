@@ -155,6 +155,15 @@ def _training_job(rank: int) -> dict:
     training = _training("epoch")
     results["logits"] = _run_logits(training, BATCH)
 
+    # A data-parallel group smaller than the world (as beside tensor parallelism): here each rank alone. The
+    # sampler must shard over the group's ranks, not the world's, or the merge would miss half the data.
+    own_group = [dist.new_group([member]) for member in range(WORLD_SIZE)][rank]
+    training = _training("epoch", process_group=own_group)
+    results["own_group"] = _run(training, BATCH, range(EPOCHS))
+    training.state.sync_epoch()
+    results["own_group"]["final"] = _clone_state(training.state)
+    results["own_group"]["layout"] = (training.sampler.num_replicas, training.sampler.rank)
+
     for sync in ("epoch", "step"):
         training = _training(sync)
         results[f"padding_only_{sync}"] = _run(training, PADDING_ONLY_BATCH, range(EPOCHS))
@@ -190,6 +199,9 @@ def _single_process_reference() -> dict:
     record = _run(training, WORLD_SIZE * BATCH, range(EPOCHS))
     record["final"] = _clone_state(training.state)
     record["logits"] = _run_logits(_training("epoch", num_replicas=1, rank=0), WORLD_SIZE * BATCH)
+    alone = _training("epoch", num_replicas=1, rank=0)
+    record["own_group"] = _run(alone, BATCH, range(EPOCHS))
+    record["own_group"]["final"] = _clone_state(alone.state)
     alone = _training("epoch", num_replicas=1, rank=0)
     record["padding_only"] = _run(alone, WORLD_SIZE * PADDING_ONLY_BATCH, range(EPOCHS))
     record["padding_only"]["final"] = _clone_state(alone.state)
@@ -291,6 +303,13 @@ def test_logits_path_agrees_across_ranks_and_with_one_process(training_runs):
     # Losses from a matmul over a batch of 2B rows instead of B may differ in the last bit: close, not equal.
     torch.testing.assert_close(ranks[0]["logits"]["final"], single["logits"]["final"], rtol=1e-5, atol=1e-8)
     assert bool((single["logits"]["final"] != 1.0 / N).all())
+
+
+def test_a_data_parallel_subgroup_shards_and_merges_over_its_own_ranks(training_runs):
+    ranks, single = training_runs
+    for rank in ranks:
+        assert rank["own_group"]["layout"] == (1, 0)
+        assert torch.equal(rank["own_group"]["final"], single["own_group"]["final"])
 
 
 def test_without_sync_ranks_diverge(training_runs):

@@ -36,6 +36,21 @@ def test_pruning_keeps_round_of_one_minus_r_in_selecting_epochs_only():
     assert len(ids) == round(0.8 * 101) == len(set(ids))
 
 
+@pytest.mark.parametrize(
+    "fraction,epochs,expected",
+    [(0.35, 90, 32), (0.05, 10, 1), (0.05, 30, 2), (0.25, 2, 1), (0.15, 10, 2), (0.0, 7, 0)],
+)
+def test_annealing_rounds_the_written_decimal_half_up(fraction, epochs, expected):
+    # 0.35 * 90 is 31.4999... in binary floating point; the user wrote 31.5 epochs, which rounds up.
+    sampler = EvolvedSampler(EvolvedState(4), epochs, anneal_start=fraction, anneal_end=0.0)
+    assert sampler.anneal_start_epochs == expected
+
+
+@pytest.mark.parametrize("prune_ratio,n,kept", [(0.5, 5, 3), (0.3, 5, 4), (0.7, 10, 3), (0.2, 1347, 1078)])
+def test_kept_count_is_one_minus_r_times_n_half_up(prune_ratio, n, kept):
+    assert EvolvedSampler(EvolvedState(n), 10, prune_ratio=prune_ratio).kept_samples == kept
+
+
 def test_pruning_draws_from_the_weights_at_the_epoch_start():
     state = EvolvedState(10, beta1=0.0)
     state.observe(torch.arange(10), torch.tensor([0.0] * 5 + [1.0] * 5))
