@@ -29,12 +29,12 @@ def table_rows(output: str) -> list[list[str]]:
 
 
 def test_one_fused_variant_compiles_for_sm80_and_sm90_without_spills():
-    done = run_gate("--only", "fused labels logits=bf16 rows16", "--jobs", "2")
+    done = run_gate("--only", "fused labels logits=bf16 aligned", "--jobs", "2")
     assert done.returncode == 0, done.stdout + done.stderr
     rows = table_rows(done.stdout)
     assert [row[1] for row in rows] == ["sm_80", "sm_90"]
     for variant, _, registers, spilled, shared, status in rows:
-        assert variant == "fused labels logits=bf16 rows16"
+        assert variant == "fused labels logits=bf16 aligned"
         assert int(registers) > 0 and int(spilled) == 0 and int(shared) >= 0 and status == "ok"
 
 
@@ -44,9 +44,30 @@ def test_gate_fails_on_a_fused_multiply_add_in_the_update():
     assert "fma in the state update" in done.stdout
 
 
+def test_every_user_like_launch_compiles_a_checked_variant():
+    done = run_gate("--coverage-only")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "launch coverage: 0 of " in done.stdout
+
+
+def test_coverage_check_sees_a_launch_the_variants_miss():
+    # Without the any-layout variants, transposed or offset logits would compile something the gate never checked.
+    script = (
+        "from es_kernels.triton import aot\n"
+        "everything = aot.variants\n"
+        "aot.variants = lambda: (v for v in everything() if 'any-layout' not in v.name)\n"
+        "missed = aot.uncovered_launches()\n"
+        "assert any('transposed' in name for name in missed), 'nothing missed'\n"
+        "assert not any(n.startswith('labels ') and 'contiguous B=16 C=64' in n for n in missed), 'aligned missed'\n"
+    )
+    environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
 @pytest.mark.slow
 def test_full_gate():
     done = run_gate("--jobs", "2")
     assert done.returncode == 0, done.stdout + done.stderr
     rows = table_rows(done.stdout)
-    assert len(rows) >= 2 * 33 and all(row[-1] == "ok" for row in rows)
+    assert len(rows) >= 2 * 45 and all(row[-1] == "ok" for row in rows)

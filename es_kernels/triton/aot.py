@@ -4,6 +4,10 @@ Run ``python -m es_kernels.triton.aot`` (``--help`` for options). For each varia
 prints registers, spilled bytes and shared memory, and exits non-zero on any compile error, any spill in a default
 configuration, or a fused multiply-add in the state update.
 
+Coverage: the kernel is built so Triton can only specialise on its constexprs and one layout class (see
+``kernels.py``); before compiling, the gate binds a grid of user-like launches (odd sizes, offset views, transposes,
+strided ids, labels and losses) with Triton's binder and fails if any would compile a variant it does not check.
+
 Variants are derived, not listed by hand: for representative CPU tensors of each dtype, mode and memory layout the
 launchers' own argument builders (``launch.fused_select_arguments``, ``launch.prune_keys_arguments``) produce the
 arguments, and Triton's own binder turns them into the signature, constexprs and specialisations it would compile
@@ -64,12 +68,9 @@ def variants() -> Iterator[Variant]:
     seed = torch.zeros(1, dtype=torch.int64)
     labels = torch.zeros(batch, dtype=torch.int64)
     float_dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
-    layouts = {
-        # row stride a multiple of 16 elements (e.g. C = 1000 is not, C = 1024 is), or a transposed view.
-        "rows16": lambda t: t,
-        "rows": lambda t: t[:, : classes - 1],
-        "strided": lambda t: t.t().contiguous().t(),
-    }
+    # The two layout classes the launcher tells apart (``launch._row_major_aligned``); the any-layout kernel
+    # specialises on nothing of the layout, so one view of that class stands for all.
+    layouts = {"aligned": lambda t: t, "any-layout": lambda t: t.t().contiguous().t()}
 
     def fused(name, **given):
         arguments = dict(
@@ -77,8 +78,8 @@ def variants() -> Iterator[Variant]:
             labels_a=None, labels_b=None, soft_targets=None, lam=1.0, losses=None, label_smoothing=0.1,
         )  # fmt: skip
         arguments.update(given)
-        args, kwargs, _, _ = launch.fused_select_arguments(**arguments)
-        return Variant(name, kernels.fused_select_kernel, args, kwargs)
+        kernel, args, kwargs, _, _ = launch.fused_select_arguments(**arguments)
+        return Variant(name, kernel, args, kwargs)
 
     for dtype_name, dtype in float_dtypes.items():
         yield fused(f"fused losses={dtype_name}", losses=torch.zeros(batch, dtype=dtype))
@@ -88,11 +89,87 @@ def variants() -> Iterator[Variant]:
             yield fused(f"fused labels logits={dtype_name} {layout_name}", logits=logits, labels_a=labels)
     for dtype_name, dtype in float_dtypes.items():
         for target_name, target_dtype in float_dtypes.items():
-            logits = torch.zeros(batch, classes, dtype=dtype)
-            soft = torch.zeros(batch, classes, dtype=target_dtype)
-            yield fused(f"fused soft logits={dtype_name} targets={target_name}", logits=logits, soft_targets=soft)
+            for layout_name, layout in layouts.items():
+                logits = layout(torch.zeros(batch, classes, dtype=dtype))
+                soft = layout(torch.zeros(batch, classes, dtype=target_dtype))
+                name = f"fused soft logits={dtype_name} targets={target_name} {layout_name}"
+                yield fused(name, logits=logits, soft_targets=soft)
     args, kwargs, _ = launch.prune_keys_arguments(torch.zeros(n), seed)
     yield Variant("prune_keys values=fp32", kernels.prune_keys_kernel, args, kwargs)
+
+
+def _specialization(kernel, args: tuple, kwargs: dict, backend) -> tuple:
+    """What Triton compiles for this launch: the kernel, each argument's type and specialisation, the constexprs
+    (the binder's own answer, as at launch time)."""
+    from triton.runtime.jit import create_function_from_signature
+
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    _, specialization, options = binder(*args, debug=False, **kwargs)
+    return (id(kernel), tuple(specialization), tuple(sorted(options.items())))
+
+
+def probe_launches() -> Iterator[tuple[str, tuple, dict]]:
+    """(description, kernel, args, kwargs) of launches with inputs as users pass them: odd sizes, views at an
+    offset, transposes, strided ids, labels and losses. Every one must compile to a variant the gate checked."""
+    import torch
+
+    from es_kernels.triton import kernels, launch
+
+    score, weight = torch.zeros(5000), torch.zeros(5000)
+    seed = torch.zeros(1, dtype=torch.int64)
+
+    def views(batch, classes, dtype):
+        base = torch.zeros(batch + 3, 2 * classes + 5, dtype=dtype)
+        yield "contiguous", torch.zeros(batch, classes, dtype=dtype)
+        yield "offset view", base[1 : batch + 1, 3 : classes + 3]
+        yield "every other column", base[:batch, : 2 * classes : 2]
+        yield "transposed", torch.zeros(classes, batch, dtype=dtype).t()
+        yield "expanded row", torch.zeros(1, classes, dtype=dtype).expand(batch, classes)
+
+    for batch, classes in ((1, 2), (3, 1000), (16, 64), (32, 1001), (64, 32000)):
+        index_views = {"ids": torch.arange(batch), "ids at an offset": torch.arange(batch + 1)[1:]}
+        label_views = {
+            "labels": torch.zeros(batch, dtype=torch.int64),
+            "strided labels": torch.zeros(2 * batch, dtype=torch.int64)[::2],
+        }
+        for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            for (index_name, ids), (label_name, labels) in zip(index_views.items(), label_views.items(), strict=True):
+                common = dict(score=score, weight=weight, indices=ids, seed=seed, k=1, beta1=0.2, beta2=0.9,
+                              label_smoothing=0.1)  # fmt: skip
+                losses = torch.zeros(2 * batch, dtype=dtype)
+                for losses_name, given in (("losses", losses[:batch]), ("strided losses", losses[::2])):
+                    yield (
+                        f"{losses_name} {dtype} B={batch} {index_name}",
+                        *launch.fused_select_arguments(**common, logits=None, labels_a=None, labels_b=None,
+                                                       soft_targets=None, lam=1.0, losses=given)[:3],
+                    )  # fmt: skip
+                for view_name, logits in views(batch, classes, dtype):
+                    for kind, targets in (
+                        ("labels", dict(labels_a=labels, labels_b=None, soft_targets=None, lam=1.0)),
+                        ("mixup", dict(labels_a=labels, labels_b=labels.flip(0), soft_targets=None, lam=0.3)),
+                        ("soft", dict(labels_a=None, labels_b=None, soft_targets=logits.float(), lam=1.0)),
+                        ("soft transposed", dict(labels_a=None, labels_b=None, lam=1.0,
+                                                 soft_targets=torch.zeros(classes, batch, dtype=dtype).t())),
+                    ):  # fmt: skip
+                        name = f"{kind} {dtype} {view_name} B={batch} C={classes} {index_name} {label_name}"
+                        arguments = launch.fused_select_arguments(**common, logits=logits, losses=None, **targets)
+                        yield (name, *arguments[:3])
+    prune_args, prune_kwargs, _ = launch.prune_keys_arguments(torch.zeros(10**6), seed)
+    yield "prune keys n=10**6", kernels.prune_keys_kernel, prune_args, prune_kwargs
+
+
+def uncovered_launches(arch: int = TARGETS[0]) -> list[str]:
+    """Probe launches whose compiled variant is none of ``variants()``: what the gate would not have checked."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    checked = {_specialization(v.kernel, v.args, v.kwargs, backend) for v in variants()}
+    return [
+        name
+        for name, kernel, args, kwargs in probe_launches()
+        if _specialization(kernel, args, kwargs, backend) not in checked
+    ]
 
 
 def _update_lines() -> set[int]:
@@ -201,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="", help="compile only variants whose name contains this text")
     parser.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
     parser.add_argument(
+        "--coverage-only", action="store_true", help="only check that user-like launches map onto the variants"
+    )
+    parser.add_argument(
         "--enable-fp-fusion", action="store_true", help="compile with FMA contraction on, to see the gate catch it"
     )
     options = parser.parse_args(argv)
@@ -208,6 +288,12 @@ def main(argv: list[str] | None = None) -> int:
         print("unset TRITON_INTERPRET: the interpreter builds no compilable kernels", file=sys.stderr)
         return 2
     archs = options.arch or list(TARGETS)
+    uncovered = uncovered_launches()
+    print(f"launch coverage: {len(uncovered)} of {sum(1 for _ in probe_launches())} probe launches not covered")
+    for name in uncovered:
+        print(f"  not covered: {name}")
+    if options.coverage_only:
+        return 1 if uncovered else 0
     chosen = [v for v in variants() if options.only in v.name]
     if options.enable_fp_fusion:
         for variant in chosen:
@@ -228,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         f"\n{len(results)} compiles ({len(chosen)} variants x {len(archs)} targets) in "
         f"{time.perf_counter() - start:.0f} s: {len(failed)} failed"
     )
-    return 1 if failed or not results else 0
+    return 1 if failed or uncovered or not results else 0
 
 
 def _compile_by_name(job: tuple[str, int, bool]) -> Result:

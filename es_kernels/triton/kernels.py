@@ -125,30 +125,36 @@ def row_loss(
     """fp32 cross-entropy of one row: online log-sum-exp over column blocks, label smoothing in the same pass.
 
     With m the row max and s = sum exp(x - m), lse = m + log(s); the loss is assembled as (m - x_y) + log(s) so a
-    confidently right row does not lose its small loss to cancellation against a large lse.
+    confidently right row does not lose its small loss to cancellation against a large lse. The soft-target and
+    smoothing sums are kept relative to the running max too (sum t*(x - m), sum (x - m)), rescaled when m moves,
+    so a large common offset of the logits cannot cancel them away.
     """
     row_start = logits_ptr + row.to(tl.int64) * logits_row_stride
     soft_start = soft_ptr + row.to(tl.int64) * soft_row_stride
     columns = tl.arange(0, BLOCK_C)
     row_max = tl.full([], float("-inf"), tl.float32)
     exp_sum = tl.zeros([], tl.float32)
-    logit_sum = tl.zeros([], tl.float32)
+    shifted_logit_sum = tl.zeros([], tl.float32)
     target_sum = tl.zeros([], tl.float32)
-    target_logit_sum = tl.zeros([], tl.float32)
+    shifted_target_sum = tl.zeros([], tl.float32)
     for start in range(0, num_classes, BLOCK_C):
         cols = start + columns
         inside = cols < num_classes
         x = tl.load(row_start + cols.to(tl.int64) * logits_col_stride, mask=inside, other=float("-inf"))
         x = x.to(tl.float32)
         new_max = tl.maximum(row_max, tl.max(x, 0))
-        exp_sum = exp_sum * tl.exp2((row_max - new_max) * LOG2E) + tl.sum(tl.exp2((x - new_max) * LOG2E), 0)
+        # A block (or a row so far) of -inf logits must not turn the rescaling into exp(-inf + inf) = NaN.
+        anchor = tl.where(new_max == float("-inf"), 0.0, new_max)
+        seen_any = row_max != float("-inf")
+        shift = tl.where(seen_any, row_max - anchor, 0.0)
+        exp_sum = exp_sum * tl.exp2(shift * LOG2E) + tl.sum(tl.exp2((x - anchor) * LOG2E), 0)
         row_max = new_max
-        x_or_zero = tl.where(inside, x, 0.0)
-        logit_sum += tl.sum(x_or_zero, 0)
+        x_shifted = tl.where(inside, x - anchor, 0.0)
+        shifted_logit_sum += start * shift + tl.sum(x_shifted, 0)
         if MODE == 2:
             t = tl.load(soft_start + cols.to(tl.int64) * soft_col_stride, mask=inside, other=0.0).to(tl.float32)
+            shifted_target_sum += target_sum * shift + tl.sum(t * x_shifted, 0)
             target_sum += tl.sum(t, 0)
-            target_logit_sum += tl.sum(t * x_or_zero, 0)
     log_sum = tl.log(exp_sum)
     if MODE == 1:
         # Out-of-range ids (possible only with value checks off) read nothing and give a NaN loss, never chosen.
@@ -160,15 +166,14 @@ def row_loss(
         x_b = tl.load(row_start + label_b * logits_col_stride, mask=valid_b, other=float("nan")).to(tl.float32)
         nll = lam * ((row_max - x_a) + log_sum) + one_minus_lam * ((row_max - x_b) + log_sum)
     else:
-        nll = target_sum * log_sum + (target_sum * row_max - target_logit_sum)
+        nll = target_sum * log_sum - shifted_target_sum
     loss = one_minus_smoothing * nll
     if label_smoothing > 0.0:
         # Skipped at 0 so an overflowing logit sum cannot turn 0 * inf into NaN.
-        loss += label_smoothing * ((row_max - logit_sum / num_classes) + log_sum)
+        loss += label_smoothing * (log_sum - shifted_logit_sum / num_classes)
     return loss
 
 
-@_jit(do_not_specialize=["n_samples", "batch", "k", "num_classes"])
 def fused_select_kernel(
     score_ptr,
     weight_ptr,
@@ -244,6 +249,29 @@ def fused_select_kernel(
     ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
     if ticket == tl.num_programs(0) - 1:
         select_top_k(keys_ptr, batch, k, positions_ptr, BLOCK_B)
+
+
+# Two compiled forms of the same kernel, so the set of variants Triton can build at launch time is small and fixed
+# (the AOT gate compiles every one). Triton would otherwise specialise on every integer being 1 or a multiple of 16
+# and every pointer being 16-byte aligned: each new view of the inputs could compile a variant nobody checked.
+# Values read once per row (ids, labels, given losses) never need those hints. ``fused_select_kernel`` takes
+# row-major logits and soft targets with unit column stride, a row stride that is a multiple of 16 elements and
+# 16-byte-aligned data, so column blocks load vectorised; ``fused_select_kernel_any_layout`` takes every other view.
+_PER_ROW_INTS = ["n_samples", "batch", "k", "num_classes", "labels_a_stride", "labels_b_stride", "losses_stride"]
+_PER_ROW_POINTERS = ["indices_ptr", "labels_a_ptr", "labels_b_ptr", "losses_ptr"]
+_LAYOUT_INTS = ["logits_row_stride", "logits_col_stride", "soft_row_stride", "soft_col_stride"]
+_LAYOUT_POINTERS = ["logits_ptr", "soft_ptr"]
+_fused_select_source = fused_select_kernel
+fused_select_kernel = _jit(
+    _fused_select_source,
+    do_not_specialize=_PER_ROW_INTS,
+    do_not_specialize_on_alignment=_PER_ROW_POINTERS,
+)
+fused_select_kernel_any_layout = _jit(
+    _fused_select_source,
+    do_not_specialize=_PER_ROW_INTS + _LAYOUT_INTS,
+    do_not_specialize_on_alignment=_PER_ROW_POINTERS + _LAYOUT_POINTERS,
+)
 
 
 @_jit(do_not_specialize=["n"])

@@ -19,8 +19,10 @@ PRUNE_NUM_WARPS = 4
 # Keeps every product of the state update rounded before the sum (the reference's rounding order).
 COMPILE_OPTIONS = {"enable_fp_fusion": False}
 
-# Called with (kernel_name, grid) on every launch; tests count launches with it.
-launch_observers: list = []
+
+def _row_major_aligned(tensor: torch.Tensor) -> bool:
+    """The layout ``fused_select_kernel`` is specialised for (see ``kernels.py``)."""
+    return tensor.stride(1) == 1 and tensor.stride(0) % 16 == 0 and tensor.data_ptr() % 16 == 0
 
 
 def fused_select_arguments(
@@ -38,8 +40,8 @@ def fused_select_arguments(
     lam: float,
     losses: torch.Tensor | None,
     label_smoothing: float,
-) -> tuple[tuple, dict, torch.Tensor, torch.Tensor]:
-    """(positional args, constexpr/launch kwargs, positions out, losses out) of one fused launch."""
+) -> tuple[object, tuple, dict, torch.Tensor, torch.Tensor]:
+    """(kernel, positional args, constexpr/launch kwargs, positions out, losses out) of one fused launch."""
     batch = indices.numel()
     device = indices.device
     losses_out = torch.empty(batch, dtype=torch.float32, device=device)
@@ -73,7 +75,10 @@ def fused_select_arguments(
         seed, losses_out, keys, ticket, positions,
     )  # fmt: skip
     kwargs = {"MODE": mode, "BLOCK_C": BLOCK_C, "BLOCK_B": BLOCK_B, "num_warps": NUM_WARPS, **COMPILE_OPTIONS}
-    return args, kwargs, positions, losses_out
+    layouts = [tensor for tensor in (logits, soft_targets) if tensor is not None and losses is None]
+    aligned = all(_row_major_aligned(tensor) for tensor in layouts)
+    kernel = kernels.fused_select_kernel if aligned else kernels.fused_select_kernel_any_layout
+    return kernel, args, kwargs, positions, losses_out
 
 
 def _on_device(device: torch.device):
@@ -89,19 +94,13 @@ class _NoDevice:
         return False
 
 
-def _notify(name: str, grid: tuple) -> None:
-    for observer in launch_observers:
-        observer(name, grid)
-
-
 def fused_select(*arguments) -> tuple[torch.Tensor, torch.Tensor]:
     """Arguments as ``fused_select_arguments``; returns (k ascending positions, fp32 losses). One launch."""
-    args, kwargs, positions, losses_out = fused_select_arguments(*arguments)
+    kernel, args, kwargs, positions, losses_out = fused_select_arguments(*arguments)
     batch = args[4]
     grid = (batch,)
     with _on_device(positions.device):
-        kernels.fused_select_kernel[grid](*args, **kwargs)
-    _notify("fused_select_kernel", grid)
+        kernel[grid](*args, **kwargs)
     return positions, losses_out
 
 
@@ -117,7 +116,6 @@ def prune_keys(values: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
     grid = (triton_cdiv(values.numel(), PRUNE_BLOCK),)
     with _on_device(values.device):
         kernels.prune_keys_kernel[grid](*args, **kwargs)
-    _notify("prune_keys_kernel", grid)
     return keys
 
 
