@@ -36,7 +36,7 @@ from es_kernels import (  # noqa: E402
     last_backend,
     reference,
 )
-from es_kernels.triton import _interpreter_active, draw_seed, kernels, launch  # noqa: E402
+from es_kernels.triton import _interpreter_active, draw_seed, launch  # noqa: E402
 
 if _previous is None:
     os.environ.pop("TRITON_INTERPRET", None)
