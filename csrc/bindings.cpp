@@ -11,11 +11,14 @@ std::tuple<at::Tensor, at::Tensor> fused_select(at::Tensor score, at::Tensor wei
                                                 double beta1, double beta2, std::optional<at::Tensor> logits,
                                                 std::optional<at::Tensor> target, std::optional<at::Tensor> target_b,
                                                 double lam, std::optional<at::Tensor> losses, double label_smoothing,
-                                                std::optional<at::Generator> generator, bool check_losses) {
+                                                std::optional<at::Generator> generator, bool check_losses,
+                                                bool check_inputs) {
   SelectArgs args{std::move(score), std::move(weight), std::move(indices), k, beta1, beta2, std::move(logits),
                   std::move(target), std::move(target_b), std::move(losses), lam, label_smoothing,
-                  std::move(generator), check_losses};
+                  std::move(generator), check_losses, check_inputs};
   if (args.score.is_cuda()) {
+    // Reading CUDA values means a host sync per check; select.py runs those checks itself on CUDA.
+    TORCH_CHECK_VALUE(!check_inputs, "check_inputs is for CPU tensors only");
 #ifdef ES_KERNELS_WITH_CUDA
     return es_kernels::fused_select_cuda(args);
 #else
@@ -55,7 +58,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_select", &fused_select, py::arg("score"), py::arg("weight"), py::arg("indices"), py::arg("k"),
         py::arg("beta1"), py::arg("beta2"), py::arg("logits"), py::arg("target"), py::arg("target_b"),
         py::arg("lam"), py::arg("losses"), py::arg("label_smoothing"), py::arg("generator"),
-        py::arg("check_losses") = false, py::call_guard<py::gil_scoped_release>(),
+        py::arg("check_losses") = false, py::arg("check_inputs") = false, py::call_guard<py::gil_scoped_release>(),
         "(positions int64 (k,) ascending, losses fp32 (B,)); updates score/weight in place at indices");
   m.def("prune_select", &prune_select, py::arg("values"), py::arg("keep"), py::arg("generator"),
         py::call_guard<py::gil_scoped_release>(), "keep ids (ascending int64) drawn without replacement ∝ values");

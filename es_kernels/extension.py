@@ -174,12 +174,14 @@ def _require() -> ModuleType:
 
 
 def fused_select(
-    score, weight, indices, k, beta1, beta2, logits, targets, losses, label_smoothing, generator, *, check_losses=False
-):
+    score, weight, indices, k, beta1, beta2, logits, targets, losses, label_smoothing, generator, *,
+    check_losses=False, check_inputs=False,
+):  # fmt: skip
     """Backend entry of ``evolved_select`` (contract in es_kernels/select.py); one C++ call, one kernel pass.
 
     ``check_losses=True`` refuses losses computed from logits that are not finite and non-negative with the
     ValueError of select.py's value checks, before the state is touched (finite logits can still overflow).
+    ``check_inputs=True`` (CPU only) runs select.py's input value checks inside the call, with the same messages.
     """
     target = target_b = None
     lam = 1.0
@@ -191,6 +193,7 @@ def fused_select(
     return _require().fused_select(
         score, weight, indices, int(k), float(beta1), float(beta2),
         logits, target, target_b, lam, losses, float(label_smoothing), generator, bool(check_losses),
+        bool(check_inputs),
     )  # fmt: skip
 
 

@@ -159,7 +159,12 @@ def evolved_select(
     if not isinstance(state, EvolvedState):
         raise TypeError(f"state must be an EvolvedState, got {type(state).__name__}")
     device = state.device
-    indices = _checks.check_indices("indices", indices, state.num_samples, device, check_values)
+    chosen = resolve_backend(backend, device)
+    # On CPU the extension runs the value checks in its own pass (same messages, before any write): in Python they
+    # cost more than the whole kernel at small sizes.
+    checks_in_kernel = check_values and chosen is Backend.EXTENSION and device.type == "cpu"
+    check_values_here = check_values and not checks_in_kernel
+    indices = _checks.check_indices("indices", indices, state.num_samples, device, check_values_here)
     batch = indices.numel()
     k = _checks.check_int("k", k, low=1, high=batch)
     label_smoothing = _checks.check_fraction("label_smoothing", label_smoothing)
@@ -167,15 +172,14 @@ def evolved_select(
     if losses is not None:
         if logits is not None or targets is not None:
             raise ValueError("pass either losses, or logits with targets, not both")
-        losses = _checks.check_losses("losses", losses, batch, device, check_values).detach()
+        losses = _checks.check_losses("losses", losses, batch, device, check_values_here).detach()
     else:
         if logits is None or targets is None:
             raise ValueError("pass logits together with targets (or per-sample losses)")
-        logits = _check_logits(logits, batch, device, check_values).detach()
-        targets = _check_targets(targets, logits, device, check_values)
+        logits = _check_logits(logits, batch, device, check_values_here).detach()
+        targets = _check_targets(targets, logits, device, check_values_here)
         if isinstance(targets, torch.Tensor):
             targets = targets.detach()
-    chosen = resolve_backend(backend, device)
     implementation = _backend_module(chosen)
     with torch.no_grad():
         if check_values and losses is None and chosen is Backend.TORCH:
@@ -185,7 +189,9 @@ def evolved_select(
             logits, targets, losses = None, None, computed
         # The extension checks the losses it computes between its loss and update passes (finite logits can still
         # overflow); Triton cannot without a host sync, so there the logits pre-check is the guard.
-        extension_only = {"check_losses": check_values} if chosen is Backend.EXTENSION else {}
+        extension_only = (
+            {"check_losses": check_values, "check_inputs": checks_in_kernel} if chosen is Backend.EXTENSION else {}
+        )
         positions, batch_losses = implementation.fused_select(
             state.score, state.weight, indices, k, state.beta1, state.beta2,
             logits, targets, losses, label_smoothing, generator, **extension_only,

@@ -365,6 +365,17 @@ BAD_CALLS = [
     ((torch.arange(4), 1), {"logits": LOGITS, "targets": (LABELS, LABELS + 9, 0.5)}),
     ((torch.arange(4), 1), {"logits": LOGITS, "targets": LABELS, "label_smoothing": 1.2}),
     ((torch.arange(4), 1), {"losses": torch.rand(4), "generator": 3}),
+    ((torch.tensor([0, 1, 2, -3]), 1), {"logits": LOGITS, "targets": LABELS}),
+    ((torch.arange(4), 1), {"logits": LOGITS.index_fill(1, torch.tensor([2]), float("inf")), "targets": LABELS}),
+    ((torch.arange(4), 1), {"logits": LOGITS.index_fill(1, torch.tensor([4]), float("-inf")), "targets": LABELS}),
+    ((torch.arange(4), 1), {"logits": torch.randn(4, 37).log().bfloat16(), "targets": LABELS}),
+    ((torch.arange(4), 1), {"logits": torch.randn(4, 37).log().half().t().contiguous().t(), "targets": LABELS}),
+    ((torch.arange(4), 1), {"logits": LOGITS, "targets": torch.tensor([0, 1, -2, 3])}),
+    ((torch.arange(4), 1), {"logits": LOGITS, "targets": (LABELS - 1, LABELS, 0.5)}),
+    (
+        (torch.arange(4), 1),
+        {"logits": LOGITS, "targets": torch.rand(4, 5).index_fill(0, torch.tensor([3]), float("nan"))},
+    ),
 ]
 
 
@@ -381,6 +392,27 @@ def test_bad_input_raises_the_reference_error_and_leaves_state_unchanged(args, k
         errors[backend] = (caught.type, str(caught.value))
         assert torch.equal(state.score, before["score"]) and torch.equal(state.weight, before["weight"])
     assert errors["extension"] == errors["torch"]
+
+
+@needs_extension
+def test_cpu_value_checks_run_inside_the_extension(monkeypatch):
+    """On CPU the extension checks ids, logits, labels and losses in its own pass: Python's value checks (whose
+    reductions cost more than a small call) do not run, yet bad values are refused with the same errors."""
+    from es_kernels import _checks
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a Python value check ran")
+
+    monkeypatch.setattr(_checks, "value_range", forbidden)
+    monkeypatch.setattr(torch, "unique", forbidden)
+    state = EvolvedState(8)
+    evolved_select(state, torch.arange(4), 2, logits=LOGITS, targets=LABELS, backend="extension")
+    evolved_select(state, torch.arange(4), 2, losses=torch.rand(4), backend="extension")
+    with pytest.raises(ValueError, match="indices must not repeat"):
+        evolved_select(state, torch.tensor([0, 1, 1, 3]), 2, logits=LOGITS, targets=LABELS, backend="extension")
+    with pytest.raises(ValueError, match="logits must be finite"):
+        nan_logits = LOGITS.index_fill(0, torch.tensor([1]), float("nan"))
+        evolved_select(state, torch.arange(4), 2, logits=nan_logits, targets=LABELS, backend="extension")
 
 
 @needs_extension

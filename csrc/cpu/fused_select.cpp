@@ -35,7 +35,7 @@ namespace {
 // fastest single-threaded).
 constexpr int64_t kLossGrainElements = 16384;
 
-void compute_losses(const PreparedSelect& p, const LossParams& params, float* out) {
+void compute_losses(const PreparedSelect& p, const LossParams& params, float* out, uint8_t* finite_rows) {
   cpu::RowLossArgs args{};
   const auto dtype = p.logits.scalar_type();
   args.logits = p.logits.data_ptr();
@@ -51,6 +51,7 @@ void compute_losses(const PreparedSelect& p, const LossParams& params, float* ou
   }
   args.params = params;
   args.out = out;
+  args.finite_rows = finite_rows;
   const int64_t grain = std::max<int64_t>(1, kLossGrainElements / p.num_classes);
   const bool widen = args.logits_type != LogitsType::kFloat32;
   at::parallel_for(0, p.batch, grain, [&](int64_t begin, int64_t end) {
@@ -64,6 +65,54 @@ void check_computed_losses(const float* losses, int64_t batch) {
     TORCH_CHECK_VALUE(std::isfinite(losses[r]), kComputedLossesName, " must be finite (found NaN or inf)");
     TORCH_CHECK_VALUE(losses[r] >= 0.0f, kComputedLossesName,
                       " must be non-negative (weights are proportional to losses)");
+  }
+}
+
+void check_class_ids(const char* name, const at::Tensor& labels, int64_t num_classes) {
+  const int64_t* ids = labels.data_ptr<int64_t>();
+  bool bad = false;
+  for (int64_t r = 0; r < labels.numel(); ++r) bad |= ids[r] < 0 || ids[r] >= num_classes;
+  TORCH_CHECK_VALUE(!bad, name, " must hold class ids in [0, ", num_classes, ")");
+}
+
+// select.py's value checks of the ids and given losses, in its order and with its messages (es_kernels/_checks.py).
+void check_ids_and_given_losses(const PreparedSelect& p, int64_t num_samples) {
+  std::vector<int64_t> ids(p.indices.data_ptr<int64_t>(), p.indices.data_ptr<int64_t>() + p.batch);
+  std::sort(ids.begin(), ids.end());
+  const int64_t bad = ids.front() < 0 ? ids.front() : ids.back();
+  TORCH_CHECK_VALUE(ids.front() >= 0 && ids.back() < num_samples, "indices must be in [0, ", num_samples,
+                    "), got ", bad);
+  TORCH_CHECK_VALUE(std::adjacent_find(ids.begin(), ids.end()) == ids.end(),
+                    "indices must not repeat an id within one call (each sample is visited once)");
+  if (static_cast<TargetKind>(p.kind) != TargetKind::kNone) return;
+  const float* losses = p.losses.data_ptr<float>();
+  bool finite = true, non_negative = true;
+  for (int64_t r = 0; r < p.batch; ++r) {
+    finite &= std::isfinite(losses[r]);
+    non_negative &= losses[r] >= 0.0f;
+  }
+  TORCH_CHECK_VALUE(finite, "losses must be finite (found NaN or inf)");
+  TORCH_CHECK_VALUE(non_negative, "losses must be non-negative (weights are proportional to losses)");
+}
+
+// select.py's checks of the logits (finiteness comes from the loss pass) and targets, in its order.
+void check_logits_and_targets(const PreparedSelect& p, const std::vector<uint8_t>& finite_rows) {
+  TORCH_CHECK_VALUE(std::all_of(finite_rows.begin(), finite_rows.end(), [](uint8_t f) { return f != 0; }),
+                    "logits must be finite (found NaN or inf)");
+  switch (static_cast<TargetKind>(p.kind)) {
+    case TargetKind::kHard:
+      check_class_ids("targets", p.target, p.num_classes);
+      break;
+    case TargetKind::kMixup:
+      check_class_ids("targets[0] (y_a)", p.target, p.num_classes);
+      check_class_ids("targets[1] (y_b)", p.target_b, p.num_classes);
+      break;
+    default: {
+      const float* t = p.target.data_ptr<float>();
+      bool good = true;
+      for (int64_t j = 0; j < p.target.numel(); ++j) good &= std::isfinite(t[j]) && t[j] >= 0.0f;
+      TORCH_CHECK_VALUE(good, "targets as soft labels must be finite and non-negative");
+    }
   }
 }
 
@@ -98,11 +147,14 @@ at::Tensor race_top_k(const std::vector<float>& weights, int64_t k, uint64_t see
 
 std::tuple<at::Tensor, at::Tensor> fused_select_cpu(const SelectArgs& args) {
   const PreparedSelect p = prepare_select(args);
+  if (args.check_inputs) check_ids_and_given_losses(p, args.score.numel());
   const LossParams params = make_loss_params(p, args.label_smoothing, args.lam);
   at::Tensor losses = p.losses;
   if (params.kind != TargetKind::kNone) {
     losses = at::empty({p.batch}, at::TensorOptions().dtype(at::kFloat));
-    compute_losses(p, params, losses.data_ptr<float>());
+    std::vector<uint8_t> finite_rows(args.check_inputs ? p.batch : 0);
+    compute_losses(p, params, losses.data_ptr<float>(), args.check_inputs ? finite_rows.data() : nullptr);
+    if (args.check_inputs) check_logits_and_targets(p, finite_rows);
     if (args.check_losses) check_computed_losses(losses.data_ptr<float>(), p.batch);
   }
 

@@ -17,6 +17,7 @@ struct RowLossArgs {
   const float* soft_targets;    // contiguous (B, C) fp32
   LossParams params;
   float* out;                   // (B,) fp32 losses
+  uint8_t* finite_rows;         // optional (B,): whether each row's logits are all finite
 };
 
 // `scratch` holds C floats; rows of fp16/bf16 logits are widened into it.
