@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 
@@ -105,4 +106,19 @@ def extension_kwargs() -> dict:
     }
 
 
-setup(**extension_kwargs())
+class BuildPyWithSources(build_py):
+    """Ships csrc/ inside the package as es_kernels/_csrc, so an installed wheel can still compile the extension just
+    in time when it was built without it (build isolation, no compiler at build time)."""
+
+    def run(self):
+        super().run()
+        shutil.copytree(ROOT / "csrc", Path(self.build_lib) / "es_kernels" / "_csrc", dirs_exist_ok=True)
+
+
+def setup_kwargs() -> dict:
+    kwargs = extension_kwargs()
+    kwargs["cmdclass"] = {"build_py": BuildPyWithSources, **kwargs.get("cmdclass", {})}
+    return kwargs
+
+
+setup(**setup_kwargs())

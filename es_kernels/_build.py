@@ -27,10 +27,13 @@ _GIB_PER_JOB = 2.0
 
 
 def csrc_dir(root: str | os.PathLike | None = None) -> Path:
-    """The csrc/ directory: next to the package in a checkout or editable install."""
+    """The C++/CUDA sources: ``root/csrc``; else ``csrc/`` next to the package (a checkout or editable install),
+    else the copy an installed wheel ships (``es_kernels/_csrc``)."""
     if root is not None:
         return Path(root) / "csrc"
-    return Path(__file__).resolve().parent.parent / "csrc"
+    package = Path(__file__).resolve().parent
+    checkout = package.parent / "csrc"
+    return checkout if (checkout / "bindings.cpp").is_file() else package / "_csrc"
 
 
 def sources(csrc: Path, with_cuda: bool) -> list[str]:

@@ -470,6 +470,30 @@ def test_status_query_says_how_the_module_was_loaded():
         assert backend_status("cpu")["extension"] == status["reason"]
 
 
+def test_installed_package_carries_the_sources_for_a_just_in_time_build(tmp_path):
+    """A wheel built without the extension (build isolation, no compiler) must still be able to compile it on first
+    use, so the package ships csrc/ as es_kernels/_csrc and the loader finds it there outside a checkout."""
+    from es_kernels import _build
+
+    environment = {**os.environ, "ES_KERNELS_NO_EXTENSION": "1"}
+    command = [sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(tmp_path)]
+    done = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    shipped = tmp_path / "es_kernels" / "_csrc"
+    assert sorted(p.relative_to(shipped) for p in shipped.rglob("*.c*")) == sorted(
+        p.relative_to(ROOT / "csrc") for p in (ROOT / "csrc").rglob("*.c*")
+    )
+    assert _build.sources(shipped, with_cuda=True)
+    # The installed layout: es_kernels/_build.py with _csrc beside it and no csrc/ next to the package.
+    installed = tmp_path / "es_kernels" / "_build.py"
+    shutil.copy(ROOT / "es_kernels" / "_build.py", installed)
+    probe = (
+        f"import sys; sys.path.insert(0, {str(tmp_path)!r}); from es_kernels import _build; print(_build.csrc_dir())"
+    )
+    found = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True)
+    assert Path(found.stdout.strip()) == shipped, found.stderr
+
+
 def test_jit_switched_off_reports_why(tmp_path):
     script = (
         "from es_kernels import extension, backend_status;"
