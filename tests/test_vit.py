@@ -247,6 +247,33 @@ def test_missing_data_folder_and_unreadable_checkpoint(data, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_model_name_is_checked_before_the_data_folder_is_read(tmp_path, monkeypatch):
+    # Listing ImageNet takes minutes; a typo in --model must not wait for it.
+    def no_scan(root):
+        raise AssertionError("the data folder was scanned before the model name was checked")
+
+    monkeypatch.setattr(recipe, "check_data", no_scan)
+    with pytest.raises(SystemExit, match="unknown timm model"):
+        cli.main([*cli_args(tmp_path / "anywhere", tmp_path / "out"), "--model", "vit_nonexistent_patch99"])
+
+
+def test_a_save_that_fails_midway_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / recipe.CHECKPOINT_NAME
+    recipe.save_checkpoint(path, {"epoch": 1, "weights": torch.arange(4)})
+
+    def torch_save_that_dies(obj, handle):
+        handle.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(recipe.torch, "save", torch_save_that_dies)
+    with pytest.raises(OSError, match="disk full"):
+        recipe.save_checkpoint(path, {"epoch": 2, "weights": torch.arange(8)})
+    monkeypatch.undo()
+    kept = torch.load(path, weights_only=True)
+    assert kept["epoch"] == 1 and torch.equal(kept["weights"], torch.arange(4))
+    assert [p.name for p in tmp_path.iterdir()] == [recipe.CHECKPOINT_NAME]  # no temporary file left behind
+
+
 def test_unknown_method_is_an_argparse_error(data, tmp_path, capsys):
     with pytest.raises(SystemExit) as raised:
         cli.main([*cli_args(data, tmp_path / "out"), "--method", "es", "nonsense"])

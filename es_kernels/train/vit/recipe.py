@@ -149,16 +149,23 @@ def model_kwargs(args: argparse.Namespace, num_classes: int) -> dict[str, Any]:
     return {**dict(args.model_kwargs), "num_classes": num_classes, "drop_path_rate": args.drop_path}
 
 
-def check_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
-    """Build the model on the meta device (no memory, no download) to check the name and the keyword arguments."""
+def check_model_name(name: str) -> None:
+    """Before the data folder is scanned (minutes on ImageNet): a typo in the model name fails at once."""
     import timm
     from timm.models import split_model_name_tag
 
-    architecture, _ = split_model_name_tag(args.model)
+    architecture, _ = split_model_name_tag(name)
     if not timm.is_model(architecture):
         close = timm.list_models(f"*{architecture[:8]}*")[:5]
         hint = f"; similar names: {', '.join(close)}" if close else ""
-        raise ConfigError(f"unknown timm model {args.model!r}{hint}")
+        raise ConfigError(f"unknown timm model {name!r}{hint}")
+
+
+def check_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
+    """Build the model on the meta device (no memory, no download) to check the keyword arguments."""
+    import timm
+
+    check_model_name(args.model)
     try:
         with torch.device("meta"):
             return timm.create_model(args.model, pretrained=False, **model_kwargs(args, num_classes))
@@ -327,11 +334,16 @@ def set_rng_state(runtime: Runtime, state: dict[str, Any]) -> None:
 def save_checkpoint(path: Path, checkpoint: dict[str, Any]) -> None:
     """torch.save to a temporary file in the same folder, then an atomic rename over the old checkpoint."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        torch.save(checkpoint, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(checkpoint, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # A full disk or an interrupt mid-write: the old checkpoint stands, and no half file is left beside it.
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 # --------------------------------------------------------------------------------------------- the run
@@ -352,6 +364,7 @@ def run_all(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
 
 
 def _run_all(args: argparse.Namespace, runtime: Runtime) -> dict[str, list[dict[str, Any]]]:
+    check_model_name(args.model)
     if args.demo and args.data is None:
         args.data = args.out / "data"
         if runtime.main:
@@ -535,7 +548,9 @@ def run_method(
     num_classes = len(train_set.classes)
     if args.label_noise is not None:
         mode, rate = args.label_noise
-        noisy, _ = corrupt_labels(torch.tensor(train_set.targets), rate, num_classes=num_classes, mode=mode, seed=0)
+        noisy, _ = corrupt_labels(
+            torch.tensor(train_set.targets), rate, num_classes=num_classes, mode=mode, seed=args.seed
+        )
         train_set.targets = noisy.tolist()
         train_set.samples = [
             (path, label) for (path, _), label in zip(train_set.samples, train_set.targets, strict=True)
