@@ -1,6 +1,6 @@
 """Shared pieces of the benchmark suites: the size switch, thread pinning, device sync and the round count.
 
-Full run (the README figures; about 10 minutes on 2 CPU cores):
+Full run (the README figures; about 4 minutes on 2 CPU cores, plus 1.5 for `python -m benchmarks.vit_step`):
 
     python -m pytest benchmarks/test_select.py benchmarks/test_prune.py benchmarks/test_vit_step.py \
         --benchmark-json=bench-full.json

@@ -98,6 +98,14 @@ def _wide_table(rows: list[dict], keys: tuple[str, ...], headers: tuple[str, ...
                 cells.append(f"{reference['seconds'] / row['seconds']:.1f}x" if reference else "")
             cells.append(_gbps(row.get("bytes"), row["seconds"]))
         lines.append("| " + " | ".join(cells) + " |")
+    if not any(row["device"] == "cuda" for row in rows):
+        # Say so in the table itself: a reader must not take the CPU figures for GPU ones.
+        gpu = (
+            ["cuda", *["all"] * (len(keys) - 1)]
+            + ["unmeasured (no GPU in this run)"]
+            + [""] * (len(head) - len(keys) - 1)
+        )
+        lines.append("| " + " | ".join(gpu) + " |")
     return lines
 
 

@@ -2,10 +2,11 @@
 
     taskset -c 0,1 python -m pytest benchmarks/test_select_cpu.py --benchmark-only \
         --benchmark-json=benchmark-cpu.json
-    python benchmarks/report_select_cpu.py benchmark-cpu.json      # markdown table with speed-ups
+    python -m benchmarks.report benchmark-cpu.json                 # markdown table with speed-ups
 
 A benchmark, not a timed test: nothing here fails on speed. The default ``check_values=True`` rows include the
-value checks of select.py (shared by both backends); ``check_values=False`` rows time the backends' own work.
+value checks (Python reductions for the reference, the extension's own pass on CPU); ``check_values=False`` rows
+time the backends' own work.
 """
 
 from __future__ import annotations

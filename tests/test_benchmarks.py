@@ -43,6 +43,11 @@ def test_reduced_suites_record_every_row(results):
     assert {("torch", b, c, d, v) for b in (64, 256) for c in (10, 1000) for d in ("fp32", "bf16") for v in (0, 1)} <= {
         (backend, b, c, d, int(v)) for backend, b, c, d, v in select_rows
     }
+    from es_kernels import backend_status
+
+    if backend_status("cpu")["extension"] is None:  # built here: its rows must be there too, not silently skipped
+        assert {("extension", b, c, d, v) for b in (64, 256) for c in (10, 1000) for d in ("fp32", "bf16")
+                for v in (0, 1)} <= {(backend, b, c, d, int(v)) for backend, b, c, d, v in select_rows}  # fmt: skip
     assert all(r["bytes"] == r["batch"] * r["classes"] * (4 if r["dtype"] == "fp32" else 2) for r in suites["select"])
     assert {r["n"] for r in suites["prune"]} == {10**6}
     assert {r["part"] for r in suites["vit_step"]} == {
@@ -65,6 +70,18 @@ def test_report_tables_plot_and_compare(results, tmp_path, capsys):
     ratios = [line.rsplit("|", 2)[1].strip() for line in comparison.splitlines() if line.startswith("| test_")]
     assert ratios and set(ratios) == {"1.00"}
     assert plot.stat().st_size > 10_000
+    assert "| cuda | all | all | all | all | unmeasured (no GPU in this run) |" in text
+
+    # A "before" twice as slow: every row reads 0.50, so before and after are not swapped.
+    slower = json.loads(results.read_text())
+    for bench in slower["benchmarks"]:
+        bench["stats"]["median"] *= 2
+    before = tmp_path / "before.json"
+    before.write_text(json.dumps(slower))
+    assert report.main([str(results), "--compare", str(before)]) == 0
+    comparison = capsys.readouterr().out.split("### Comparison")[1]
+    ratios = [line.rsplit("|", 2)[1].strip() for line in comparison.splitlines() if line.startswith("| test_")]
+    assert ratios and set(ratios) == {"0.50"}
 
 
 def test_report_rejects_other_json(tmp_path):
@@ -74,6 +91,20 @@ def test_report_rejects_other_json(tmp_path):
     path.write_text(json.dumps({"rows": []}))
     with pytest.raises(ValueError, match="not a pytest-benchmark JSON"):
         report.main([str(path)])
+
+
+@pytest.mark.slow
+def test_vit_step_command_measures_every_part_and_reports(tmp_path, capsys):
+    from benchmarks import vit_step
+
+    out = tmp_path / "vit.json"
+    assert vit_step.main(["--size", "ci", "--rounds", "2", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    saved = json.loads(out.read_text())
+    assert "analytic limit" in printed and "measured ES / baseline step" in printed
+    text = json.dumps(saved)
+    for part in vit_step.PARTS:
+        assert part in text
 
 
 def test_vit_step_summary_is_the_analytic_formula():
