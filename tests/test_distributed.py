@@ -259,9 +259,9 @@ def test_pruned_plans_are_identical_on_ranks_and_shards_cover_them_exactly(train
 
 def test_padding_rows_never_update_the_state_twice(training_runs):
     ranks, _ = training_runs
-    # Epoch 0 of rank 1 ends with a padding copy of plan[0], which rank 0 visits at its step 0. Were that row
-    # not dropped, rank 1 would move plan[0] too and the merge would not equal the single process (tested above);
-    # here the padded id is checked directly: rank 1's copy of it never changes during the epoch.
+    # Epoch 0 of rank 1 ends with a padding copy of plan[0], which rank 0 visits at its step 0. Losses come from a
+    # fixed (epoch, id) table, so a second update would write the same values and the epoch merge could not tell;
+    # the padded id is therefore checked directly: rank 1's copy of it never changes during the epoch.
     record = ranks[1]["epoch"]
     assert bool(record["padding"][0][-1])
     padded_id = int(record["shards"][0][-1])
