@@ -98,17 +98,21 @@ def variants() -> Iterator[Variant]:
     yield Variant("prune_keys values=fp32", kernels.prune_keys_kernel, args, kwargs)
 
 
-def _specialization(kernel, args: tuple, kwargs: dict, backend) -> tuple:
-    """What Triton compiles for this launch: the kernel, each argument's type and specialisation, the constexprs
-    (the binder's own answer, as at launch time)."""
+def _bind(kernel, args: tuple, kwargs: dict, backend) -> tuple:
+    """(bound args, specialisation, options): what Triton's own binder makes of a launch, as at launch time."""
     from triton.runtime.jit import create_function_from_signature
 
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-    _, specialization, options = binder(*args, debug=False, **kwargs)
+    return binder(*args, **{"debug": False, **kwargs})
+
+
+def _specialization(kernel, args: tuple, kwargs: dict, backend) -> tuple:
+    """What Triton compiles for this launch: the kernel, each argument's type and specialisation, the constexprs."""
+    _, specialization, options = _bind(kernel, args, kwargs, backend)
     return (id(kernel), tuple(specialization), tuple(sorted(options.items())))
 
 
-def probe_launches() -> Iterator[tuple[str, tuple, dict]]:
+def probe_launches() -> Iterator[tuple[str, object, tuple, dict]]:
     """(description, kernel, args, kwargs) of launches with inputs as users pass them: odd sizes, views at an
     offset, transposes, strided ids, labels and losses. Every one must compile to a variant the gate checked."""
     import torch
@@ -158,18 +162,17 @@ def probe_launches() -> Iterator[tuple[str, tuple, dict]]:
     yield "prune keys n=10**6", kernels.prune_keys_kernel, prune_args, prune_kwargs
 
 
-def uncovered_launches(arch: int = TARGETS[0]) -> list[str]:
-    """Probe launches whose compiled variant is none of ``variants()``: what the gate would not have checked."""
+def uncovered_launches(arch: int = TARGETS[0]) -> tuple[list[str], int]:
+    """(probe launches whose compiled variant is none of ``variants()``, number of probes): what the gate would not
+    have checked."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler.compiler import make_backend
 
     backend = make_backend(GPUTarget("cuda", arch, 32))
     checked = {_specialization(v.kernel, v.args, v.kwargs, backend) for v in variants()}
-    return [
-        name
-        for name, kernel, args, kwargs in probe_launches()
-        if _specialization(kernel, args, kwargs, backend) not in checked
-    ]
+    probes = list(probe_launches())
+    missed = [name for name, *launch in probes if _specialization(*launch, backend) not in checked]
+    return missed, len(probes)
 
 
 def _update_lines() -> set[int]:
@@ -211,7 +214,6 @@ def compile_variant(variant: Variant, arch: int) -> Result:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler.compiler import make_backend
-    from triton.runtime.jit import create_function_from_signature
 
     result = Result(variant.name, arch)
     start = time.perf_counter()
@@ -220,8 +222,7 @@ def compile_variant(variant: Variant, arch: int) -> Result:
         backend = make_backend(target)
         kernel = variant.kernel
         kwargs = {"debug": False, **variant.kwargs}
-        binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-        bound_args, specialization, options = binder(*variant.args, **kwargs)
+        bound_args, specialization, options = _bind(kernel, variant.args, kwargs, backend)
         options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
         source = triton.compiler.ASTSource(kernel, signature, constexprs, attrs)
         log = io.StringIO()
@@ -288,8 +289,8 @@ def main(argv: list[str] | None = None) -> int:
         print("unset TRITON_INTERPRET: the interpreter builds no compilable kernels", file=sys.stderr)
         return 2
     archs = options.arch or list(TARGETS)
-    uncovered = uncovered_launches()
-    print(f"launch coverage: {len(uncovered)} of {sum(1 for _ in probe_launches())} probe launches not covered")
+    uncovered, probes = uncovered_launches()
+    print(f"launch coverage: {len(uncovered)} of {probes} probe launches not covered")
     for name in uncovered:
         print(f"  not covered: {name}")
     if options.coverage_only:

@@ -162,10 +162,10 @@ def check_model_name(name: str) -> None:
 
 
 def check_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
-    """Build the model on the meta device (no memory, no download) to check the keyword arguments."""
+    """Build the model on the meta device (no memory, no download) to check the keyword arguments; the name itself
+    was checked by :func:`check_model_name` before the data folder was read."""
     import timm
 
-    check_model_name(args.model)
     try:
         with torch.device("meta"):
             return timm.create_model(args.model, pretrained=False, **model_kwargs(args, num_classes))
