@@ -33,9 +33,36 @@ def test_one_fused_variant_compiles_for_sm80_and_sm90_without_spills():
     assert done.returncode == 0, done.stdout + done.stderr
     rows = table_rows(done.stdout)
     assert [row[1] for row in rows] == ["sm_80", "sm_90"]
-    for variant, _, registers, spilled, shared, status in rows:
+    for variant, _, registers, spilled, shared, vector_loads, status in rows:
         assert variant == "fused labels logits=bf16 aligned"
         assert int(registers) > 0 and int(spilled) == 0 and int(shared) >= 0 and status == "ok"
+        # Full column blocks load without a mask: 16-byte loads (eight bf16 per thread), not eight ld.global.b16.
+        assert int(vector_loads) > 0
+
+
+SCALAR_PTX = """
+\t@%p1 ld.global.b16 { %rs1 }, [ %rd1 + 0 ];
+\tld.global.b16 { %rs2 }, [ %rd1 + 2 ];
+\tld.global.cg.b64 { %rd3 }, [ %rd2 + 0 ];
+\tst.global.v4.b32 [ %rd4 + 0 ], { %r1, %r2, %r3, %r4 };
+"""
+VECTOR_PTX = SCALAR_PTX + "\t@%p2 ld.global.v4.b32 { %r5, %r6, %r7, %r8 }, [ %rd5 + 0 ];\n"
+
+
+def test_gate_flags_an_aligned_variant_without_vector_loads():
+    from es_kernels.triton import aot
+
+    assert aot.vector_loads(SCALAR_PTX) == 0 and aot.vector_loads(VECTOR_PTX) == 1
+    assert aot.vector_loads("\tld.global.nc.L1::evict_last.v2.f32 { %f1, %f2 }, [ %rd1 + 0 ];\n") == 1
+    scalar = aot.Result("fused labels logits=bf16 aligned", 90, registers=40, spill_bytes=0, vector_loads=0,
+                        vectorised=True)  # fmt: skip
+    assert any("no vector load" in problem for problem in aot._failures(scalar))
+    # The any-layout variants cannot vectorise and are not required to.
+    assert aot._failures(aot.Result("fused labels logits=bf16 any-layout", 90, registers=40, spill_bytes=0,
+                                    vector_loads=0)) == []  # fmt: skip
+    vectorised = {v.name for v in aot.variants() if v.vectorised}
+    assert "prune_keys values=fp32" in vectorised and "fused labels logits=bf16 aligned" in vectorised
+    assert not any("any-layout" in name or "losses=" in name for name in vectorised)
 
 
 def test_gate_fails_on_a_fused_multiply_add_in_the_update():

@@ -1,6 +1,7 @@
 // The exponential race (DESIGN §3): key = log(w) - log(E), E = -log1p(-u) ~ Exp(1); the k largest keys are a draw
 // without replacement with p ∝ w. A weight that is not positive — zero, negative or NaN, the last two only reachable
-// with value checks off — gets key -inf, so it is never preferred to a positive weight.
+// with value checks off — gets key -inf, so it is never preferred to a positive weight. Weights below the smallest
+// normal fp32 (subnormals) count as zero on every backend: GPU logf flushes them, so only this keeps backends equal.
 #pragma once
 
 #include <cmath>
@@ -10,20 +11,23 @@
 
 namespace es_kernels {
 
+// 2**-126 (FLT_MIN): the smallest weight with a finite key.
+constexpr float kSmallestWeight = 1.17549435082228750797e-38f;
+
 ES_HD double race_key(float weight, double uniform) {
-  if (!(weight > 0.0f)) return -INFINITY;
+  if (!(weight >= kSmallestWeight)) return -INFINITY;
   return log(static_cast<double>(weight)) - log(-log1p(-uniform));
 }
 
 ES_HD float race_key(float weight, float uniform) {
-  if (!(weight > 0.0f)) return -INFINITY;
+  if (!(weight >= kSmallestWeight)) return -INFINITY;
   return logf(weight) - logf(-log1pf(-uniform));
 }
 
 // Pruning key over n ids, fp32: w / E orders ids exactly as log(w) - log(E) does, costs one logarithm instead of
 // three, and keeps more precision in fp32 (no cancellation between two logarithms).
 ES_HD float prune_key(float weight, float uniform) {
-  if (!(weight > 0.0f)) return -INFINITY;
+  if (!(weight >= kSmallestWeight)) return -INFINITY;
   return weight / -log1pf(-uniform);
 }
 

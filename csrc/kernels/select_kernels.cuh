@@ -11,6 +11,7 @@
 #include "common.cuh"
 #include "philox.cuh"
 #include "race.cuh"
+#include "row_partial.cuh"
 #include "update.cuh"
 
 namespace es_kernels {
@@ -22,32 +23,15 @@ __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 
-// Partial statistics of a row: running max m, sum of exp(x - m), and plain sums of x, t and t * x.
-struct RowPartial {
-  float max, sum_exp, sum_x, sum_t, sum_tx;
-};
-
-__device__ __forceinline__ RowPartial merge(const RowPartial& a, const RowPartial& b) {
-  RowPartial r;
-  r.max = fmaxf(a.max, b.max);
-  // An empty side has max -inf and sum 0; skip it rather than compute exp(-inf - -inf) = NaN.
-  const float scale_a = a.max == -INFINITY ? 0.0f : expf(a.max - r.max);
-  const float scale_b = b.max == -INFINITY ? 0.0f : expf(b.max - r.max);
-  r.sum_exp = a.sum_exp * scale_a + b.sum_exp * scale_b;
-  r.sum_x = a.sum_x + b.sum_x;
-  r.sum_t = a.sum_t + b.sum_t;
-  r.sum_tx = a.sum_tx + b.sum_tx;
-  if (isnan(a.max) || isnan(b.max)) r.max = NAN;
-  return r;
-}
-
 __device__ __forceinline__ RowPartial shuffle_xor(const RowPartial& p, int lane_mask) {
   return RowPartial{__shfl_xor_sync(0xffffffffu, p.max, lane_mask), __shfl_xor_sync(0xffffffffu, p.sum_exp, lane_mask),
-                    __shfl_xor_sync(0xffffffffu, p.sum_x, lane_mask), __shfl_xor_sync(0xffffffffu, p.sum_t, lane_mask),
-                    __shfl_xor_sync(0xffffffffu, p.sum_tx, lane_mask)};
+                    __shfl_xor_sync(0xffffffffu, p.shifted_x, lane_mask),
+                    __shfl_xor_sync(0xffffffffu, p.sum_t, lane_mask),
+                    __shfl_xor_sync(0xffffffffu, p.shifted_tx, lane_mask),
+                    __shfl_xor_sync(0xffffffffu, p.count, lane_mask)};
 }
 
-// Result valid in thread 0.
+// Result valid in thread 0. tests/cuda_row_loss_host.cpp replays this tree on the host: keep the two in step.
 __device__ RowPartial block_reduce(RowPartial p) {
   __shared__ RowPartial warp_results[kRowThreads / 32];
   for (int mask = 16; mask > 0; mask >>= 1) p = merge(p, shuffle_xor(p, mask));
@@ -55,7 +39,7 @@ __device__ RowPartial block_reduce(RowPartial p) {
   if (lane == 0) warp_results[warp] = p;
   __syncthreads();
   if (warp == 0) {
-    p = lane < kRowThreads / 32 ? warp_results[lane] : RowPartial{-INFINITY, 0.0f, 0.0f, 0.0f, 0.0f};
+    p = lane < kRowThreads / 32 ? warp_results[lane] : empty_partial();
     for (int mask = 16; mask > 0; mask >>= 1) p = merge(p, shuffle_xor(p, mask));
   }
   return p;
@@ -89,47 +73,24 @@ __global__ void __launch_bounds__(kRowThreads)
   const int64_t n = params.num_classes;
   const T* x = logits + row * row_stride;
   const float* t = kKind == TargetKind::kSoft ? soft_targets + row * n : nullptr;
-  RowPartial p{-INFINITY, 0.0f, 0.0f, 0.0f, 0.0f};
+  RowPartial p = empty_partial();
   for (int64_t c = threadIdx.x; c < n; c += kRowThreads) {
-    const float v = to_float(x[c]);
-    // Online log-sum-exp: rescale the running sum when the max grows.
-    if (v > p.max) {
-      p.sum_exp = p.sum_exp * expf(p.max - v) + 1.0f;
-      p.max = v;
-    } else if (v != -INFINITY) {
-      p.sum_exp += expf(v - p.max);
-    }
-    p.sum_x += v;
-    if (kKind == TargetKind::kSoft) {
-      const float tv = t[c];
-      p.sum_t += tv;
-      p.sum_tx += tv * v;
-    }
+    accumulate<kKind == TargetKind::kSoft>(p, to_float(x[c]), kKind == TargetKind::kSoft ? t[c] : 0.0f);
   }
   p = block_reduce(p);
   if (threadIdx.x != 0) return;
 
-  const float m = p.max;
-  const float log_sum = logf(p.sum_exp);
-  const float shifted_sum = p.sum_x - static_cast<float>(n) * m;
-  float loss;
-  if (kKind == TargetKind::kSoft) {
-    loss = soft_target_loss(params, log_sum, p.sum_t, p.sum_tx - p.sum_t * m, shifted_sum);
-  } else {
-    // A label outside [0, C) (value checks off) is not read: the loss is NaN and the row never wins a race.
+  // A label outside [0, C) (value checks off) is not read: the loss is NaN and the row never wins a race.
+  float label_a = NAN, label_b = NAN;
+  if (kKind != TargetKind::kSoft) {
     const int64_t y = labels[row];
-    const float loss_a =
-        (y >= 0 && y < n) ? hard_label_loss(params, log_sum, to_float(x[y]) - m, shifted_sum) : NAN;
-    if (kKind == TargetKind::kMixup) {
-      const int64_t y_b = labels_b[row];
-      const float loss_b =
-          (y_b >= 0 && y_b < n) ? hard_label_loss(params, log_sum, to_float(x[y_b]) - m, shifted_sum) : NAN;
-      loss = mixup_loss(params, loss_a, loss_b);
-    } else {
-      loss = loss_a;
-    }
+    if (y >= 0 && y < n) label_a = to_float(x[y]);
   }
-  if (isnan(shifted_sum)) loss = NAN;  // NaN or +inf logits: NaN loss, as the reference gives
+  if (kKind == TargetKind::kMixup) {
+    const int64_t y_b = labels_b[row];
+    if (y_b >= 0 && y_b < n) label_b = to_float(x[y_b]);
+  }
+  const float loss = partial_loss(params, p, label_a, label_b);
   losses[row] = loss;
   if (losses_only) return;
   update_and_key(row, loss, score, weight, num_samples, indices, betas, philox, keys, positions);

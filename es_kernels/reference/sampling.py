@@ -3,6 +3,9 @@
 ``key_i = log(w_i) - log(E_i)`` with ``E_i ~ Exp(1)``; the k largest keys are a draw of k items without
 replacement where each next item is chosen with probability proportional to its weight among those left. Zero
 weights get key -inf and are taken only when fewer than k weights are positive.
+
+Weights below the smallest normal fp32 (2**-126, subnormals) count as zero on every backend: GPU ``logf`` flushes
+subnormals to zero, so only this definition lets the backends agree.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ import torch
 
 # Smallest uniform the race accepts: keeps E = -log1p(-u) strictly positive so no key becomes +inf.
 _UNIFORM_FLOOR = {torch.float32: 2.0**-24, torch.float64: 2.0**-53}
+# Smallest weight with a finite key: the smallest normal fp32. Subnormal weights count as zero (see above).
+SMALLEST_WEIGHT = 2.0**-126
 
 
 def race_keys(weights: torch.Tensor, generator: torch.Generator | None, dtype: torch.dtype) -> torch.Tensor:
@@ -21,7 +26,7 @@ def race_keys(weights: torch.Tensor, generator: torch.Generator | None, dtype: t
     weights = weights.to(dtype)
     keys = torch.log(weights) - torch.log(exponential)
     # NaN and negative weights (reachable only with value checks off) must never be preferred: sorts rank NaN first.
-    return torch.where(weights > 0, keys, float("-inf"))
+    return torch.where(weights >= SMALLEST_WEIGHT, keys, float("-inf"))
 
 
 def race_select(weights: torch.Tensor, k: int, generator: torch.Generator | None) -> torch.Tensor:

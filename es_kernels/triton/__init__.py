@@ -17,8 +17,11 @@ must not fix the interpreter mode of a process that has not decided it yet.
 
 from __future__ import annotations
 
+import contextlib
+import importlib.metadata
 import importlib.util
 import os
+import re
 import sys
 
 import torch
@@ -26,6 +29,8 @@ import torch
 from es_kernels.reference import MixupTargets
 
 MIN_CAPABILITY = (8, 0)
+# tl.histogram(..., mask=) arrived in Triton 3.4 (do_not_specialize_on_alignment in 3.1); torch >= 2.8 ships it.
+MIN_TRITON = (3, 4)
 _TRUE = ("1", "true", "yes", "on", "y")
 
 
@@ -42,11 +47,34 @@ def _interpreter_active() -> bool:
     return isinstance(tl.randint, InterpretedFunction)
 
 
+def triton_version_problem(version: str) -> str | None:
+    """None if Triton ``version`` (a version string such as ``"3.4.0"`` or ``"3.3.1+git..."``) can run the
+    kernels, else why not. Read from the installed distribution's metadata, so it costs no import of triton."""
+    numbers = re.match(r"(\d+)\.(\d+)", version)
+    if numbers is None:
+        return f"cannot read the Triton version {version!r}"
+    if (int(numbers.group(1)), int(numbers.group(2))) < MIN_TRITON:
+        need = ".".join(map(str, MIN_TRITON))
+        return f"the Triton kernels need triton >= {need} (torch >= 2.8), found {version}"
+    return None
+
+
+def _installed_triton_version() -> str | None:
+    for distribution in ("triton", "pytorch-triton", "pytorch-triton-rocm", "triton-windows"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            return importlib.metadata.version(distribution)
+    # A source build without distribution metadata: ask the module if it is loaded anyway.
+    return getattr(sys.modules.get("triton"), "__version__", None)
+
+
 def unavailable_reason(device: torch.device | str) -> str | None:
     """None if the Triton kernels can run on tensors of ``device``, else why not."""
     device = torch.device(device)
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed (pip install triton)"
+    version = _installed_triton_version()
+    if version is not None and (problem := triton_version_problem(version)):
+        return problem
     if interpreter_requested():
         if device.type not in ("cpu", "cuda"):
             return f"Triton's interpreter runs on CPU or CUDA tensors, not {device.type}"

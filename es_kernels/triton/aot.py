@@ -1,8 +1,9 @@
 """Ahead-of-time compile gate: every kernel variant the launchers can launch, compiled to cubin without a GPU.
 
 Run ``python -m es_kernels.triton.aot`` (``--help`` for options). For each variant and target (sm_80, sm_90) it
-prints registers, spilled bytes and shared memory, and exits non-zero on any compile error, any spill in a default
-configuration, or a fused multiply-add in the state update.
+prints registers, spilled bytes, shared memory and vector global loads, and exits non-zero on any compile error,
+any spill in a default configuration, a fused multiply-add in the state update, or an aligned variant (and the
+pruning kernel) whose PTX has no vector load.
 
 Coverage: the kernel is built so Triton can only specialise on its constexprs and one layout class (see
 ``kernels.py``); before compiling, the gate binds a grid of user-like launches (odd sizes, offset views, transposes,
@@ -41,6 +42,8 @@ class Variant:
     kernel: object
     args: tuple
     kwargs: dict
+    # The variant's bulk loads must compile to vector loads (ld.global.v2/v4); the gate fails if none do.
+    vectorised: bool = False
 
 
 @dataclass
@@ -53,6 +56,8 @@ class Result:
     seconds: float = 0.0
     error: str | None = None
     fma_in_update: int = 0
+    vector_loads: int | None = None
+    vectorised: bool = False
 
 
 def variants() -> Iterator[Variant]:
@@ -72,30 +77,31 @@ def variants() -> Iterator[Variant]:
     # specialises on nothing of the layout, so one view of that class stands for all.
     layouts = {"aligned": lambda t: t, "any-layout": lambda t: t.t().contiguous().t()}
 
-    def fused(name, **given):
+    def fused(name, vectorised=False, **given):
         arguments = dict(
             score=score, weight=weight, indices=indices, seed=seed, k=2, beta1=0.2, beta2=0.9, logits=None,
             labels_a=None, labels_b=None, soft_targets=None, lam=1.0, losses=None, label_smoothing=0.1,
         )  # fmt: skip
         arguments.update(given)
         kernel, args, kwargs, _, _ = launch.fused_select_arguments(**arguments)
-        return Variant(name, kernel, args, kwargs)
+        return Variant(name, kernel, args, kwargs, vectorised)
 
     for dtype_name, dtype in float_dtypes.items():
         yield fused(f"fused losses={dtype_name}", losses=torch.zeros(batch, dtype=dtype))
     for dtype_name, dtype in float_dtypes.items():
         for layout_name, layout in layouts.items():
             logits = layout(torch.zeros(batch, classes, dtype=dtype))
-            yield fused(f"fused labels logits={dtype_name} {layout_name}", logits=logits, labels_a=labels)
+            name = f"fused labels logits={dtype_name} {layout_name}"
+            yield fused(name, layout_name == "aligned", logits=logits, labels_a=labels)
     for dtype_name, dtype in float_dtypes.items():
         for target_name, target_dtype in float_dtypes.items():
             for layout_name, layout in layouts.items():
                 logits = layout(torch.zeros(batch, classes, dtype=dtype))
                 soft = layout(torch.zeros(batch, classes, dtype=target_dtype))
                 name = f"fused soft logits={dtype_name} targets={target_name} {layout_name}"
-                yield fused(name, logits=logits, soft_targets=soft)
+                yield fused(name, layout_name == "aligned", logits=logits, soft_targets=soft)
     args, kwargs, _ = launch.prune_keys_arguments(torch.zeros(n), seed)
-    yield Variant("prune_keys values=fp32", kernels.prune_keys_kernel, args, kwargs)
+    yield Variant("prune_keys values=fp32", kernels.prune_keys_kernel, args, kwargs, vectorised=True)
 
 
 def _bind(kernel, args: tuple, kwargs: dict, backend) -> tuple:
@@ -202,6 +208,11 @@ def _update_instructions(ptx: str, lines: set[int]) -> tuple[int, int]:
     return fused, rounded
 
 
+def vector_loads(ptx: str) -> int:
+    """Number of vector global loads (``ld.global[.qualifiers].v2/.v4``) in ``ptx``."""
+    return len(re.findall(r"^\s*(?:@!?%\w+\s+)?ld\.global(?:\.[\w:]+)*?\.v[248]\.", ptx, flags=re.MULTILINE))
+
+
 def _ptxas_numbers(log: str) -> tuple[int | None, int | None]:
     registers = re.findall(r"Used (\d+) registers", log)
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
@@ -215,7 +226,7 @@ def compile_variant(variant: Variant, arch: int) -> Result:
     from triton.backends.compiler import GPUTarget
     from triton.compiler.compiler import make_backend
 
-    result = Result(variant.name, arch)
+    result = Result(variant.name, arch, vectorised=variant.vectorised)
     start = time.perf_counter()
     try:
         target = GPUTarget("cuda", arch, 32)
@@ -237,6 +248,7 @@ def compile_variant(variant: Variant, arch: int) -> Result:
             compiled = triton.compile(source, target=target, options=options.__dict__)
         result.registers, result.spill_bytes = _ptxas_numbers(log.getvalue())
         result.shared_bytes = int(compiled.metadata.shared)
+        result.vector_loads = vector_loads(compiled.asm["ptx"])
         if variant.kernel.__name__ == "fused_select_kernel":
             result.fma_in_update, rounded = _update_instructions(compiled.asm["ptx"], _update_lines())
             if rounded < 4:
@@ -258,17 +270,19 @@ def _failures(result: Result) -> list[str]:
         problems.append(f"{result.spill_bytes} bytes spilled")
     if result.fma_in_update:
         problems.append(f"{result.fma_in_update} fma in the state update")
+    if result.vectorised and result.vector_loads == 0:
+        problems.append("no vector load (ld.global.v2/v4) in a variant that must vectorise")
     return problems
 
 
 def table(results: list[Result]) -> str:
     rows = [
-        "| kernel variant | target | registers | spilled bytes | shared memory (bytes) | status |",
-        "|---|---|---|---|---|---|",
+        "| kernel variant | target | registers | spilled bytes | shared memory (bytes) | vector loads | status |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in results:
         status = "; ".join(_failures(r)) or "ok"
-        cells = [r.variant, f"sm_{r.arch}", r.registers, r.spill_bytes, r.shared_bytes, status]
+        cells = [r.variant, f"sm_{r.arch}", r.registers, r.spill_bytes, r.shared_bytes, r.vector_loads, status]
         rows.append("| " + " | ".join("-" if c is None else str(c) for c in cells) + " |")
     return "\n".join(rows)
 

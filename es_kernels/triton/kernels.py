@@ -28,11 +28,14 @@ MODE_LABELS = 1  # int64 class ids; the mixup form is two label vectors and lam
 MODE_SOFT = 2  # dense (B, C) target weights
 
 LOG2E = tl.constexpr(1.4426950408889634)
+# Private histogram copies per radix pass of select_top_k (see there).
+SPREAD = tl.constexpr(8)
 
 
 @_jit
 def race_key(weight, seed, position):
-    """``log(w) - log(E)``, E ~ Exp(1) from Philox at (seed, position); -inf unless w > 0 (zero, negative, NaN).
+    """``log(w) - log(E)``, E ~ Exp(1) from Philox at (seed, position); -inf unless w >= 2**-126, the smallest
+    normal fp32 (zero, subnormal, negative, NaN): libdevice ``logf`` flushes subnormals, so every backend does.
 
     u = (m + 0.5) * 2**-23 with m the top 23 bits of one Philox word, so u lies strictly inside (0, 1) and
     ``1 - u`` is exact in fp32: ``-log(1 - u)`` then equals ``-log1p(-u)`` to the accuracy of ``log`` (libdevice
@@ -42,7 +45,7 @@ def race_key(weight, seed, position):
     uniform = ((bits >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07
     exponential = -tl.log(1.0 - uniform)
     key = tl.log(weight) - tl.log(exponential)
-    return tl.where(weight > 0.0, key, float("-inf"))
+    return tl.where(weight >= 1.1754943508222875e-38, key, float("-inf"))
 
 
 @_jit
@@ -63,6 +66,12 @@ def select_top_k(keys_ptr, batch, k, positions_ptr, BLOCK_B: tl.constexpr):
     and fix the digit where the count from the top reaches the number still wanted. That yields T, the k-th largest
     key, and how many keys equal to T belong in the draw; the last pass takes every key above T and the first of
     the keys equal to T in ascending position, which is the packed order's tie-break (low half ~position).
+
+    Race keys share their sign and exponent bits, so in the first passes nearly every key falls in two or three
+    bins, and a histogram compiles to one shared-memory atomic per key: keys of one warp hitting one counter
+    serialise. Each pass therefore counts into SPREAD private copies of the 256 bins, picked by the key's lane
+    (keys are laid out two per thread, so bits 1..3 of the position tell lanes apart), and sums the copies once per
+    pass: at most 32 / SPREAD lanes of a warp share a counter.
     """
     offsets = tl.arange(0, BLOCK_B)
     bins = tl.arange(0, 256)
@@ -70,7 +79,7 @@ def select_top_k(keys_ptr, batch, k, positions_ptr, BLOCK_B: tl.constexpr):
     wanted = k + tl.zeros([], tl.int32)
     for digit_index in range(4):
         shift = 24 - 8 * digit_index
-        counts = tl.zeros([256], tl.int32)
+        spread_counts = tl.zeros([256 * SPREAD], tl.int32)
         for start in range(0, batch, BLOCK_B):
             positions = start + offsets
             inside = positions < batch
@@ -79,7 +88,9 @@ def select_top_k(keys_ptr, batch, k, positions_ptr, BLOCK_B: tl.constexpr):
             high = (key >> 32) + 2147483648
             same_prefix = inside & ((high >> (shift + 8)) == (prefix >> (shift + 8)))
             digit = ((high >> shift) & 255).to(tl.int32)
-            counts += tl.histogram(digit, 256, mask=same_prefix)
+            copy = (positions >> 1) & (SPREAD - 1)
+            spread_counts += tl.histogram(digit * SPREAD + copy, 256 * SPREAD, mask=same_prefix)
+        counts = tl.sum(tl.reshape(spread_counts, [256, SPREAD]), 1)
         # from_top[d] = number of candidates whose digit is >= d; it reaches `wanted` at d = 0.
         from_top = tl.sum(counts, 0) - tl.cumsum(counts, 0) + counts
         chosen = tl.max(tl.where(from_top >= wanted, bins, -1), 0)
@@ -99,6 +110,53 @@ def select_top_k(keys_ptr, batch, k, positions_ptr, BLOCK_B: tl.constexpr):
         tl.store(positions_ptr + slot, positions.to(tl.int64), mask=take & (slot < k))
         written += tl.sum(take.to(tl.int32), 0)
         ties_seen += tl.sum(tie.to(tl.int32), 0)
+
+
+@_jit
+def row_block(
+    row_start,
+    logits_col_stride,
+    soft_start,
+    soft_col_stride,
+    start,
+    num_classes,
+    row_max,
+    exp_sum,
+    shifted_logit_sum,
+    target_sum,
+    shifted_target_sum,
+    MODE: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    """Fold columns [start, start + BLOCK_C) of a row into the running statistics of ``row_loss``; only the last,
+    partial block is ``MASKED``."""
+    cols = start + tl.arange(0, BLOCK_C)
+    inside = cols < num_classes
+    logit_pointers = row_start + cols.to(tl.int64) * logits_col_stride
+    if MASKED:
+        x = tl.load(logit_pointers, mask=inside, other=float("-inf")).to(tl.float32)
+    else:
+        x = tl.load(logit_pointers).to(tl.float32)
+    new_max = tl.maximum(row_max, tl.max(x, 0))
+    # A block (or a row so far) of -inf logits must not turn the rescaling into exp(-inf + inf) = NaN.
+    anchor = tl.where(new_max == float("-inf"), 0.0, new_max)
+    seen_any = row_max != float("-inf")
+    shift = tl.where(seen_any, row_max - anchor, 0.0)
+    exp_sum = exp_sum * tl.exp2(shift * LOG2E) + tl.sum(tl.exp2((x - anchor) * LOG2E), 0)
+    x_shifted = x - anchor
+    if MASKED:
+        x_shifted = tl.where(inside, x_shifted, 0.0)
+    shifted_logit_sum += start * shift + tl.sum(x_shifted, 0)
+    if MODE == 2:
+        target_pointers = soft_start + cols.to(tl.int64) * soft_col_stride
+        if MASKED:
+            t = tl.load(target_pointers, mask=inside, other=0.0).to(tl.float32)
+        else:
+            t = tl.load(target_pointers).to(tl.float32)
+        shifted_target_sum += target_sum * shift + tl.sum(t * x_shifted, 0)
+        target_sum += tl.sum(t, 0)
+    return new_max, exp_sum, shifted_logit_sum, target_sum, shifted_target_sum
 
 
 @_jit
@@ -131,30 +189,24 @@ def row_loss(
     """
     row_start = logits_ptr + row.to(tl.int64) * logits_row_stride
     soft_start = soft_ptr + row.to(tl.int64) * soft_row_stride
-    columns = tl.arange(0, BLOCK_C)
     row_max = tl.full([], float("-inf"), tl.float32)
     exp_sum = tl.zeros([], tl.float32)
     shifted_logit_sum = tl.zeros([], tl.float32)
     target_sum = tl.zeros([], tl.float32)
     shifted_target_sum = tl.zeros([], tl.float32)
-    for start in range(0, num_classes, BLOCK_C):
-        cols = start + columns
-        inside = cols < num_classes
-        x = tl.load(row_start + cols.to(tl.int64) * logits_col_stride, mask=inside, other=float("-inf"))
-        x = x.to(tl.float32)
-        new_max = tl.maximum(row_max, tl.max(x, 0))
-        # A block (or a row so far) of -inf logits must not turn the rescaling into exp(-inf + inf) = NaN.
-        anchor = tl.where(new_max == float("-inf"), 0.0, new_max)
-        seen_any = row_max != float("-inf")
-        shift = tl.where(seen_any, row_max - anchor, 0.0)
-        exp_sum = exp_sum * tl.exp2(shift * LOG2E) + tl.sum(tl.exp2((x - anchor) * LOG2E), 0)
-        row_max = new_max
-        x_shifted = tl.where(inside, x - anchor, 0.0)
-        shifted_logit_sum += start * shift + tl.sum(x_shifted, 0)
-        if MODE == 2:
-            t = tl.load(soft_start + cols.to(tl.int64) * soft_col_stride, mask=inside, other=0.0).to(tl.float32)
-            shifted_target_sum += target_sum * shift + tl.sum(t * x_shifted, 0)
-            target_sum += tl.sum(t, 0)
+    # Full blocks load without a mask, so the aligned variant's loads vectorise (num_classes is not specialised:
+    # a mask `cols < num_classes` would hide the alignment); the partial last block is loaded masked, apart.
+    full_end = num_classes - num_classes % BLOCK_C
+    for start in range(0, full_end, BLOCK_C):
+        row_max, exp_sum, shifted_logit_sum, target_sum, shifted_target_sum = row_block(
+            row_start, logits_col_stride, soft_start, soft_col_stride, start, num_classes,
+            row_max, exp_sum, shifted_logit_sum, target_sum, shifted_target_sum, MODE, BLOCK_C, False,
+        )  # fmt: skip
+    if full_end < num_classes:
+        row_max, exp_sum, shifted_logit_sum, target_sum, shifted_target_sum = row_block(
+            row_start, logits_col_stride, soft_start, soft_col_stride, full_end, num_classes,
+            row_max, exp_sum, shifted_logit_sum, target_sum, shifted_target_sum, MODE, BLOCK_C, True,
+        )  # fmt: skip
     log_sum = tl.log(exp_sum)
     if MODE == 1:
         # Out-of-range ids (possible only with value checks off) read nothing and give a NaN loss, never chosen.
@@ -276,9 +328,18 @@ fused_select_kernel_any_layout = _jit(
 
 @_jit(do_not_specialize=["n"])
 def prune_keys_kernel(values_ptr, keys_ptr, n, seed_ptr, BLOCK: tl.constexpr):
-    """fp32 race keys for n values; the key of sample i depends on (seed, i) only, never on BLOCK."""
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inside = offsets < n
-    values = tl.load(values_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+    """fp32 race keys for n values; the key of sample i depends on (seed, i) only, never on BLOCK.
+
+    Every block but the last loads and stores without a mask, so those accesses vectorise (n is not specialised: a
+    mask ``offsets < n`` would hide the alignment).
+    """
+    first = tl.program_id(0).to(tl.int64) * BLOCK
+    offsets = first + tl.arange(0, BLOCK)
     seed = tl.load(seed_ptr)
-    tl.store(keys_ptr + offsets, race_key(values, seed, offsets), mask=inside)
+    if first + BLOCK <= n:
+        values = tl.load(values_ptr + offsets).to(tl.float32)
+        tl.store(keys_ptr + offsets, race_key(values, seed, offsets))
+    else:
+        inside = offsets < n
+        values = tl.load(values_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+        tl.store(keys_ptr + offsets, race_key(values, seed, offsets), mask=inside)
