@@ -8,7 +8,7 @@
 
 namespace {
 
-constexpr int kThreads = 256, kWarp = 32;
+constexpr int kThreads = es_kernels::kRowLossThreads, kWarp = 32;
 
 // One butterfly level applied to all lanes at once, as __shfl_xor_sync does.
 void butterfly(std::vector<es_kernels::RowPartial>& lanes) {

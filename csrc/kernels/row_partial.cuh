@@ -13,6 +13,9 @@
 
 namespace es_kernels {
 
+// Threads per row of loss_row_kernel; the host replay strides over the columns the same way.
+constexpr int kRowLossThreads = 256;
+
 // max m, sum exp(x - m), and shifted_x = sum (x - a), shifted_tx = sum t * (x - a), sum_t = sum t over `count`
 // columns, with the anchor a = m (0 while m is -inf, so -inf logits do not turn the shift into NaN).
 struct RowPartial {

@@ -17,7 +17,7 @@
 namespace es_kernels {
 namespace cuda {
 
-constexpr int kRowThreads = 256;
+constexpr int kRowThreads = kRowLossThreads;
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
