@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import gpu_check
-
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import gpu_check  # noqa: E402
 FIXTURE = ROOT / "tests" / "fixtures" / "gpu_check_summary.json"
 
 
