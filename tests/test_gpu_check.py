@@ -16,6 +16,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import gpu_check  # noqa: E402
+
 FIXTURE = ROOT / "tests" / "fixtures" / "gpu_check_summary.json"
 
 
@@ -54,7 +55,7 @@ def test_report_from_the_recorded_summary():
     summary = json.loads(FIXTURE.read_text())
     text = gpu_check.report(summary)
     assert "**Correctness: passed**" in text
-    assert "triton: 2 per call" in text
+    assert "triton: 3 per call" in text
     # 256 x 32000 bf16 logits (16.4 MB) in 20.48 µs: 800 GB/s, 39% of the fixture's 2039 GB/s peak.
     assert "| 256 | 32000 | bf16 | triton | 20.5 µs | 800 | 39% |" in text
     assert "| 100000000 | 50000000 | triton | 4.00 ms | 100 |" in text
@@ -90,3 +91,19 @@ def test_benchmark_rows_keep_cuda_rows_only():
 @pytest.mark.skipif(sys.platform != "linux", reason="bash script")
 def test_script_is_executable():
     assert os.access(ROOT / "benchmarks" / "gpu_check.sh", os.X_OK)
+
+
+def test_compile_check_runs_and_passes_where_it_can_here():
+    # The CUDA step compiles the Triton backend with inductor; the same check on CPU, through the reference.
+    outcome = gpu_check.check_compile(device="cpu", backends=("torch",), compiler="aot_eager")
+    assert outcome == {"backends": {"torch": {"same_draw_losses_and_state": True}}, "problems": []}
+
+
+def test_a_check_that_raises_is_reported_by_name(tmp_path, monkeypatch, capsys):
+    def broken():
+        raise RuntimeError("capture failed")
+
+    monkeypatch.setitem(gpu_check.CHECKS, "cuda_graph", broken)
+    assert gpu_check.run_check("cuda_graph", tmp_path) == 1
+    assert "cuda_graph: RuntimeError: capture failed" in capsys.readouterr().out
+    assert json.loads((tmp_path / "cuda_graph.json").read_text())["problems"] == ["RuntimeError: capture failed"]
