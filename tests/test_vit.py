@@ -318,3 +318,37 @@ def test_pretrained_weights_out_of_reach_fail_at_start(data, tmp_path, monkeypat
     assert not (tmp_path / "out").exists()
     with pytest.raises(SystemExit, match="pass one"):
         cli.main([*cli_args(data, tmp_path / "out"), "--pretrained", "--checkpoint", "x.pt"])
+
+
+def test_the_recipe_modules_import_each_other_without_a_cycle():
+    """Every import between the es-vit modules, also those inside functions: the graph has no cycle (cli.py and
+    recipe.py used to import each other), and importing the command imports no training machinery."""
+    import ast
+
+    package = Path(cli.__file__).parent
+    names = {path.stem for path in package.glob("*.py")} - {"__init__", "__main__"}
+    graph = {}
+    for name in names:
+        tree = ast.parse((package / f"{name}.py").read_text())
+        found = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "es_kernels.train.vit":
+                found |= {alias.name for alias in node.names} & names
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("es_kernels.train.vit."):
+                found.add(node.module.rsplit(".", 1)[1])
+        graph[name] = found - {name}
+    assert "cli" not in set().union(*graph.values()), graph  # nothing imports the command line
+    done: set[str] = set()
+
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        assert name not in path, f"import cycle: {' -> '.join((*path, name))}"
+        if name not in done:
+            for other in graph[name]:
+                visit(other, (*path, name))
+            done.add(name)
+
+    for name in sorted(graph):
+        visit(name, ())
+    code = "import sys, es_kernels.train.vit; print(sorted({'timm', 'torchvision', 'matplotlib'} & set(sys.modules)))"
+    done_run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done_run.returncode == 0 and done_run.stdout.strip() == "[]", done_run.stderr[-2000:]
