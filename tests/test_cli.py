@@ -235,8 +235,12 @@ def test_no_progress_switch_is_on_every_training_command(monkeypatch):
 @pytest.fixture
 def setup_module(monkeypatch):
     """setup.py's functions (it calls setup() only as __main__), with the build switches unset."""
-    for name in ("ES_KERNELS_BUILD_CUDA", "ES_KERNELS_REQUIRE_EXTENSION", "ES_KERNELS_NO_EXTENSION", "CUDA_HOME"):
+    for name in ("ES_KERNELS_BUILD_CUDA", "ES_KERNELS_REQUIRE_EXTENSION", "ES_KERNELS_NO_EXTENSION"):
         monkeypatch.delenv(name, raising=False)
+    # setup.py fills these in when unset: set here, so the test process gets its own values back afterwards
+    monkeypatch.setenv("CUDA_HOME", "/nonexistent/cuda")
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0")
+    monkeypatch.setenv("MAX_JOBS", "1")
     spec = importlib.util.spec_from_file_location("es_kernels_setup_under_test", ROOT / "setup.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -318,3 +322,35 @@ def test_setup_py_chooses_the_cpu_extension_from_the_command_line(tmp_path):
         [sys.executable, "setup.py", "--version"], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT
     )
     assert failed.returncode != 0 and "ES_KERNELS_BUILD_CUDA=1 but" in failed.stderr
+
+
+def test_build_ext_rebuilds_for_cpu_then_gives_up_to_pure_python(setup_module, monkeypatch, capsys):
+    """The build command's loop, with the compile stubbed: CUDA fails -> CPU build; CPU fails too -> no extension."""
+    pytest.importorskip("torch.utils.cpp_extension")
+    from setuptools import Distribution
+
+    build = setup_module._load_build_config()
+    command_class = setup_module.build_ext_with_fallback(build)
+    built: list[bool] = []
+
+    def compile_stub(self, fail_cpu: bool):
+        (extension,) = self.extensions
+        built.append(setup_module.is_cuda_extension(extension))
+        if built[-1] or fail_cpu:
+            raise RuntimeError("Error compiling objects for extension")
+
+    for fail_cpu in (False, True):
+        built.clear()
+        distribution = Distribution({"ext_modules": [setup_module.make_extension(build, "/nonexistent/cuda")]})
+        command = command_class(distribution)
+        command.ensure_finalized()
+        monkeypatch.setattr(command_class.__mro__[1], "run", lambda self, f=fail_cpu: compile_stub(self, f))
+        command.run()
+        assert built == [True, False]
+        if fail_cpu:
+            assert command.extensions == distribution.ext_modules == []
+        else:
+            (extension,) = command.extensions
+            assert not setup_module.is_cuda_extension(extension) and distribution.ext_modules == [extension]
+    notes = [line for line in capsys.readouterr().err.splitlines() if "failed to compile" in line]
+    assert len(notes) == 3  # one line per fallback
