@@ -214,11 +214,17 @@ def plot(rows: list[dict], path: str, stat: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python3 -m benchmarks.report",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("results", help="pytest-benchmark JSON (--benchmark-json)")
     parser.add_argument("--compare", metavar="BEFORE", help="an earlier JSON to compare the results against")
     parser.add_argument("--plot", metavar="PNG", help="write a plot of the select rows here")
-    parser.add_argument("--stat", default="median", choices=("median", "min", "mean"))
+    parser.add_argument(
+        "--stat", default="median", choices=("median", "min", "mean"), help="which per-call time the tables show"
+    )
     parser.add_argument(
         "--checks", default="both", choices=("both", "off", "on"), help="select rows with value checks off/on only"
     )

@@ -23,6 +23,7 @@ from collections.abc import Callable
 import torch
 
 from es_kernels import EvolvedState, backend_status, evolved_prune, evolved_select, reference
+from es_kernels.command import HelpFormatter
 
 # The same tolerances as tests/helpers.py (tests/test_selfcheck.py keeps the two equal): fp32 losses from logits of
 # each dtype against the fp32 reference on the same rounded logits differ by summation order only.
@@ -234,7 +235,9 @@ def run(devices: list[str], timing: bool = True, out=None) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python3 -m es_kernels.selfcheck", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
+    )
     parser.add_argument("--device", default="all", help="cpu, cuda, or all (every device present)")
     parser.add_argument("--no-timing", action="store_true", help="skip the timing table")
     args = parser.parse_args(argv)

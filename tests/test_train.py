@@ -214,7 +214,7 @@ def test_label_noise_bad_input():
 
 def test_digits_demo_writes_results(tmp_path):
     out = tmp_path / "results.json"
-    rows = digits.main(["--methods", "baseline", "es", "--seeds", "0", "--epochs", "3", "--out", str(out)])
+    rows = digits.run(["--methods", "baseline", "es", "--seeds", "0", "--epochs", "3", "--out", str(out)])
     saved = json.loads(out.read_text())
     assert [row["method"] for row in saved["summary"]] == ["baseline", "es"] == [row["method"] for row in rows]
     baseline, es = saved["summary"]
@@ -282,7 +282,7 @@ def test_es_beats_the_baseline_under_40_percent_label_noise(tmp_path):
 
     The README's results table holds the measured figures (ES won on every seed there).
     """
-    rows = digits.main(["--methods", "baseline", "es", "--out", str(tmp_path / "r.json")])
+    rows = digits.run(["--methods", "baseline", "es", "--out", str(tmp_path / "r.json")])
     baseline, es = rows
     assert es["test_accuracy_mean"] > baseline["test_accuracy_mean"]
 

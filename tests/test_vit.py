@@ -20,7 +20,7 @@ pytest.importorskip("torchvision")
 pytest.importorskip("matplotlib")
 
 from es_kernels.train.loop import EvolvedTraining
-from es_kernels.train.vit import cli, logs, recipe
+from es_kernels.train.vit import checkpoint, cli, config, logs, model, recipe
 
 CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS, SIZE = 3, 8, 3, 16
 N_TRAIN = CLASSES * TRAIN_PER_CLASS
@@ -64,7 +64,7 @@ def cli_args(data: Path, out: Path, *extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def all_methods(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
-    results = cli.main(cli_args(data, out, "--method", *METHODS))
+    results = cli.run(cli_args(data, out, "--method", *METHODS))
     return out, results
 
 
@@ -112,29 +112,29 @@ def test_plots_are_written_next_to_each_log_and_for_all_methods(all_methods):
 
 def test_checkpoint_holds_everything_to_continue(all_methods):
     out, results = all_methods
-    checkpoint = torch.load(out / "eswp" / recipe.CHECKPOINT_NAME, weights_only=True)
-    assert checkpoint["epoch"] == 2 and checkpoint["records"] == results["eswp"]
-    assert {"model", "optimizer", "scheduler", "scaler", "training", "rng"} <= set(checkpoint)
-    (state,) = checkpoint["training"]  # one rank
+    saved = torch.load(out / "eswp" / checkpoint.CHECKPOINT_NAME, weights_only=True)
+    assert saved["epoch"] == 2 and saved["records"] == results["eswp"]
+    assert {"model", "optimizer", "scheduler", "scaler", "training", "rng"} <= set(saved)
+    (state,) = saved["training"]  # one rank
     assert state["method"] == "eswp" and state["sampler"]["epoch"] == 1
     assert state["trained_samples"] == results["eswp"][1]["backprop_samples"]
     assert not torch.all(state["state"]["weight"] == 1.0 / N_TRAIN)  # the state moved
     steps = EvolvedTraining("eswp", N_TRAIN, 2, anneal_start=0.5, anneal_end=0.0).total_steps(BATCH)
-    assert checkpoint["scheduler"]["last_epoch"] == steps  # OneCycle told the exact step count and ran all of it
-    assert len(checkpoint["optimizer"]["state"]) > 0
+    assert saved["scheduler"]["last_epoch"] == steps  # OneCycle told the exact step count and ran all of it
+    assert len(saved["optimizer"]["state"]) > 0
     assert not list(out.glob("**/.*.tmp*"))  # atomic writes left no temporary file
 
 
 def test_resume_after_epoch_one_continues_exactly(data, tmp_path, all_methods):
     out, results = all_methods
     args = cli_args(data, tmp_path, "--method", "eswp")
-    first = cli.main([*args, "--stop-after", "1"])
+    first = cli.run([*args, "--stop-after", "1"])
     assert [r["epoch"] for r in first["eswp"]] == [0]
     with pytest.raises(SystemExit, match="already holds a run"):  # never silently overwrite a run
         cli.main(args)
-    resumed = cli.main([*args, "--resume"])
-    reference = torch.load(out / "eswp" / recipe.CHECKPOINT_NAME, weights_only=True)
-    again = torch.load(tmp_path / "eswp" / recipe.CHECKPOINT_NAME, weights_only=True)
+    resumed = cli.run([*args, "--resume"])
+    reference = torch.load(out / "eswp" / checkpoint.CHECKPOINT_NAME, weights_only=True)
+    again = torch.load(tmp_path / "eswp" / checkpoint.CHECKPOINT_NAME, weights_only=True)
     ref_state, state = reference["training"][0], again["training"][0]
     for key in ("score", "weight"):
         assert torch.equal(state["state"][key], ref_state["state"][key])
@@ -149,7 +149,7 @@ def test_resume_after_epoch_one_continues_exactly(data, tmp_path, all_methods):
 
 def test_mixup_and_cutmix_after_selection_under_bf16_autocast(data, tmp_path):
     extra = ["--method", "es", "--mixup", "0.8", "--cutmix", "1.0", "--precision", "bf16"]
-    results = cli.main(cli_args(data, tmp_path, *extra))
+    results = cli.run(cli_args(data, tmp_path, *extra))
     assert json.loads((tmp_path / "es" / logs.LOG_NAME).read_text())["config"]["precision"] == "bf16"
     assert [r["backprop_samples"] for r in results["es"]] == expected_backprop("es")
     assert all(math.isfinite(r["train_loss"]) for r in results["es"])
@@ -185,22 +185,22 @@ def test_torchrun_two_ranks_share_one_state(data, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    checkpoint = torch.load(tmp_path / "eswp" / recipe.CHECKPOINT_NAME, weights_only=True)
-    rank0, rank1 = checkpoint["training"]
+    saved = torch.load(tmp_path / "eswp" / checkpoint.CHECKPOINT_NAME, weights_only=True)
+    rank0, rank1 = saved["training"]
     assert (rank0["sampler"]["rank"], rank1["sampler"]["rank"]) == (0, 1)
     assert not torch.equal(rank0["sampler"]["shard"], rank1["sampler"]["shard"])  # each rank its own shard
     for key in ("score", "weight"):
         assert torch.equal(rank0["state"][key], rank1["state"][key]), key
     # Each rank saw half the ids in the annealing epoch; only the merge makes every sample's entry move on both.
     assert torch.all(rank0["state"]["score"] != 1.0 / N_TRAIN)
-    records = checkpoint["records"]
+    records = saved["records"]
     assert [r["epoch"] for r in records] == [0, 1]
     assert records[0]["backprop_samples"] == N_TRAIN  # summed over the ranks
     assert records[1]["scored_samples"] - records[0]["scored_samples"] == round(0.8 * N_TRAIN)  # ESWP keeps 80%
 
 
 def test_demo_writes_its_data_and_runs(tmp_path):
-    results = cli.main(
+    results = cli.run(
         ["--demo", "--out", str(tmp_path), "--method", "es", "--epochs", "1", "--batch-size", "512", "--threads", "1",
          "--model-kwargs", "img_size=32", "patch_size=8", "embed_dim=32", "depth=1", "num_heads=2", "--no-progress"]
     )  # fmt: skip
@@ -252,26 +252,26 @@ def test_model_name_is_checked_before_the_data_folder_is_read(tmp_path, monkeypa
     def no_scan(root):
         raise AssertionError("the data folder was scanned before the model name was checked")
 
-    monkeypatch.setattr(recipe, "check_data", no_scan)
+    monkeypatch.setattr(config, "check_data", no_scan)
     with pytest.raises(SystemExit, match="unknown timm model"):
         cli.main([*cli_args(tmp_path / "anywhere", tmp_path / "out"), "--model", "vit_nonexistent_patch99"])
 
 
 def test_a_save_that_fails_midway_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    path = tmp_path / recipe.CHECKPOINT_NAME
-    recipe.save_checkpoint(path, {"epoch": 1, "weights": torch.arange(4)})
+    path = tmp_path / checkpoint.CHECKPOINT_NAME
+    checkpoint.save_checkpoint(path, {"epoch": 1, "weights": torch.arange(4)})
 
     def torch_save_that_dies(obj, handle):
         handle.write(b"half a checkpoint")
         raise OSError("disk full")
 
-    monkeypatch.setattr(recipe.torch, "save", torch_save_that_dies)
+    monkeypatch.setattr(checkpoint.torch, "save", torch_save_that_dies)
     with pytest.raises(OSError, match="disk full"):
-        recipe.save_checkpoint(path, {"epoch": 2, "weights": torch.arange(8)})
+        checkpoint.save_checkpoint(path, {"epoch": 2, "weights": torch.arange(8)})
     monkeypatch.undo()
     kept = torch.load(path, weights_only=True)
     assert kept["epoch"] == 1 and torch.equal(kept["weights"], torch.arange(4))
-    assert [p.name for p in tmp_path.iterdir()] == [recipe.CHECKPOINT_NAME]  # no temporary file left behind
+    assert [p.name for p in tmp_path.iterdir()] == [checkpoint.CHECKPOINT_NAME]  # no temporary file left behind
 
 
 def test_unknown_method_is_an_argparse_error(data, tmp_path, capsys):
@@ -284,21 +284,21 @@ def test_unknown_method_is_an_argparse_error(data, tmp_path, capsys):
 def test_checkpoint_weights_load_and_a_head_of_another_shape_is_dropped(data, tmp_path, all_methods):
     """--checkpoint takes an es-vit checkpoint or a plain state dict; a classifier for other classes is left out."""
     out, _ = all_methods
-    weights = dict(torch.load(out / "es" / recipe.CHECKPOINT_NAME, weights_only=True)["model"])
+    weights = dict(torch.load(out / "es" / checkpoint.CHECKPOINT_NAME, weights_only=True)["model"])
     weights["head.weight"] = torch.ones(7, weights["head.weight"].shape[1])  # a 7-class head
     weights["head.bias"] = torch.ones(7)
     path = tmp_path / "plain.pt"
     torch.save({f"module.{key}": value for key, value in weights.items()}, path)  # as a DDP model saves it
     args = cli.parse_args([*cli_args(data, tmp_path / "out"), "--checkpoint", str(path)])
-    matched = recipe.match_weights(recipe.check_model(args, CLASSES), recipe.read_weights(path), "test")
+    matched = model.match_weights(model.check_model(args, CLASSES), model.read_weights(path), "test")
     assert set(weights) - set(matched) == {"head.weight", "head.bias"}
-    model = recipe.build_model(args, CLASSES, matched)
-    for key, value in model.state_dict().items():
+    built = model.build_model(args, CLASSES, matched)
+    for key, value in built.state_dict().items():
         if key in matched:
             assert torch.equal(value, weights[key]), key
         else:
             assert value.shape[0] == CLASSES and not torch.all(value == 1.0)
-    results = cli.main([*cli_args(data, tmp_path / "out"), "--method", "baseline", "--checkpoint", str(path)])
+    results = cli.run([*cli_args(data, tmp_path / "out"), "--method", "baseline", "--checkpoint", str(path)])
     assert len(results["baseline"]) == 2
 
 
@@ -318,3 +318,37 @@ def test_pretrained_weights_out_of_reach_fail_at_start(data, tmp_path, monkeypat
     assert not (tmp_path / "out").exists()
     with pytest.raises(SystemExit, match="pass one"):
         cli.main([*cli_args(data, tmp_path / "out"), "--pretrained", "--checkpoint", "x.pt"])
+
+
+def test_the_recipe_modules_import_each_other_without_a_cycle():
+    """Every import between the es-vit modules, also those inside functions: the graph has no cycle (cli.py and
+    recipe.py used to import each other), and importing the command imports no training machinery."""
+    import ast
+
+    package = Path(cli.__file__).parent
+    names = {path.stem for path in package.glob("*.py")} - {"__init__", "__main__"}
+    graph = {}
+    for name in names:
+        tree = ast.parse((package / f"{name}.py").read_text())
+        found = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "es_kernels.train.vit":
+                found |= {alias.name for alias in node.names} & names
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("es_kernels.train.vit."):
+                found.add(node.module.rsplit(".", 1)[1])
+        graph[name] = found - {name}
+    assert "cli" not in set().union(*graph.values()), graph  # nothing imports the command line
+    done: set[str] = set()
+
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        assert name not in path, f"import cycle: {' -> '.join((*path, name))}"
+        if name not in done:
+            for other in graph[name]:
+                visit(other, (*path, name))
+            done.add(name)
+
+    for name in sorted(graph):
+        visit(name, ())
+    code = "import sys, es_kernels.train.vit; print(sorted({'timm', 'torchvision', 'matplotlib'} & set(sys.modules)))"
+    done_run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done_run.returncode == 0 and done_run.stdout.strip() == "[]", done_run.stderr[-2000:]

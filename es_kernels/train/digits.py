@@ -1,7 +1,8 @@
 """The embedded default run: baseline vs ES vs ESWP on scikit-learn's digits (ships with scikit-learn, no download).
 
-    python -m es_kernels.train.digits                      # 40% uniform label noise, 3 seeds, all methods
-    python -m es_kernels.train.digits --noise none --seeds 0
+    python3 -m es_kernels.train.digits                     # 40% uniform label noise, 3 seeds, all methods
+    python3 -m es_kernels.train.digits --noise none --seeds 0
+    es-digits --no-progress > digits.log                   # the installed command; no progress bar in a log
 
 Prints a table of clean test accuracy, wall-clock, back-propagated samples and time saved against the baseline, and
 writes the same as JSON. Every method runs through ``EvolvedTraining``, so they differ only in the selection.
@@ -19,8 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from es_kernels.command import HelpFormatter, prog_name
 from es_kernels.train.data import NOISE_MODES, IndexedDataset, corrupt_labels
 from es_kernels.train.loop import METHODS, EvolvedTraining
+from es_kernels.train.progress import add_progress_argument, progress_bar
 
 NUM_CLASSES = 10
 
@@ -156,23 +159,33 @@ def parse_noise(text: str) -> tuple[str, float] | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", nargs="+", default=["baseline", "es", "eswp"], choices=sorted(METHODS))
-    parser.add_argument("--noise", type=parse_noise, default="uniform:0.4", help="none, uniform:RATE or flip:RATE")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--batch-size", type=int, default=64, help="meta-batch size B")
-    parser.add_argument("--select-ratio", type=float, default=0.25, help="k/B")
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (timings are per this count)")
-    parser.add_argument("--out", type=Path, default=Path("runs/digits/results.json"))
+    prog = prog_name("es_kernels.train.digits", "es-digits")
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=HelpFormatter)
+    add = parser.add_argument
+    add(
+        "--methods",
+        nargs="+",
+        default=["baseline", "es", "eswp"],
+        choices=sorted(METHODS),
+        help="methods to compare, each trained once per seed",
+    )
+    add(
+        "--noise", type=parse_noise, default="uniform:0.4", help="training label noise: none, uniform:RATE or flip:RATE"
+    )
+    add("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run per seed and method; the table averages them")
+    add("--epochs", type=int, default=40, help="training epochs per run")
+    add("--batch-size", type=int, default=64, help="meta-batch size B")
+    add("--select-ratio", type=float, default=0.25, help="k/B, the fraction of each meta-batch back-propagated")
+    add("--hidden", type=int, default=512, help="units in each of the MLP's two hidden layers")
+    add("--lr", type=float, default=1e-3, help="OneCycle maximum learning rate (Adam)")
+    add("--threads", type=int, default=2, help="torch CPU threads (timings are per this count)")
+    add("--out", type=Path, default=Path("runs/digits/results.json"), help="JSON file for the table and every run")
+    add_progress_argument(parser)
     return parser
 
 
-def main(argv: list[str] | None = None) -> list[dict[str, object]]:
-    from tqdm import tqdm
-
+def run(argv: list[str] | None = None) -> list[dict[str, object]]:
+    """The command's run: the table's rows (one per method), also written to ``--out``."""
     args = build_parser().parse_args(argv)
     if isinstance(args.noise, str):  # argparse does not run `type` on defaults given as strings in all versions
         args.noise = parse_noise(args.noise)
@@ -189,7 +202,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     data = (x_train, y_train, x_test, y_test)
     warm_up(args.hidden)
     runs = []
-    with tqdm(total=len(args.seeds) * len(args.methods) * args.epochs, unit="epoch") as progress:
+    total = len(args.seeds) * len(args.methods) * args.epochs
+    with progress_bar(wanted=not args.no_progress, total=total, unit="epoch") as progress:
         for seed in args.seeds:
             for method in args.methods:
                 runs.append(train_one(method, data, args, seed, progress))
@@ -202,6 +216,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     args.out.write_text(json.dumps({"config": config, "summary": rows, "runs": runs}, indent=2))
     print(f"results written to {args.out}")
     return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The ``es-digits`` console script: returns nothing, so a finished run exits with status 0."""
+    run(argv)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from es_kernels.command import HelpFormatter
+
 TARGETS = (80, 90)
 # Source lines of the state update whose products must stay unfused.
 _UPDATE_MARKERS = ("weight_part = score_old * beta1", "score_new = score_part + loss * one_minus_beta2")
@@ -288,9 +290,13 @@ def table(results: list[Result]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m es_kernels.triton.aot", description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", type=int, action="append", help="compute capability like 80 (repeatable)")
-    parser.add_argument("--only", default="", help="compile only variants whose name contains this text")
+    parser = argparse.ArgumentParser(
+        prog="python3 -m es_kernels.triton.aot", description=__doc__.splitlines()[0], formatter_class=HelpFormatter
+    )
+    parser.add_argument(
+        "--arch", type=int, action="append", help="compute capability like 80 (repeatable; default: every target)"
+    )
+    parser.add_argument("--only", default="", help="compile only variants whose name contains this text (default: all)")
     parser.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
     parser.add_argument(
         "--coverage-only", action="store_true", help="only check that user-like launches map onto the variants"

@@ -19,11 +19,12 @@ import argparse
 import json
 from pathlib import Path
 
+from es_kernels.command import HelpFormatter, format_default, prog_name
 from es_kernels.train.data import NOISE_MODES
 from es_kernels.train.loop import METHODS, SCORING_MODES
+from es_kernels.train.progress import add_progress_argument
+from es_kernels.train.vit.config import ConfigError
 from es_kernels.train.vit.demo import DEMO_MODEL, DEMO_MODEL_KWARGS
-
-PROG = "es-vit"
 
 # What --demo changes; any option given explicitly on the command line still wins.
 DEMO_DEFAULTS = {
@@ -42,10 +43,6 @@ DEMO_DEFAULTS = {
     "model": DEMO_MODEL,
     "model_kwargs": list(DEMO_MODEL_KWARGS.items()),
 }
-
-
-class ConfigError(Exception):
-    """A bad setting found before training; the CLI turns it into ``SystemExit`` with this message."""
 
 
 def parse_label_noise(text: str) -> tuple[str, float] | None:
@@ -75,23 +72,33 @@ def parse_model_kwarg(text: str) -> tuple[str, object]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=prog_name("es_kernels.train.vit", "es-vit"),
+        description=__doc__,
+        epilog=demo_epilog(),
+        formatter_class=HelpFormatter,
     )
     add = parser.add_argument
-    add("--demo", action="store_true", help="run the embedded CPU demo (generates its data; see DEMO_DEFAULTS)")
-    add("--data", type=Path, help="ImageFolder root holding train/ and val/")
+    add("--demo", action="store_true", help="run the embedded CPU demo (writes its data; settings below)")
+    add("--data", type=Path, help="ImageFolder root holding train/ and val/ (required unless --demo)")
     add("--out", type=Path, default=Path("runs/vit"), help="output folder; each method writes OUT/<method>/")
     add("--method", nargs="+", default=["es"], choices=sorted(METHODS), help="one or more, run one after another")
 
     group = parser.add_argument_group("model and weights")
     group.add_argument("--model", default="vit_large_patch16_224", help="any timm model name")
-    group.add_argument("--model-kwargs", nargs="*", type=parse_model_kwarg, default=[], metavar="KEY=VALUE")
+    group.add_argument(
+        "--model-kwargs",
+        nargs="*",
+        type=parse_model_kwarg,
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra timm.create_model arguments; VALUE is read as JSON when it parses (numbers, booleans, lists)",
+    )
     group.add_argument("--pretrained", action="store_true", help="timm's pretrained weights (needs the hub)")
     group.add_argument("--checkpoint", type=Path, help="initial weights from a local file (weights_only load)")
     group.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth rate")
 
     group = parser.add_argument_group("optimisation (paper: Adam, OneCycle cosine, max lr 2e-5, 10 epochs, B=256)")
-    group.add_argument("--epochs", type=int, default=10)
+    group.add_argument("--epochs", type=int, default=10, help="training epochs E")
     group.add_argument("--batch-size", type=int, default=256, help="global meta-batch B (split across ranks)")
     group.add_argument("--lr", type=float, default=2e-5, help="OneCycle maximum learning rate")
     group.add_argument("--pct-start", type=float, default=0.3, help="OneCycle warm-up fraction")
@@ -103,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="autocast dtype; auto = bf16 on CUDA, fp32 on CPU",
     )
-    group.add_argument("--label-smoothing", type=float, default=0.1)
+    group.add_argument("--label-smoothing", type=float, default=0.1, help="cross-entropy label smoothing")
     group.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (0: off); applied after selection")
     group.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (0: off); applied after selection")
 
@@ -126,10 +133,23 @@ def build_parser() -> argparse.ArgumentParser:
         metavar=("START", "END"),
         help="fractions of epochs without selection at the start and the end",
     )
-    group.add_argument("--label-noise", type=parse_label_noise, default=None, metavar="{uniform,flip}:RATE")
-    group.add_argument("--scoring-mode", choices=SCORING_MODES, default="eval")
+    group.add_argument(
+        "--label-noise",
+        type=parse_label_noise,
+        default=None,
+        metavar="{uniform,flip}:RATE",
+        help="corrupt this fraction of training labels (robustness experiments; off by default)",
+    )
+    group.add_argument(
+        "--scoring-mode", choices=SCORING_MODES, default="eval", help="module mode of the scoring forward pass"
+    )
     group.add_argument("--sync", choices=["epoch", "step"], default="epoch", help="how ranks share the ES state")
-    group.add_argument("--backend", choices=["auto", "torch", "triton", "extension"], default="auto")
+    group.add_argument(
+        "--backend",
+        choices=["auto", "torch", "triton", "extension"],
+        default="auto",
+        help="kernel backend of the selection (auto: the fastest available)",
+    )
 
     group = parser.add_argument_group("data")
     group.add_argument("--input-size", type=int, default=None, help="default: the model's own image size")
@@ -141,15 +161,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar=("MIN", "MAX"),
         help="RandomResizedCrop scale range",
     )
-    group.add_argument("--hflip", type=float, default=0.5)
-    group.add_argument("--color-jitter", type=float, default=None)
+    group.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability")
+    group.add_argument("--color-jitter", type=float, default=None, help="colour jitter strength (off by default)")
     group.add_argument("--auto-augment", default=None, help="timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1")
     group.add_argument("--workers", type=int, default=8, help="DataLoader workers per rank")
     group.add_argument("--eval-batch-size", type=int, default=None, help="default: the per-rank meta-batch")
 
     group = parser.add_argument_group("run")
-    group.add_argument("--seed", type=int, default=0)
-    group.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    group.add_argument("--seed", type=int, default=0, help="seed of weights, data order, selection and augmentation")
+    group.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA when available, else the CPU"
+    )
     group.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
     group.add_argument("--resume", action="store_true", help="continue each method from OUT/<method>/checkpoint.pt")
     group.add_argument(
@@ -161,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     group.add_argument("--baseline-log", type=Path, default=None, help="log.json of a baseline run (time saved)")
     group.add_argument("--compare", type=Path, nargs="*", default=[], help="more log.json files to plot alongside")
-    group.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_progress_argument(group)
     return parser
 
 
@@ -175,12 +197,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> dict[str, list[dict[str, object]]]:
-    """Run the CLI; returns each method's epoch records (rank 0; other ranks get empty lists)."""
+def demo_epilog() -> str:
+    """The settings ``--demo`` changes, one line of options per 90 columns."""
+    options = [
+        f"--{name.replace('_', '-')} "
+        + (" ".join(f"{k}={v}" for k, v in value) if name == "model_kwargs" else format_default(value))
+        for name, value in DEMO_DEFAULTS.items()
+    ]
+    lines = [""]
+    for option in options:
+        if lines[-1] and len(lines[-1]) + len(option) > 90:
+            lines.append("")
+        lines[-1] = f"{lines[-1]} {option}".strip()
+    text = "\n  ".join(lines)
+    return f"--demo sets these defaults (an option given on the command line still wins):\n  {text}"
+
+
+def run(argv: list[str] | None = None) -> dict[str, list[dict[str, object]]]:
+    """The command's run: each method's epoch records (rank 0; other ranks get empty lists).
+
+    A bad setting ends it with ``SystemExit`` and the message, before any training.
+    """
     from es_kernels.train.vit import recipe
 
     args = parse_args(argv)
     try:
         return recipe.run_all(args)
     except ConfigError as error:
-        raise SystemExit(f"{PROG}: error: {error}") from None
+        raise SystemExit(f"{build_parser().prog}: error: {error}") from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The ``es-vit`` console script: returns nothing, so a finished run exits with status 0."""
+    run(argv)

@@ -1,0 +1,356 @@
+"""The command lines as a user meets them: each console script of pyproject.toml exits 0 after a short successful
+run, every option of every parser has help and shows its default, the program names are what the user types, no
+progress-bar carriage returns land in a log, and setup.py falls back to the CPU extension when CUDA cannot compile."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from es_kernels.command import format_default
+
+tomllib = pytest.importorskip("tomllib" if sys.version_info >= (3, 11) else "tomli")
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"].get("scripts", {})
+IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes", "on")
+
+# A short successful run of each console script (seconds on one thread). A script added to pyproject.toml needs a
+# line here: test_every_console_script_has_a_short_run fails until it has one.
+SHORT_RUNS = {
+    "es-digits": lambda out: [
+        "--methods", "baseline", "es", "--seeds", "0", "--epochs", "2", "--hidden", "16", "--threads", "1",
+        "--out", str(out / "results.json"),
+    ],
+    "es-vit": lambda out: [
+        "--demo", "--out", str(out), "--method", "es", "--epochs", "1", "--batch-size", "512", "--threads", "1",
+        "--model-kwargs", "img_size=32", "patch_size=8", "embed_dim=16", "depth=1", "num_heads=1",
+    ],
+}  # fmt: skip
+
+# Every command line with a parser: (how the user runs it, the module whose main() builds the parser).
+COMMANDS = {
+    "python3 -m es_kernels.train.digits": "es_kernels.train.digits",
+    "python3 -m es_kernels.train.vit": "es_kernels.train.vit.cli",
+    "python3 -m es_kernels.selfcheck": "es_kernels.selfcheck",
+    "python3 -m es_kernels.triton.aot": "es_kernels.triton.aot",
+    "python3 -m benchmarks.report": "benchmarks.report",
+}
+
+
+def environment() -> dict[str, str]:
+    """This checkout first on the path (also for the subprocess), one thread."""
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+
+
+def needs(script: str) -> None:
+    if script == "es-vit":
+        for module in ("timm", "torchvision", "matplotlib"):
+            pytest.importorskip(module)
+    pytest.importorskip("sklearn")
+
+
+def run_entry_point(script: str, argv: list[str]) -> subprocess.CompletedProcess:
+    """What the console script's wrapper does, ``sys.exit(main())``, for the target pyproject.toml names."""
+    module, _, function = SCRIPTS[script].partition(":")
+    code = f"import sys; from {module} import {function} as main; sys.argv[0] = {script!r}; sys.exit(main())"
+    command = [sys.executable, "-c", code, *argv]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=environment(), cwd=ROOT)
+
+
+def test_every_console_script_has_a_short_run():
+    assert SCRIPTS, "pyproject.toml declares no [project.scripts]"
+    missing = sorted(set(SCRIPTS) - set(SHORT_RUNS))
+    assert not missing, f"add a short successful run of {missing} to SHORT_RUNS in tests/test_cli.py"
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_console_script_target_exits_zero_after_a_successful_run(script, tmp_path):
+    """A console script passes main()'s return value to sys.exit: anything but None or an int exits 1."""
+    needs(script)
+    done = run_entry_point(script, [*SHORT_RUNS[script](tmp_path), "--no-progress"])
+    assert done.returncode == 0, f"{script} exited {done.returncode}: {done.stderr[-3000:]}"
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_installed_console_script_exits_zero(script, tmp_path):
+    """The script pip installed (CI installs the package before the tests; a local checkout may not have)."""
+    needs(script)
+    path = shutil.which(script)
+    if path is None:
+        message = f"console script {script} is not installed (pip install --no-build-isolation -e .)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    command = [path, *SHORT_RUNS[script](tmp_path), "--no-progress"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=environment(), cwd=tmp_path)
+    assert done.returncode == 0, f"{script} exited {done.returncode}: {done.stderr[-3000:]}"
+
+
+def test_entry_points_return_nothing(tmp_path, monkeypatch):
+    from es_kernels.train import digits
+    from es_kernels.train.vit import cli, recipe
+
+    pytest.importorskip("sklearn")
+    argv = [*SHORT_RUNS["es-digits"](tmp_path), "--methods", "es", "--epochs", "1", "--no-progress"]
+    assert digits.main(argv) is None
+    assert len(digits.run(argv)) == 1  # the rows stay available to Python callers
+    records = {"es": [{"epoch": 0}]}
+    monkeypatch.setattr(recipe, "run_all", lambda args: records)
+    assert cli.main(["--data", str(tmp_path)]) is None
+    assert cli.run(["--data", str(tmp_path)]) is records
+
+
+class ParserBuilt(Exception):
+    pass
+
+
+def built_parser(module_name: str, monkeypatch) -> argparse.ArgumentParser:
+    """The parser a command's main() builds, caught at its parse_args (nothing runs)."""
+    module = importlib.import_module(module_name)
+    caught = []
+
+    def capture(self, *args, **kwargs):
+        caught.append(self)
+        raise ParserBuilt
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    with pytest.raises(ParserBuilt):
+        module.main([])
+    monkeypatch.undo()
+    return caught[0]
+
+
+@pytest.mark.parametrize("prog", sorted(COMMANDS))
+def test_every_option_has_help_and_shows_its_default(prog, monkeypatch):
+    if "vit" in prog:
+        pytest.importorskip("timm")
+    parser = built_parser(COMMANDS[prog], monkeypatch)
+    assert parser.prog == prog
+    assert parser.description and parser.description.strip()
+    text = " ".join(parser.format_help().split())
+    assert text.startswith(f"usage: {prog} ")
+    for action in parser._actions:
+        name = "/".join(action.option_strings) or action.dest
+        assert action.help and action.help.strip(), f"{prog}: {name} has no help"
+        switch = isinstance(action, (argparse._StoreTrueAction, argparse._HelpAction))
+        if action.option_strings and not switch and action.default not in (None, "", []):
+            shown = f"(default: {format_default(action.default)})" if "vit" in prog or "digits" in prog else "default"
+            assert any(" ".join(shown.split()) in part for part in text.split(name)[1:]), f"{prog}: {name} default"
+
+
+def test_program_name_is_the_console_script_when_that_runs(monkeypatch):
+    from es_kernels.train import digits
+    from es_kernels.train.vit import cli
+
+    monkeypatch.setattr(sys, "argv", ["/usr/local/bin/es-digits"])
+    assert digits.build_parser().prog == "es-digits"
+    monkeypatch.setattr(sys, "argv", ["/usr/local/bin/es-vit"])
+    assert cli.build_parser().prog == "es-vit"
+    monkeypatch.setattr(sys, "argv", ["/somewhere/es_kernels/train/vit/__main__.py"])
+    assert cli.build_parser().prog == "python3 -m es_kernels.train.vit"
+
+
+def test_digits_help_from_the_command_line():
+    done = subprocess.run(
+        [sys.executable, "-m", "es_kernels.train.digits", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=environment(),
+    )
+    assert done.returncode == 0 and done.stdout.startswith("usage: python3 -m es_kernels.train.digits ")
+    assert "(default: 0 1 2)" in " ".join(done.stdout.split())
+
+
+def test_vit_help_shows_the_demo_settings():
+    pytest.importorskip("timm")
+    from es_kernels.train.vit import cli
+
+    text = " ".join(cli.build_parser().format_help().split())
+    assert "--demo sets these defaults" in text
+    for name, value in cli.DEMO_DEFAULTS.items():
+        shown = " ".join(f"{k}={v}" for k, v in value) if name == "model_kwargs" else format_default(value)
+        assert f"--{name.replace('_', '-')} {shown}" in text, name
+
+
+# --------------------------------------------------------------------------------------------- progress
+
+
+def test_no_carriage_returns_in_a_log(tmp_path):
+    """Output redirected to a file (no terminal) gets no tqdm redraws, even without --no-progress."""
+    pytest.importorskip("sklearn")
+    log = tmp_path / "run.log"
+    argv = SHORT_RUNS["es-digits"](tmp_path)
+    with open(log, "w") as handle:
+        command = [sys.executable, "-m", "es_kernels.train.digits", *argv]
+        done = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, timeout=600, env=environment())
+    text = log.read_text()
+    assert done.returncode == 0, text[-3000:]
+    assert "\r" not in text and "| method |" in text
+
+
+def test_progress_bar_only_on_a_terminal_and_when_wanted(monkeypatch):
+    import io
+
+    from es_kernels.train import progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert isinstance(progress.progress_bar(total=3), progress.NoProgress)
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    assert isinstance(progress.progress_bar(wanted=False, total=3), progress.NoProgress)
+    pytest.importorskip("tqdm")
+    with progress.progress_bar(total=3) as bar:
+        assert not isinstance(bar, progress.NoProgress)
+        bar.update(3)
+    assert "3/3" in sys.stderr.getvalue()
+
+
+def test_no_progress_switch_is_on_every_training_command(monkeypatch):
+    for module in ("es_kernels.train.digits", "es_kernels.train.vit.cli"):
+        if "vit" in module and importlib.util.find_spec("timm") is None:
+            continue
+        parser = built_parser(module, monkeypatch)
+        assert "--no-progress" in parser._option_string_actions, module
+
+
+# --------------------------------------------------------------------------------------------- setup.py
+
+
+@pytest.fixture
+def setup_module(monkeypatch):
+    """setup.py's functions (it calls setup() only as __main__), with the build switches unset."""
+    for name in ("ES_KERNELS_BUILD_CUDA", "ES_KERNELS_REQUIRE_EXTENSION", "ES_KERNELS_NO_EXTENSION"):
+        monkeypatch.delenv(name, raising=False)
+    # setup.py fills these in when unset: set here, so the test process gets its own values back afterwards
+    monkeypatch.setenv("CUDA_HOME", "/nonexistent/cuda")
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0")
+    monkeypatch.setenv("MAX_JOBS", "1")
+    spec = importlib.util.spec_from_file_location("es_kernels_setup_under_test", ROOT / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_toolkit_without_headers_builds_the_cpu_extension(setup_module, tmp_path, monkeypatch, capsys):
+    """CUDA_HOME=/usr/local (torch's guess for an nvcc wrapper in /usr/local/bin) has nvcc but no CUDA headers."""
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "nvcc").write_text("#!/bin/sh\nexit 0\n")
+    (tmp_path / "bin" / "nvcc").chmod(0o755)
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path))
+    assert setup_module.choose_cuda(str(tmp_path), "13.0") == (
+        None,
+        f"CUDA_HOME={tmp_path} has no include/cuda_runtime_api.h",
+    )
+    kwargs = setup_module.extension_kwargs()
+    if not kwargs:
+        pytest.skip("no C++ compiler or torch in this environment: setup.py builds no extension at all")
+    (extension,) = kwargs["ext_modules"]
+    assert not setup_module.is_cuda_extension(extension) and extension.sources
+    assert "cudart" not in extension.libraries
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("es_kernels setup:")]
+    assert notes == [
+        f"es_kernels setup: building es_kernels._C for CPU (no CUDA part: CUDA_HOME={tmp_path} has no "
+        "include/cuda_runtime_api.h)"
+    ]
+    monkeypatch.setenv("ES_KERNELS_BUILD_CUDA", "1")  # CI: a toolkit that cannot compile fails the install
+    with pytest.raises(RuntimeError, match=r"ES_KERNELS_BUILD_CUDA=1 but CUDA_HOME=.* has no include/cuda_runtime"):
+        setup_module.choose_cuda(str(tmp_path), "13.0")
+
+
+def test_a_toolkit_whose_nvcc_fails_builds_the_cpu_extension(setup_module, tmp_path):
+    (tmp_path / "include").mkdir()
+    (tmp_path / "include" / "cuda_runtime_api.h").write_text("")
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "nvcc").write_text("#!/bin/sh\necho 'nvcc fatal : Unsupported gpu architecture' >&2\nexit 1\n")
+    (tmp_path / "bin" / "nvcc").chmod(0o755)
+    cuda_home, reason = setup_module.choose_cuda(str(tmp_path), "13.0")
+    assert cuda_home is None and reason.endswith(
+        "cannot compile a test kernel (nvcc fatal : Unsupported gpu architecture)"
+    )
+    assert setup_module.choose_cuda(None, "13.0") == (None, "no CUDA toolkit (nvcc) found")
+    assert setup_module.choose_cuda(str(tmp_path), None) == (None, "torch is a CPU-only build")
+
+
+def test_a_failed_compile_falls_back_unless_required(setup_module, monkeypatch, capsys):
+    pytest.importorskip("torch.utils.cpp_extension")
+    build = setup_module._load_build_config()
+    cuda = setup_module.make_extension(build, "/nonexistent/cuda")
+    cpu = setup_module.make_extension(build, None)
+    error = RuntimeError("Error compiling objects for extension")
+    fallback = setup_module.fallback_extension(build, cuda, error)
+    assert not setup_module.is_cuda_extension(fallback) and fallback.sources == cpu.sources
+    assert "building it for CPU only instead" in capsys.readouterr().err
+    assert setup_module.fallback_extension(build, cpu, error) is None  # pure Python; JIT on first use
+    assert "installing the pure-Python package" in capsys.readouterr().err
+    monkeypatch.setenv("ES_KERNELS_BUILD_CUDA", "1")
+    with pytest.raises(RuntimeError, match="Error compiling"):
+        setup_module.fallback_extension(build, cuda, error)
+    monkeypatch.setenv("ES_KERNELS_REQUIRE_EXTENSION", "1")
+    with pytest.raises(RuntimeError, match="Error compiling"):
+        setup_module.fallback_extension(build, cpu, error)
+
+
+def test_setup_py_chooses_the_cpu_extension_from_the_command_line(tmp_path):
+    """The real entry path, without compiling: `setup.py --version` computes the extension choice first."""
+    pytest.importorskip("torch.utils.cpp_extension")
+    env = {**environment(), "CUDA_HOME": str(tmp_path), "ES_KERNELS_BUILD_CUDA": "auto"}
+    for name in ("ES_KERNELS_REQUIRE_EXTENSION", "ES_KERNELS_NO_EXTENSION"):
+        env.pop(name, None)
+    done = subprocess.run(
+        [sys.executable, "setup.py", "--version"], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"no CUDA part: CUDA_HOME={tmp_path} has no include/cuda_runtime_api.h" in done.stderr
+    env["ES_KERNELS_BUILD_CUDA"] = "1"
+    failed = subprocess.run(
+        [sys.executable, "setup.py", "--version"], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT
+    )
+    assert failed.returncode != 0 and "ES_KERNELS_BUILD_CUDA=1 but" in failed.stderr
+
+
+def test_build_ext_rebuilds_for_cpu_then_gives_up_to_pure_python(setup_module, monkeypatch, capsys):
+    """The build command's loop, with the compile stubbed: CUDA fails -> CPU build; CPU fails too -> no extension."""
+    pytest.importorskip("torch.utils.cpp_extension")
+    from setuptools import Distribution
+
+    build = setup_module._load_build_config()
+    command_class = setup_module.build_ext_with_fallback(build)
+    built: list[bool] = []
+
+    def compile_stub(self, fail_cpu: bool):
+        (extension,) = self.extensions
+        built.append(setup_module.is_cuda_extension(extension))
+        if built[-1] or fail_cpu:
+            raise RuntimeError("Error compiling objects for extension")
+
+    for fail_cpu in (False, True):
+        built.clear()
+        distribution = Distribution({"ext_modules": [setup_module.make_extension(build, "/nonexistent/cuda")]})
+        command = command_class(distribution)
+        command.ensure_finalized()
+        monkeypatch.setattr(command_class.__mro__[1], "run", lambda self, f=fail_cpu: compile_stub(self, f))
+        command.run()
+        assert built == [True, False]
+        if fail_cpu:
+            assert command.extensions == distribution.ext_modules == []
+        else:
+            (extension,) = command.extensions
+            assert not setup_module.is_cuda_extension(extension) and distribution.ext_modules == [extension]
+    notes = [line for line in capsys.readouterr().err.splitlines() if "failed to compile" in line]
+    assert len(notes) == 3  # one line per fallback
