@@ -16,9 +16,9 @@
 namespace es_kernels {
 
 // Vocabulary chunk and token block of the hidden-state form: one fp32 chunk of token_block x vocab_chunk logits
-// (4 MiB) is the only buffer that grows with V (plus, for fp16/bf16 inputs, the fp32 copies of one block of H and
+// (16 MiB) is the only buffer that grows with V (plus, for fp16/bf16 inputs, the fp32 copies of one block of H and
 // one chunk of W).
-constexpr int64_t kSequenceTokenBlock = 256;
+constexpr int64_t kSequenceTokenBlock = 1024;
 constexpr int64_t kSequenceVocabChunk = 4096;
 
 // logits: (B, T, V) fp32/fp16/bf16/fp64, any strides; targets: int64 (B, T), any strides.
