@@ -10,7 +10,6 @@ minutes the first time, cached after). The Triton kernels are tested under the i
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +18,6 @@ from helpers import LOSS_TOLERANCES
 
 from es_kernels.reference import sequence as reference
 
-ROOT = Path(__file__).resolve().parent.parent
 IGNORE = -100
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -73,27 +71,14 @@ SHAPES = [(b, t, v) for b in (1, 3) for t in (1, 7, 129) for v in (2, 1000, 3276
 @pytest.fixture(scope="module")
 def harness():
     """The C++ entry points, bound by a throwaway pybind11 module."""
-    from torch.utils.cpp_extension import load
-
-    from es_kernels import _build
+    from es_kernels._sequence_harness import load_sequence_harness
 
     try:
-        return load(
-            "es_sequence_harness",
-            [str(ROOT / "csrc/testing/sequence_harness.cpp"), str(ROOT / "csrc/cpu/sequence_loss.cpp")],
-            extra_include_paths=[str(ROOT / "csrc")], extra_cflags=_build.CXX_FLAGS,
-        )  # fmt: skip
+        return load_sequence_harness()
     except Exception as error:  # no compiler or ninja here
         if os.environ.get("ES_KERNELS_REQUIRE_EXTENSION") == "1":
             raise
         pytest.skip(f"cannot build the C++ test harness: {error}")
-
-
-def token_backends(harness_module=None):
-    backends = {"reference": reference.token_sequence_losses}
-    if harness_module is not None:
-        backends["cpp"] = harness_module.token_sequence_losses_cpu
-    return backends
 
 
 @pytest.fixture(params=["reference", "cpp"])

@@ -132,10 +132,10 @@ def token_sequence_losses(
 
 def chunk_logits(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, logit_scale: float,
-    logit_softcap: float | None,
+    logit_softcap: float | None, out: torch.Tensor,
 ) -> torch.Tensor:  # fmt: skip
-    """fp32 logits of one (token block, vocabulary chunk): GEMM in fp32, then bias, scale and soft cap."""
-    logits = hidden.to(torch.float32) @ weight.to(torch.float32).t()
+    """fp32 logits of one (token block, vocabulary chunk) into ``out``: GEMM in fp32, then bias, scale, soft cap."""
+    logits = torch.mm(hidden.to(torch.float32), weight.to(torch.float32).t(), out=out)
     if bias is not None:
         logits += bias.to(torch.float32)
     if logit_scale != 1.0:
@@ -171,13 +171,16 @@ def hidden_sequence_losses(
     flat_hidden = hidden.reshape(batch * time, hidden.shape[2])  # a view whenever the strides allow one
     flat_targets = torch.where(scored, targets, -1).reshape(-1)
     token_losses = torch.empty(batch * time, dtype=torch.float32, device=hidden.device)
+    # One buffer for every chunk: a fresh one per chunk would briefly hold two.
+    scratch = torch.empty(min(token_block, batch * time) * min(vocab_chunk, vocab), device=hidden.device)
     for start in range(0, batch * time, token_block):
         rows = slice(start, min(start + token_block, batch * time))
         stats = TokenStats.empty(rows.stop - start, hidden.device)
         for column in range(0, vocab, vocab_chunk):
             columns = slice(column, min(column + vocab_chunk, vocab))
             chunk_bias = None if bias is None else bias[columns]
-            logits = chunk_logits(flat_hidden[rows], weight[columns], chunk_bias, logit_scale, logit_softcap)
+            out = scratch[: (rows.stop - start) * (columns.stop - column)].view(rows.stop - start, -1)
+            logits = chunk_logits(flat_hidden[rows], weight[columns], chunk_bias, logit_scale, logit_softcap, out)
             stats.merge(logits, flat_targets[rows] - column, label_smoothing > 0.0)
         token_losses[rows] = stats.token_losses(label_smoothing)
     return reduce_per_sequence(token_losses.view(batch, time), scored, reduction)
