@@ -3,13 +3,15 @@
 //
 // The hidden-state form never holds the (B*T, V) logits: for each block of tokens and each chunk of the vocabulary
 // one fp32 GEMM (at::mm_out into a reused buffer) produces the chunk's logits, bias/scale/soft cap are applied in
-// place, and each token's log-sum-exp statistics absorb the chunk (kernels/sequence.cuh), so peak extra memory is
-// one chunk however large V is.
+// place, ATen's vectorised passes take the chunk's max, exp and sums, and each token's log-sum-exp statistics absorb
+// the chunk (kernels/sequence.cuh), so peak extra memory is one chunk however large V is.
 #include "sequence_loss.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/amax.h>
+#include <ATen/ops/sum.h>
 #include <ATen/ops/mm.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -162,6 +164,9 @@ at::Tensor hidden_sequence_losses_cpu(const at::Tensor& hidden, const at::Tensor
   std::vector<LsePartial> stats(static_cast<size_t>(block));
   std::vector<float> target_logit(static_cast<size_t>(block));
   const float scale = static_cast<float>(logit_scale);
+  const bool smoothing = label_smoothing != 0.0;
+  at::Tensor anchor = at::empty({block}, hidden.options().dtype(at::kFloat));
+  float* anchor_data = anchor.mutable_data_ptr<float>();
 
   for (int64_t row0 = 0; row0 < tokens; row0 += block) {
     const int64_t rows = std::min(block, tokens - row0);
@@ -178,15 +183,27 @@ at::Tensor hidden_sequence_losses_cpu(const at::Tensor& hidden, const at::Tensor
       if (bias32.has_value()) z.add_(bias32->narrow(0, column0, columns));
       if (scale != 1.0f) z.mul_(scale);
       if (logit_softcap.has_value()) z.div_(*logit_softcap).tanh_().mul_(*logit_softcap);
-      const float* chunk_logits = z.const_data_ptr<float>();
-      at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) {
-          const float* row = chunk_logits + r * columns;
-          stats[r] = lse_combine(stats[r], lse_of_range([row](int64_t j) { return row[j]; }, columns));
-          const int64_t local = target_at(targets, (row0 + r) / time, (row0 + r) % time) - column0;
-          if (local >= 0 && local < columns) target_logit[r] = row[local];
-        }
-      });
+      // The passes over the chunk are ATen's vectorised, threaded kernels (max, subtract, sum, exp, sum); the
+      // per-row merge is scalar. Sums are taken relative to anchor = max(running max, chunk max), so the chunk's
+      // partial statistics use the anchor as their reference point.
+      const at::Tensor chunk_max = z.amax(1);
+      const float* chunk_max_data = chunk_max.const_data_ptr<float>();
+      for (int64_t r = 0; r < rows; ++r) {
+        const float top = std::max(stats[r].max, chunk_max_data[r]);
+        anchor_data[r] = top == -std::numeric_limits<float>::infinity() ? 0.0f : top;
+        const int64_t local = target_at(targets, (row0 + r) / time, (row0 + r) % time) - column0;
+        if (local >= 0 && local < columns) target_logit[r] = z.const_data_ptr<float>()[r * columns + local];
+      }
+      const at::Tensor anchor_rows = anchor.narrow(0, 0, rows);
+      z.sub_(anchor_rows.unsqueeze(1));
+      const at::Tensor chunk_shifted = smoothing ? z.sum(1) : at::Tensor();
+      const at::Tensor chunk_exp = z.exp_().sum(1);
+      const float* exp_data = chunk_exp.const_data_ptr<float>();
+      const float* shifted_data = smoothing ? chunk_shifted.const_data_ptr<float>() : nullptr;
+      for (int64_t r = 0; r < rows; ++r) {
+        const LsePartial part{anchor_data[r], exp_data[r], smoothing ? shifted_data[r] : 0.0f, columns};
+        stats[r] = lse_combine(stats[r], part);
+      }
     }
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t target = target_at(targets, (row0 + r) / time, (row0 + r) % time);
