@@ -10,6 +10,8 @@ minutes the first time, cached after). The Triton kernels are tested under the i
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -291,3 +293,34 @@ def test_cpp_gives_nan_not_garbage_for_unchecked_bad_targets(harness):
     losses = harness.hidden_sequence_losses_cpu(hidden, weight, None, torch.tensor([[0, 9], [1, 2]]), IGNORE, "mean",
                                                 0.0, 1.0, None, 3, 2)  # fmt: skip
     assert losses[0].isnan() and losses[1].isfinite()
+
+
+# ----------------------------------------------------------------------------------------- Triton ahead of time
+
+
+def test_triton_variants_cover_user_launches_and_compile_without_spills():
+    # In a fresh process without TRITON_INTERPRET: the binder and ptxas of compiled mode, no GPU needed. aot.py
+    # takes these variants and probes with one line each (see sequence_kernels.aot_variants / probe_launches).
+    pytest.importorskip("triton")
+    script = """
+from triton.backends.compiler import GPUTarget
+from triton.compiler.compiler import make_backend
+from es_kernels.triton import aot, sequence_kernels as sk
+
+backend = make_backend(GPUTarget("cuda", 80, 32))
+def missed(variants):
+    checked = {aot._specialization(k, a, kw, backend) for _, k, a, kw in variants}
+    return [n for n, k, a, kw in sk.probe_launches() if aot._specialization(k, a, kw, backend) not in checked]
+assert missed(sk.aot_variants()) == [], missed(sk.aot_variants())
+# The check can fail: without the any-layout forms, transposed and shifted views compile unchecked variants.
+aligned_only = [v for v in sk.aot_variants() if "any-layout" not in v[0]]
+assert any("transposed" in name for name in missed(aligned_only))
+for name, kernel, args, kwargs in sk.aot_variants():
+    if name == "sequence hidden_loss H,W=bf16 aligned bias=True softcap=True":
+        for arch in (80, 90):
+            result = aot.compile_variant(aot.Variant(name, kernel, args, kwargs), arch)
+            assert result.error is None and result.spill_bytes == 0 and result.registers > 0, result
+"""
+    environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
