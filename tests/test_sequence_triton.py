@@ -1,0 +1,135 @@
+"""The Triton sequence-loss kernels under Triton's interpreter, on CPU tensors, against fp64 ``F.cross_entropy``
+reduced per sequence (issue 12). Interpreter mode is fixed at triton's first import, so this module follows
+``test_triton.py``: it imports triton with ``TRITON_INTERPRET=1`` if it can, else reruns itself in a subprocess.
+Shapes are small (the interpreter runs programs one by one in numpy); the reference and C++ paths cover the large
+vocabularies in ``test_sequence.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+_previous = os.environ.get("TRITON_INTERPRET")
+if "triton" not in sys.modules:
+    os.environ["TRITON_INTERPRET"] = "1"
+    import triton  # noqa: F401  (fixes interpreter mode for this process)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from helpers import LOSS_TOLERANCES  # noqa: E402
+from test_sequence import fp64_logits, fp64_sequence_losses, shifted_targets  # noqa: E402
+
+from es_kernels.triton import _interpreter_active  # noqa: E402
+
+if _previous is None:
+    os.environ.pop("TRITON_INTERPRET", None)
+else:
+    os.environ["TRITON_INTERPRET"] = _previous
+
+pytestmark = pytest.mark.filterwarnings("ignore:(divide by zero|invalid value) encountered in log:RuntimeWarning")
+IN_PROCESS = _interpreter_active()
+in_process = pytest.mark.skipif(not IN_PROCESS, reason="triton is compiled-mode here; test_in_subprocess runs these")
+IGNORE = -100
+
+
+@pytest.mark.skipif(IN_PROCESS, reason="the tests run in this process")
+def test_in_subprocess(request):
+    environment = {**os.environ, "TRITON_INTERPRET": "1"}
+    markers = request.config.getoption("markexpr") or ""
+    command = [sys.executable, "-m", "pytest", __file__, "-x", "-q", "-p", "no:cacheprovider", "-m", markers]
+    done = subprocess.run(command, env=environment, capture_output=True, text=True, cwd=os.path.dirname(__file__))
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+
+
+@pytest.fixture
+def kernels():
+    from es_kernels.triton import sequence_kernels
+
+    return sequence_kernels
+
+
+def assert_losses(actual, expected, dtype):
+    assert actual.dtype == torch.float32 and actual.shape == expected.shape
+    torch.testing.assert_close(actual.double(), expected, **LOSS_TOLERANCES[dtype])
+
+
+TOKEN_SHAPES = [(1, 1, 2), (1, 7, 1000), (3, 7, 2), (3, 7, 1000), (3, 129, 2)]
+
+
+@in_process
+@pytest.mark.parametrize("batch, time, vocab", TOKEN_SHAPES, ids=[f"B{b}-T{t}-V{v}" for b, t, v in TOKEN_SHAPES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_token_losses_match_fp64(kernels, batch, time, vocab, dtype):
+    generator = torch.Generator().manual_seed(batch * 1000 + time + vocab)
+    logits = (torch.randn(batch, time + 1, vocab, generator=generator) * 3).to(dtype)[:, :-1]
+    targets = shifted_targets(batch, time, vocab, generator)
+    for reduction, smoothing in (("mean", 0.0), ("sum", 0.1)):
+        actual = kernels.token_sequence_losses(logits, targets, IGNORE, reduction, smoothing)
+        assert_losses(actual, fp64_sequence_losses(logits, targets, IGNORE, reduction, smoothing), dtype)
+
+
+@in_process
+def test_token_losses_any_layout_and_fp64_logits(kernels):
+    generator = torch.Generator().manual_seed(2)
+    vocab_major = (torch.randn(37, 5, 3, generator=generator) * 3).permute(2, 1, 0)  # stride 1 along B
+    targets = shifted_targets(3, 5, 37, generator)
+    for logits in (vocab_major, vocab_major.double()):
+        actual = kernels.token_sequence_losses(logits, targets, IGNORE, "mean", 0.1)
+        # fp64 logits are computed in fp32, like every other dtype.
+        assert_losses(actual, fp64_sequence_losses(logits.float(), targets, IGNORE, "mean", 0.1), torch.float32)
+
+
+@in_process
+def test_token_losses_keep_precision_under_a_large_offset(kernels):
+    generator = torch.Generator().manual_seed(5)
+    logits = torch.randn(2, 6, 300, generator=generator)
+    targets = torch.randint(0, 300, (2, 6), generator=generator)
+    expected = fp64_sequence_losses(logits, targets, IGNORE, "mean", 0.2)
+    assert_losses(kernels.token_sequence_losses(logits + 1000.0, targets, IGNORE, "mean", 0.2), expected, torch.float32)
+
+
+HIDDEN_SHAPES = [(1, 1, 2, 8), (3, 7, 1000, 96), (3, 7, 70, 8), (2, 40, 130, 8)]
+
+
+@in_process
+@pytest.mark.parametrize(
+    "batch, time, vocab, dim", HIDDEN_SHAPES, ids=[f"B{b}-T{t}-V{v}-D{d}" for b, t, v, d in HIDDEN_SHAPES]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_hidden_losses_match_fp64(kernels, batch, time, vocab, dim, dtype):
+    generator = torch.Generator().manual_seed(batch + time + vocab + dim)
+    hidden = torch.randn(batch, time + 1, dim, generator=generator).to(dtype)[:, :-1]
+    weight = (torch.randn(vocab, dim, generator=generator) / dim**0.5 * 3).to(dtype)
+    targets = shifted_targets(batch, time, vocab, generator)
+    for reduction, smoothing in (("mean", 0.0), ("sum", 0.1)):
+        actual = kernels.hidden_sequence_losses(hidden, weight, None, targets, IGNORE, reduction, smoothing)
+        expected = fp64_sequence_losses(fp64_logits(hidden, weight), targets, IGNORE, reduction, smoothing)
+        assert_losses(actual, expected, dtype)
+
+
+@in_process
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_hidden_losses_bias_scale_softcap_and_any_layout(kernels, softcap):
+    generator = torch.Generator().manual_seed(9)
+    batch, time, vocab, dim = 3, 7, 200, 24
+    hidden = torch.randn(dim, time, batch, generator=generator).permute(2, 1, 0)  # no unit stride along D
+    weight = (torch.randn(dim, vocab, generator=generator) / dim**0.5 * 3).t()
+    bias = torch.randn(vocab, generator=generator).bfloat16()  # the launcher widens the bias once
+    targets = shifted_targets(batch, time, vocab, generator)
+    actual = kernels.hidden_sequence_losses(hidden, weight, bias, targets, IGNORE, "mean", 0.1, 0.7, softcap)
+    expected = fp64_sequence_losses(fp64_logits(hidden, weight, bias, 0.7, softcap), targets, IGNORE, "mean", 0.1)
+    assert_losses(actual, expected, torch.float32)
+
+
+@in_process
+def test_unchecked_bad_targets_give_nan_and_empty_batches_give_zeros(kernels):
+    logits = torch.zeros(2, 2, 5)
+    bad = torch.tensor([[0, 9], [1, 2]])
+    losses = kernels.token_sequence_losses(logits, bad, IGNORE, "mean", 0.0)
+    assert losses[0].isnan() and losses[1].isfinite()
+    losses = kernels.hidden_sequence_losses(torch.zeros(2, 2, 4), torch.zeros(5, 4), None, bad, IGNORE, "mean")
+    assert losses[0].isnan() and losses[1].isfinite()
+    empty = kernels.token_sequence_losses(torch.zeros(3, 0, 5), torch.zeros(3, 0, dtype=torch.int64))
+    assert torch.equal(empty, torch.zeros(3))
