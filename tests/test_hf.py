@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 from transformers import (  # noqa: E402
+    BertConfig,
+    BertForSequenceClassification,
     Qwen2Config,
     Qwen2ForCausalLM,
+    TrainerCallback,
     TrainingArguments,
     default_data_collator,
 )
@@ -20,6 +26,8 @@ from es_kernels.train.hf import (  # noqa: E402
     INDEX_KEY,
     EvolvedConfig,
     EvolvedTrainer,
+    per_sequence_losses,
+    scoring_for,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,3 +145,283 @@ def test_smoke_es_trains_k_of_b_rows(tmp_path):
     trainer.train()
     assert rows == [2] * 8  # 2 epochs x 4 meta-batches of 8, k = 2
     assert trainer.evolved_scoring.path == FUSED_PATH
+
+
+torch.set_num_threads(1)  # the machine is shared; tiny models gain nothing from threads
+
+
+def make_trainer(tmp_path, config: EvolvedConfig, *, n=32, model=None, cls=None, dataset=None, **overrides):
+    return (cls or Recording)(
+        model=model if model is not None else tiny_lm(),
+        args=arguments(tmp_path, **overrides),
+        train_dataset=dataset if dataset is not None else TokenData(n),
+        data_collator=default_data_collator,
+        evolved=config,
+    )
+
+
+NO_ANNEAL = dict(anneal_start=0.0, anneal_end=0.0)
+
+
+def test_ids_survive_remove_unused_columns_and_never_reach_the_model(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rows = TokenData(16, extra_column=True)
+    table = datasets.Dataset.from_list([{k: (v.tolist() if torch.is_tensor(v) else v) for k, v in rows[i].items()}
+                                        for i in range(len(rows))])  # fmt: skip
+    model = tiny_lm()
+    trained = trained_rows(model)  # its hook asserts the id never reaches the model
+    trainer = make_trainer(
+        tmp_path, EvolvedConfig("es", **NO_ANNEAL), model=model, dataset=table, remove_unused_columns=True,
+        num_train_epochs=1,
+    )  # fmt: skip
+    trainer.train()
+    assert trained == [2, 2]
+    scored = [i for batch in trainer.selected_ids for i in batch]
+    assert len(scored) == 4 and len(set(scored)) == 4
+    assert trainer.evolved.state.weight.ne(1 / 16).sum() == 16  # every id was scored: the ids came through
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_loss_is_the_token_mean_over_the_selected_sequences(tmp_path, accumulation):
+    seen = []
+
+    class Checking(Recording):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = super().compute_loss(model, dict(inputs), return_outputs, num_items_in_batch)
+            labels = inputs["labels"][:, 1:]
+            with torch.no_grad():
+                logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+                token_sum = F.cross_entropy(
+                    logits[:, :-1].double().reshape(-1, VOCAB), labels.reshape(-1), ignore_index=-100, reduction="sum"
+                )
+            seen.append((loss.detach().double(), token_sum, int((labels != -100).sum()), num_items_in_batch))
+            return loss
+
+    trainer = make_trainer(
+        tmp_path, EvolvedConfig("es", **NO_ANNEAL), cls=Checking, num_train_epochs=1,
+        gradient_accumulation_steps=accumulation,
+    )  # fmt: skip
+    trainer.train()
+    assert len(seen) == 4  # 4 micro-batches of k = 2 rows
+    for step in range(0, 4, accumulation):
+        group = seen[step : step + accumulation]
+        tokens = sum(count for _, _, count, _ in group)
+        assert all(int(items) == tokens for *_, items in group)  # num_items_in_batch: selected tokens of the step
+        total = sum(loss for loss, *_ in group)
+        expected = sum(token_sum for _, token_sum, _, _ in group) / tokens
+        assert total.item() == pytest.approx(expected.item(), rel=1e-5)
+    for batches, items in trainer.steps:
+        assert all(batch["input_ids"].shape[0] == 2 for batch in batches)
+        assert int(items) == sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+
+
+class EpochSteps(TrainerCallback):
+    def __init__(self) -> None:
+        self.ends: list[int] = []
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self.ends.append(state.global_step)
+
+
+@pytest.mark.parametrize("accumulation, per_epoch", [(1, [10, 7, 7, 7, 10]), (3, [4, 3, 3, 3, 4])])
+def test_eswp_scheduler_reaches_its_last_step_exactly_at_the_end(tmp_path, accumulation, per_epoch):
+    # n = 37, B = 4: full epochs have 10 batches, pruned ones keep round(0.7 * 37) = 26 ids = 7 batches; epochs 0 and
+    # 4 anneal. With accumulation 3 every epoch's partial accumulation is stepped within the epoch.
+    config = EvolvedConfig("eswp", prune_ratio=0.3, anneal_start=0.2, anneal_end=0.2)
+    trainer = make_trainer(
+        tmp_path, config, n=37, num_train_epochs=5, per_device_train_batch_size=4,
+        gradient_accumulation_steps=accumulation, logging_steps=100,
+    )  # fmt: skip
+    steps = EpochSteps()
+    trainer.add_callback(steps)
+    trainer.train()
+    planned = sum(per_epoch)
+    assert trainer.evolved_optimizer_steps() == per_epoch
+    assert trainer.state.max_steps == planned and trainer.state.global_step == planned
+    assert trainer.lr_scheduler.last_epoch == planned
+    assert trainer.lr_scheduler.get_last_lr()[0] == 0.0
+    assert [b - a for a, b in zip([0, *steps.ends], steps.ends)] == per_epoch
+
+
+def test_max_steps_that_disagrees_with_the_plan_fails_before_training(tmp_path):
+    trainer = make_trainer(tmp_path, EvolvedConfig("eswp", **NO_ANNEAL), max_steps=8)
+    with pytest.raises(ValueError, match="max_steps=8"):
+        trainer.train()
+
+
+def _final_params(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("checkpoint", [4, 6])  # mid-epoch 1; end of epoch 1
+def test_resume_continues_exactly(tmp_path, checkpoint):
+    # n = 24, B = 4, accumulation 2: epoch 0 has 6 batches (3 steps), epoch 1 keeps 18 ids = 5 batches (3 steps),
+    # epoch 2 anneals over all 24 (3 steps). Checkpoints every 2 steps.
+    config = EvolvedConfig("eswp", prune_ratio=0.25, anneal_start=0.0, anneal_end=0.34)
+    common = dict(
+        n=24, num_train_epochs=3, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+        save_strategy="steps", save_steps=2,
+    )  # fmt: skip
+    whole = make_trainer(tmp_path / "whole", config, **common)
+    whole.train()
+    assert whole.state.global_step == 9
+    folder = tmp_path / "whole" / "out" / f"checkpoint-{checkpoint}"
+    assert (folder / "evolved_sampling_rank0.pt").is_file()
+    state_json = json.loads((folder / "trainer_state.json").read_text())
+    assert "evolved" not in json.dumps(state_json.get("stateful_callbacks", {}))  # n-sized data is not in the JSON
+
+    resumed = make_trainer(tmp_path / "resumed", config, **common)
+    resumed.train(resume_from_checkpoint=str(folder))  # the user writes nothing else
+    done = sum(len(ids) > 0 for ids in whole.selected_ids[: 2 * checkpoint])
+    assert resumed.selected_ids == whole.selected_ids[done:]
+    assert torch.equal(resumed.evolved.state.score, whole.evolved.state.score)
+    assert torch.equal(resumed.evolved.state.weight, whole.evolved.state.weight)
+    final_whole, final_resumed = _final_params(whole.model), _final_params(resumed.model)
+    assert all(torch.equal(final_whole[k], final_resumed[k]) for k in final_whole)
+    losses = [entry["loss"] for entry in whole.state.log_history if "loss" in entry]
+    resumed_losses = [entry["loss"] for entry in resumed.state.log_history if "loss" in entry]
+    assert resumed_losses == losses[checkpoint:]
+
+
+def test_resume_from_a_plain_checkpoint_fails_by_name(tmp_path):
+    trainer = make_trainer(tmp_path, EvolvedConfig("es", **NO_ANNEAL), num_train_epochs=1)
+    (tmp_path / "plain").mkdir()
+    with pytest.raises((FileNotFoundError, ValueError)):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "plain"))
+
+
+def test_scoring_and_training_get_the_same_keyword_inputs(tmp_path):
+    model = tiny_lm()
+    scored, trained = [], []
+    model.model.register_forward_pre_hook(
+        lambda m, a, kw: scored.append({k: v.clone() for k, v in kw.items() if torch.is_tensor(v)})
+        if not torch.is_grad_enabled() else None,
+        with_kwargs=True,
+    )  # fmt: skip
+    model.register_forward_pre_hook(
+        lambda m, a, kw: trained.append({k: v.clone() for k, v in kw.items() if torch.is_tensor(v)}), with_kwargs=True
+    )
+    trainer = make_trainer(tmp_path, EvolvedConfig("es", **NO_ANNEAL), model=model, num_train_epochs=1)
+    trainer.train()
+    assert len(scored) == len(trained) == 4
+    for score_kw, train_kw in zip(scored, trained):
+        assert set(score_kw) == set(train_kw) - {"labels"}  # attention_mask included
+        for row in range(train_kw["input_ids"].shape[0]):
+            match = (score_kw["input_ids"] == train_kw["input_ids"][row]).all(1).nonzero()[:, 0]
+            assert match.numel() == 1
+            assert torch.equal(score_kw["attention_mask"][match[0]], train_kw["attention_mask"][row])
+
+
+def test_fused_scoring_equals_the_logits_path_and_fallback_is_named(tmp_path, caplog):
+    model = tiny_lm().eval()
+    batch = default_data_collator([TokenData(6)[i] for i in range(6)])
+    fused = scoring_for(model, shift_labels=True)
+    assert fused.path == FUSED_PATH
+    logits_path = type(fused)("lm", "full logits", "test", shift=True)
+    for reduction in ("mean", "sum"):
+        a = per_sequence_losses(model, batch, fused, ignore_index=-100, reduction=reduction)
+        b = per_sequence_losses(model, batch, logits_path, ignore_index=-100, reduction=reduction)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # By hand in fp64, mean over each sequence's scored tokens.
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+    labels = batch["labels"][:, 1:]
+    token = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    expected = token.sum(1) / (labels != -100).sum(1)
+    torch.testing.assert_close(a.double() if False else per_sequence_losses(
+        model, batch, fused, ignore_index=-100, reduction="mean").double(), expected, rtol=1e-5, atol=1e-6)  # fmt: skip
+
+    class NoBackbone(Qwen2ForCausalLM):
+        base_model_prefix = "not_there"
+
+    odd = NoBackbone(model.config)
+    with caplog.at_level(logging.WARNING, logger="es_kernels.train.hf"):
+        trainer = make_trainer(tmp_path, EvolvedConfig("es", **NO_ANNEAL), model=odd, num_train_epochs=1)
+    assert not trainer.evolved_scoring.fused
+    assert "fallback" in caplog.text and "no backbone" in caplog.text
+    trainer.train()  # the fallback trains too
+
+
+def test_evaluation_batches_are_plain_evaluation(tmp_path):
+    model = tiny_lm()
+    trainer = make_trainer(tmp_path, EvolvedConfig("es", **NO_ANNEAL), model=model, num_train_epochs=1)
+    trainer.eval_dataset = TokenData(8, seed=5)
+    ours = trainer.evaluate()["eval_loss"]
+    plain = transformers.Trainer(model=model, args=arguments(tmp_path), data_collator=default_data_collator)
+    assert ours == pytest.approx(plain.evaluate(TokenData(8, seed=5))["eval_loss"], rel=1e-6)
+    assert trainer.evolved is None or trainer.evolved.state.weight.eq(1 / 32).all()  # nothing selected or updated
+
+
+def test_logs_report_backpropagated_fractions_and_time_saved(tmp_path):
+    trainer = make_trainer(tmp_path, EvolvedConfig("es", **NO_ANNEAL), num_train_epochs=1)
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert logged and all(entry["es_backprop_sequence_fraction"] == 0.25 for entry in logged)
+    last = logged[-1]
+    stats = trainer.evolved_stats
+    assert last["es_backprop_token_fraction"] == pytest.approx(stats["trained_tokens"] / stats["scored_tokens"])
+    assert "es_time_saved_seconds" in last and stats["scored_sequences"] == 32 and stats["trained_sequences"] == 8
+
+
+def test_sequence_classification_model_trains_k_of_b(tmp_path):
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=32, num_labels=3)  # fmt: skip
+    model = BertForSequenceClassification(config)
+    rows = trained_rows(model)
+
+    class Labelled(TokenData):
+        def __getitem__(self, i):
+            item = super().__getitem__(i)
+            return {"input_ids": item["input_ids"], "attention_mask": item["attention_mask"], "labels": i % 3}
+
+    trainer = make_trainer(tmp_path, EvolvedConfig("es", **NO_ANNEAL), model=model, dataset=Labelled(16),
+                           num_train_epochs=1)  # fmt: skip
+    assert trainer.evolved_scoring.kind == "classification"
+    trainer.train()
+    assert rows == [2, 2]
+    assert trainer.evolved.state.weight.ne(1 / 16).all()
+
+
+@pytest.mark.parametrize(
+    "settings, match",
+    [
+        (dict(select_ratio=0.0), "select_ratio"),
+        (dict(select_ratio=1.5), "select_ratio"),
+        (dict(prune_ratio=1.0), "prune_ratio"),
+        (dict(prune_ratio=-0.1), "prune_ratio"),
+        (dict(method="infobatch-ish"), "method"),
+        (dict(sequence_reduction="max"), "sequence_reduction"),
+        (dict(scoring_mode="predict"), "scoring_mode"),
+    ],
+)
+def test_bad_settings_fail_when_built_naming_the_setting(settings, match):
+    with pytest.raises(ValueError, match=match):
+        EvolvedConfig(**settings)
+
+
+def test_bad_setups_fail_before_training(tmp_path):
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            yield from (TokenData(4)[i] for i in range(4))
+
+    with pytest.raises(ValueError, match="train_dataset"):
+        make_trainer(tmp_path, EvolvedConfig("eswp"), dataset=Stream(), max_steps=2)
+    base = transformers.Qwen2Model(tiny_lm().config)
+    with pytest.raises(ValueError, match="model: Qwen2Model gives no per-sequence loss"):
+        make_trainer(tmp_path, EvolvedConfig("es"), model=base)
+    torch.manual_seed(0)
+    regression = BertForSequenceClassification(
+        BertConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            num_labels=1,
+        )  # fmt: skip
+    )
+    with pytest.raises(ValueError, match="model: BertForSequenceClassification"):
+        make_trainer(tmp_path, EvolvedConfig("es"), model=regression)
+    with pytest.raises(ValueError, match="num_train_epochs"):
+        make_trainer(tmp_path, EvolvedConfig("es"), num_train_epochs=1.5)
