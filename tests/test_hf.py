@@ -425,3 +425,133 @@ def test_bad_setups_fail_before_training(tmp_path):
         make_trainer(tmp_path, EvolvedConfig("es"), model=regression)
     with pytest.raises(ValueError, match="num_train_epochs"):
         make_trainer(tmp_path, EvolvedConfig("es"), num_train_epochs=1.5)
+
+
+def char_tokenizer():
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {chr(c): c for c in range(256)} | {"<pad>": 256, "<eos>": 257, "<unk>": 258}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def test_mixin_works_with_trl_sft_trainer(tmp_path):
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+
+    class EvolvedSFTTrainer(EvolvedTrainerMixin, trl.SFTTrainer):
+        pass
+
+    generator = torch.Generator().manual_seed(1)
+    rows = []
+    for i in range(16):
+        length = 6 + i % 5
+        ids = torch.randint(0, 256, (length,), generator=generator).tolist()
+        rows.append({"input_ids": ids, "labels": [-100, -100, *ids[2:]]})  # a masked two-token prompt
+    model = tiny_lm()
+    trained = trained_rows(model)
+    args = trl.SFTConfig(
+        output_dir=str(tmp_path / "sft"), use_cpu=True, report_to=[], per_device_train_batch_size=8,
+        num_train_epochs=2, learning_rate=1e-3, logging_steps=1, save_strategy="no", disable_tqdm=True, seed=0,
+    )  # fmt: skip
+    trainer = EvolvedSFTTrainer(
+        model=model, args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=char_tokenizer(),
+        evolved=EvolvedConfig("eswp", prune_ratio=0.25, **NO_ANNEAL),
+    )  # fmt: skip
+    trainer.train()
+    # epoch 0: 16 ids = 2 meta-batches of 8, k = 2; epoch 1: 12 kept ids = batches of 8 and 4, k = 2 and 1.
+    assert trained == [2, 2, 2, 1]
+    assert trainer.state.global_step == 4 and trainer.lr_scheduler.get_last_lr()[0] == 0.0
+    assert trainer.evolved.state.weight.ne(1 / 16).sum() >= 12
+
+
+def test_sft_demo_quick_runs(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "es_kernels.train.sft", "--demo", "--quick", "--no-progress", "--length", "32",
+               "--threads", "1", "--out", str(tmp_path)]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "sft_demo.json").read_text())
+    assert [r["method"] for r in results] == ["baseline", "es", "eswp"]
+    assert (tmp_path / "sft_demo.png").stat().st_size > 0
+    assert results[1]["tokens"] < results[0]["tokens"] and results[1]["scoring_path"] == FUSED_PATH
+
+
+def test_sft_real_model_without_hub_or_folder_fails_early(tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    command = [sys.executable, "-m", "es_kernels.train.sft", "--model", "Qwen/Qwen2.5-0.5B", "--data", str(data)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "not a local folder and could not be fetched from the Hugging Face Hub" in done.stderr
+
+
+def test_core_never_imports_transformers():
+    code = "import sys, es_kernels, es_kernels.train; assert 'transformers' not in sys.modules, 'imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+# ------------------------------------------------------------------------------------------ torchrun, 2 processes
+
+DISTRIBUTED_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+import test_hf
+from es_kernels.train.hf import INDEX_KEY, EvolvedConfig
+
+torch.set_num_threads(1)
+
+class Logging(test_hf.Recording):
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.batches = []
+
+    def _select_rows(self, batch):
+        self.batches.append((self.evolved.sampler.epoch, {{k: v.clone() for k, v in batch.items()}}))
+        return super()._select_rows(batch)
+
+from pathlib import Path
+out = Path({out!r})
+trainer = test_hf.make_trainer(
+    out, EvolvedConfig("eswp", prune_ratio=0.2, anneal_start=0.0, anneal_end=0.0), cls=Logging, n=30,
+    num_train_epochs=2, per_device_train_batch_size=4, learning_rate=0.0, ddp_backend="gloo",
+)
+trainer.train()
+rank = trainer.args.process_index
+state = trainer.evolved.state
+torch.save({{"score": state.score, "weight": state.weight, "batches": trainer.batches,
+            "world": trainer.args.world_size}}, out / f"rank{{rank}}.pt")
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_give_the_single_process_state(tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(DISTRIBUTED_SCRIPT.format(tests=str(ROOT / "tests"), out=str(tmp_path)))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert all(r["world"] == 2 for r in ranks)
+    assert torch.equal(ranks[0]["score"], ranks[1]["score"]) and torch.equal(ranks[0]["weight"], ranks[1]["weight"])
+    # No sample lost or doubled: epoch 0 covers all 30 ids (15 per rank), epoch 1 the 24 kept ids (12 per rank).
+    for epoch, size in ((0, 30), (1, 24)):
+        ids = [i for r in ranks for e, b in r["batches"] if e == epoch for i in b[INDEX_KEY].tolist()]
+        assert len(ids) == size and len(set(ids)) == size
+    # The single-process run over the same batches (the learning rate is 0, so the model stays put).
+    from es_kernels import EvolvedState
+
+    model = tiny_lm().eval()
+    scoring = scoring_for(model, shift_labels=True)
+    state = EvolvedState(30, beta1=0.2, beta2=0.8)
+    for epoch in (0, 1):
+        for r in ranks:
+            for e, batch in r["batches"]:
+                if e == epoch:
+                    ids = batch.pop(INDEX_KEY)
+                    state.observe(ids, per_sequence_losses(model, batch, scoring, ignore_index=-100, reduction="mean"))
+    assert torch.equal(state.score, ranks[0]["score"]) and torch.equal(state.weight, ranks[0]["weight"])
