@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,6 +29,7 @@ from es_kernels.train.hf import (  # noqa: E402
     INDEX_KEY,
     EvolvedConfig,
     EvolvedTrainer,
+    EvolvedTrainerMixin,
     per_sequence_losses,
     scoring_for,
 )
@@ -240,7 +244,7 @@ def test_eswp_scheduler_reaches_its_last_step_exactly_at_the_end(tmp_path, accum
     assert trainer.state.max_steps == planned and trainer.state.global_step == planned
     assert trainer.lr_scheduler.last_epoch == planned
     assert trainer.lr_scheduler.get_last_lr()[0] == 0.0
-    assert [b - a for a, b in zip([0, *steps.ends], steps.ends)] == per_epoch
+    assert [b - a for a, b in zip([0, *steps.ends], steps.ends, strict=False)] == per_epoch
 
 
 def test_max_steps_that_disagrees_with_the_plan_fails_before_training(tmp_path):
@@ -304,7 +308,7 @@ def test_scoring_and_training_get_the_same_keyword_inputs(tmp_path):
     trainer = make_trainer(tmp_path, EvolvedConfig("es", **NO_ANNEAL), model=model, num_train_epochs=1)
     trainer.train()
     assert len(scored) == len(trained) == 4
-    for score_kw, train_kw in zip(scored, trained):
+    for score_kw, train_kw in zip(scored, trained, strict=True):
         assert set(score_kw) == set(train_kw) - {"labels"}  # attention_mask included
         for row in range(train_kw["input_ids"].shape[0]):
             match = (score_kw["input_ids"] == train_kw["input_ids"][row]).all(1).nonzero()[:, 0]
@@ -419,7 +423,7 @@ def test_bad_setups_fail_before_training(tmp_path):
             num_attention_heads=2,
             intermediate_size=32,
             num_labels=1,
-        )  # fmt: skip
+        )
     )
     with pytest.raises(ValueError, match="model: BertForSequenceClassification"):
         make_trainer(tmp_path, EvolvedConfig("es"), model=regression)

@@ -276,7 +276,7 @@ def read_jsonl(path: str, tokenizer, length: int) -> list[dict[str, list[int]]]:
                     "input_ids": ids + [pad_id] * pad,
                     "attention_mask": [1] * len(ids) + [0] * pad,
                     "labels": labels + [-100] * pad,
-                }  # fmt: skip
+                }
             )
     if not rows:
         raise SystemExit(f"es-sft: {path} holds no rows")
