@@ -248,8 +248,8 @@ def test_eswp_scheduler_reaches_its_last_step_exactly_at_the_end(tmp_path, accum
 
 
 def test_max_steps_that_disagrees_with_the_plan_fails_before_training(tmp_path):
-    trainer = make_trainer(tmp_path, EvolvedConfig("eswp", **NO_ANNEAL), max_steps=8)
-    with pytest.raises(ValueError, match="max_steps=8"):
+    trainer = make_trainer(tmp_path, EvolvedConfig("eswp", **NO_ANNEAL), max_steps=5)  # the plan has 2 x 4 steps
+    with pytest.raises(ValueError, match="max_steps=5"):
         trainer.train()
 
 
@@ -257,10 +257,10 @@ def _final_params(model):
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("checkpoint", [4, 6])  # mid-epoch 1; end of epoch 1
-def test_resume_continues_exactly(tmp_path, checkpoint):
-    # n = 24, B = 4, accumulation 2: epoch 0 has 6 batches (3 steps), epoch 1 keeps 18 ids = 5 batches (3 steps),
-    # epoch 2 anneals over all 24 (3 steps). Checkpoints every 2 steps.
+@pytest.mark.parametrize("checkpoint, left", [(4, 9), (6, 6)])  # mid-epoch 1; end of epoch 1
+def test_resume_continues_exactly(tmp_path, checkpoint, left):
+    # n = 24, B = 4, accumulation 2: epochs 0 and 1 keep 18 ids = 5 batches (3 steps: 2 + 2 + 1 batches), epoch 2
+    # anneals over all 24 (6 batches, 3 steps). Checkpoints every 2 steps; ``left`` batches follow the checkpoint.
     config = EvolvedConfig("eswp", prune_ratio=0.25, anneal_start=0.0, anneal_end=0.34)
     common = dict(
         n=24, num_train_epochs=3, per_device_train_batch_size=4, gradient_accumulation_steps=2,
@@ -276,15 +276,15 @@ def test_resume_continues_exactly(tmp_path, checkpoint):
 
     resumed = make_trainer(tmp_path / "resumed", config, **common)
     resumed.train(resume_from_checkpoint=str(folder))  # the user writes nothing else
-    done = sum(len(ids) > 0 for ids in whole.selected_ids[: 2 * checkpoint])
-    assert resumed.selected_ids == whole.selected_ids[done:]
+    assert len(whole.selected_ids) == 16 and len(resumed.selected_ids) == left  # nothing skipped twice or redone
+    assert resumed.selected_ids == whole.selected_ids[-left:]
     assert torch.equal(resumed.evolved.state.score, whole.evolved.state.score)
     assert torch.equal(resumed.evolved.state.weight, whole.evolved.state.weight)
     final_whole, final_resumed = _final_params(whole.model), _final_params(resumed.model)
     assert all(torch.equal(final_whole[k], final_resumed[k]) for k in final_whole)
     losses = [entry["loss"] for entry in whole.state.log_history if "loss" in entry]
     resumed_losses = [entry["loss"] for entry in resumed.state.log_history if "loss" in entry]
-    assert resumed_losses == losses[checkpoint:]
+    assert len(losses) == 9 and resumed_losses[-(9 - checkpoint) :] == losses[checkpoint:]  # same loss every step
 
 
 def test_resume_from_a_plain_checkpoint_fails_by_name(tmp_path):
@@ -309,7 +309,7 @@ def test_scoring_and_training_get_the_same_keyword_inputs(tmp_path):
     trainer.train()
     assert len(scored) == len(trained) == 4
     for score_kw, train_kw in zip(scored, trained, strict=True):
-        assert set(score_kw) == set(train_kw) - {"labels"}  # attention_mask included
+        assert set(score_kw) == set(train_kw) - {"labels", "num_items_in_batch"}  # attention_mask included
         for row in range(train_kw["input_ids"].shape[0]):
             match = (score_kw["input_ids"] == train_kw["input_ids"][row]).all(1).nonzero()[:, 0]
             assert match.numel() == 1
@@ -465,8 +465,8 @@ def test_mixin_works_with_trl_sft_trainer(tmp_path):
         evolved=EvolvedConfig("eswp", prune_ratio=0.25, **NO_ANNEAL),
     )  # fmt: skip
     trainer.train()
-    # epoch 0: 16 ids = 2 meta-batches of 8, k = 2; epoch 1: 12 kept ids = batches of 8 and 4, k = 2 and 1.
-    assert trained == [2, 2, 2, 1]
+    # Each epoch keeps 12 of 16 ids: meta-batches of 8 and 4, k = 2 and 1.
+    assert trained == [2, 1, 2, 1]
     assert trainer.state.global_step == 4 and trainer.lr_scheduler.get_last_lr()[0] == 0.0
     assert trainer.evolved.state.weight.ne(1 / 16).sum() >= 12
 
