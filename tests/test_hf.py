@@ -520,7 +520,7 @@ class Logging(test_hf.Recording):
 from pathlib import Path
 out = Path({out!r})
 trainer = test_hf.make_trainer(
-    out, EvolvedConfig("eswp", prune_ratio=0.2, anneal_start=0.0, anneal_end=0.0), cls=Logging, n=30,
+    out, EvolvedConfig("eswp", prune_ratio=0.2, anneal_start=0.5, anneal_end=0.0), cls=Logging, n=30,
     num_train_epochs=2, per_device_train_batch_size=4, learning_rate=0.0, ddp_backend="gloo",
 )
 trainer.train()
@@ -542,7 +542,7 @@ def test_torchrun_two_processes_give_the_single_process_state(tmp_path):
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     assert all(r["world"] == 2 for r in ranks)
     assert torch.equal(ranks[0]["score"], ranks[1]["score"]) and torch.equal(ranks[0]["weight"], ranks[1]["weight"])
-    # No sample lost or doubled: epoch 0 covers all 30 ids (15 per rank), epoch 1 the 24 kept ids (12 per rank).
+    # No sample lost or doubled: epoch 0 anneals over all 30 ids (15 per rank), epoch 1 prunes to 24 (12 per rank).
     for epoch, size in ((0, 30), (1, 24)):
         ids = [i for r in ranks for e, b in r["batches"] if e == epoch for i in b[INDEX_KEY].tolist()]
         assert len(ids) == size and len(set(ids)) == size

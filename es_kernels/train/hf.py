@@ -371,10 +371,11 @@ class EvolvedTrainerMixin:
         finally:
             self.data_collator = collator
         # accelerate wraps the batches of a map-style dataset in BatchSamplerShard (every rank iterates the sampler,
-        # then keeps every world_size-th batch); the ES sampler already shards, so the wrapper must pass through.
+        # then keeps every world_size-th batch, and with even_batches tops a short last batch up with ids from the
+        # epoch's start); the ES sampler already shards and pads, so the wrapper must pass batches through as they are.
         shard = getattr(loader, "batch_sampler", None)
         if shard is not None and hasattr(shard, "num_processes"):
-            shard.num_processes, shard.process_index = 1, 0
+            shard.num_processes, shard.process_index, shard.even_batches = 1, 0, False
         return loader
 
     # ---------------------------------------------------------------- step counts from the plan
