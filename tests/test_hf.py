@@ -521,25 +521,33 @@ from pathlib import Path
 out = Path({out!r})
 trainer = test_hf.make_trainer(
     out, EvolvedConfig("eswp", prune_ratio=0.2, anneal_start=0.5, anneal_end=0.0), cls=Logging, n=30,
-    num_train_epochs=2, per_device_train_batch_size=4, learning_rate=0.0, ddp_backend="gloo",
+    num_train_epochs=2, per_device_train_batch_size=4, learning_rate={lr}, ddp_backend="gloo",
+    save_strategy="steps", save_steps=2,
 )
-trainer.train()
+trainer.train(resume_from_checkpoint={resume!r})
 rank = trainer.args.process_index
 state = trainer.evolved.state
+params = {{k: v.detach().clone() for k, v in trainer.model.named_parameters()}}
 torch.save({{"score": state.score, "weight": state.weight, "batches": trainer.batches,
-            "world": trainer.args.world_size}}, out / f"rank{{rank}}.pt")
+            "world": trainer.args.world_size, "selected": trainer.selected_ids, "params": params}},
+           out / f"rank{{rank}}.pt")
 """
 
 
-@pytest.mark.slow
-def test_torchrun_two_processes_give_the_single_process_state(tmp_path):
+def torchrun(tmp_path: Path, *, lr: float, resume: str | None = None) -> list[dict]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     script = tmp_path / "run.py"
-    script.write_text(DISTRIBUTED_SCRIPT.format(tests=str(ROOT / "tests"), out=str(tmp_path)))
+    script.write_text(DISTRIBUTED_SCRIPT.format(tests=str(ROOT / "tests"), out=str(tmp_path), lr=lr, resume=resume))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_give_the_single_process_state(tmp_path):
+    ranks = torchrun(tmp_path, lr=0.0)
     assert all(r["world"] == 2 for r in ranks)
     assert torch.equal(ranks[0]["score"], ranks[1]["score"]) and torch.equal(ranks[0]["weight"], ranks[1]["weight"])
     # No sample lost or doubled: epoch 0 anneals over all 30 ids (15 per rank), epoch 1 prunes to 24 (12 per rank).
@@ -559,3 +567,18 @@ def test_torchrun_two_processes_give_the_single_process_state(tmp_path):
                     ids = batch.pop(INDEX_KEY)
                     state.observe(ids, per_sequence_losses(model, batch, scoring, ignore_index=-100, reduction="mean"))
     assert torch.equal(state.score, ranks[0]["score"]) and torch.equal(state.weight, ranks[0]["weight"])
+
+
+@pytest.mark.slow
+def test_torchrun_resume_from_a_mid_epoch_checkpoint_is_exact(tmp_path):
+    # Epoch 0 anneals (4 steps per rank), epoch 1 prunes (3 steps); checkpoint-6 is mid-epoch 1, where each rank holds
+    # updates the other has not merged yet.
+    whole = torchrun(tmp_path / "whole", lr=1e-3)
+    resumed = torchrun(tmp_path / "resumed", lr=1e-3, resume=str(tmp_path / "whole" / "out" / "checkpoint-6"))
+    for rank in range(2):
+        left = len(resumed[rank]["selected"])
+        assert left == 1 and resumed[rank]["selected"] == whole[rank]["selected"][-left:]
+        assert torch.equal(resumed[rank]["score"], whole[rank]["score"])
+        assert torch.equal(resumed[rank]["weight"], whole[rank]["weight"])
+        assert all(torch.equal(resumed[rank]["params"][k], v) for k, v in whole[rank]["params"].items())
+    assert torch.equal(whole[0]["score"], whole[1]["score"])

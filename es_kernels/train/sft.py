@@ -210,9 +210,8 @@ def table(results: list[dict[str, Any]]) -> str:
 def demo(options: argparse.Namespace) -> list[dict[str, Any]]:
     torch.set_num_threads(options.threads)
     rows = topic_pairs(options.length, seed=options.seed)
-    held = 32 if options.quick else max(64, len(rows) // 16)
-    if options.quick:
-        rows = rows[: held + 64]
+    held = 32 if options.quick else 128
+    rows = rows[: held + (64 if options.quick else options.train_size)]
     held_out, train = Rows(rows[:held]), Rows(rows[held:])
     print(f"es-sft demo: {len(train)} training and {len(held_out)} held-out sequences of {options.length} bytes")
     results = []
@@ -314,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=int, default=None, help="default: 3 (demo), 1 (--quick)")
     parser.add_argument("--batch-size", type=int, default=8, help="k: sequences back-propagated per step")
     parser.add_argument("--select-ratio", type=float, default=0.25, help="k/B; ES scores B = k / ratio per step")
-    parser.add_argument("--length", type=int, default=96, help="tokens per sequence")
+    parser.add_argument("--length", type=int, default=64, help="tokens per sequence")
+    parser.add_argument("--train-size", type=int, default=1536, help="demo training sequences (128 more held out)")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--hidden", type=int, default=64)
