@@ -291,7 +291,13 @@ class EvolvedTrainerMixin:
         )
         self.evolved_times = {"scoring_s": 0.0, "training_s": 0.0}
         self._check_evolved_settings()
-        self.evolved_scoring = scoring_for(self.model, shift_labels=bool(getattr(self, "_loss_shifts_labels", False)))
+        shift = bool(getattr(self, "_loss_shifts_labels", False))
+        try:
+            self.evolved_scoring = scoring_for(self.model, shift_labels=shift)
+        except ValueError:
+            if METHODS[self.evolved_config.method].selects:
+                raise
+            self.evolved_scoring = Scoring("none", "not scored (baseline)", "the baseline never scores")
         if self.evolved_scoring.fused:
             logger.info("es_kernels: scoring path: %s", self.evolved_scoring.path)
         else:
