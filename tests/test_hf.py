@@ -139,6 +139,16 @@ def trained_rows(model: torch.nn.Module) -> list[int]:
 def test_smoke_es_trains_k_of_b_rows(tmp_path):
     model = tiny_lm()
     rows = trained_rows(model)
+    scoring_calls = {"model": 0, "backbone": 0}
+
+    def counter(name):
+        def hook(module, args, kwargs):
+            scoring_calls[name] += not torch.is_grad_enabled()
+
+        return hook
+
+    model.register_forward_pre_hook(counter("model"), with_kwargs=True)
+    model.model.register_forward_pre_hook(counter("backbone"), with_kwargs=True)
     trainer = EvolvedTrainer(
         model=model,
         args=arguments(tmp_path),
@@ -149,6 +159,8 @@ def test_smoke_es_trains_k_of_b_rows(tmp_path):
     trainer.train()
     assert rows == [2] * 8  # 2 epochs x 4 meta-batches of 8, k = 2
     assert trainer.evolved_scoring.path == FUSED_PATH
+    # Scoring ran the backbone alone (its head in vocabulary chunks), never the full model and its (B, T, V) logits.
+    assert scoring_calls == {"model": 0, "backbone": 8}
 
 
 torch.set_num_threads(1)  # the machine is shared; tiny models gain nothing from threads
