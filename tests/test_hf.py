@@ -594,3 +594,18 @@ def test_torchrun_resume_from_a_mid_epoch_checkpoint_is_exact(tmp_path):
         assert torch.equal(resumed[rank]["weight"], whole[rank]["weight"])
         assert all(torch.equal(resumed[rank]["params"][k], v) for k, v in whole[rank]["params"].items())
     assert torch.equal(whole[0]["score"], whole[1]["score"])
+
+
+def test_sft_real_model_command_with_a_local_folder(tmp_path):
+    folder = tmp_path / "model"
+    tiny_lm().save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    data = tmp_path / "pairs.jsonl"
+    lines = [json.dumps({"prompt": f"question {i}: ", "completion": f"answer {i * 7}"}) for i in range(40)]
+    data.write_text("\n".join(lines) + "\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "es_kernels.train.sft", "--model", str(folder), "--data", str(data),
+               "--methods", "eswp", "--epochs", "1", "--length", "24", "--out", str(tmp_path / "out")]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| eswp |" in done.stdout

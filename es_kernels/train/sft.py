@@ -2,7 +2,7 @@
 
     es-sft --demo                       # tiny byte-level Qwen2 from a config, Python's own docs, nothing downloaded
     es-sft --demo --quick               # the same, reduced (the test suite runs it)
-    es-sft --model Qwen/Qwen2.5-0.5B --data pairs.jsonl --method eswp --epochs 3
+    es-sft --model Qwen/Qwen2.5-0.5B --data pairs.jsonl --methods eswp --epochs 3
 
 The demo fine-tunes on ``pydoc_data.topics`` (about 465k characters shipped with Python) as prompt/response pairs:
 the prompt ``"<topic>:\\n"`` plus the text before a cut is masked with ``ignore_index``; the response after the cut
