@@ -344,8 +344,8 @@ def test_fused_scoring_equals_the_logits_path_and_fallback_is_named(tmp_path, ca
     labels = batch["labels"][:, 1:]
     token = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=-100, reduction="none")
     expected = token.sum(1) / (labels != -100).sum(1)
-    torch.testing.assert_close(a.double() if False else per_sequence_losses(
-        model, batch, fused, ignore_index=-100, reduction="mean").double(), expected, rtol=1e-5, atol=1e-6)  # fmt: skip
+    mean = per_sequence_losses(model, batch, fused, ignore_index=-100, reduction="mean")
+    torch.testing.assert_close(mean.double(), expected, rtol=1e-5, atol=1e-6)
 
     class NoBackbone(Qwen2ForCausalLM):
         base_model_prefix = "not_there"
