@@ -483,6 +483,7 @@ def test_mixin_works_with_trl_sft_trainer(tmp_path):
     assert trainer.evolved.state.weight.ne(1 / 16).sum() >= 12
 
 
+@pytest.mark.slow
 def test_sft_demo_quick_runs(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "es_kernels.train.sft", "--demo", "--quick", "--no-progress", "--length", "32",
@@ -596,6 +597,7 @@ def test_torchrun_resume_from_a_mid_epoch_checkpoint_is_exact(tmp_path):
     assert torch.equal(whole[0]["score"], whole[1]["score"])
 
 
+@pytest.mark.slow
 def test_sft_real_model_command_with_a_local_folder(tmp_path):
     folder = tmp_path / "model"
     tiny_lm().save_pretrained(folder)
