@@ -1,0 +1,586 @@
+"""Evolved Sampling inside Hugging Face's ``Trainer`` and TRL's ``SFTTrainer``.
+
+    from es_kernels.train.hf import EvolvedConfig, EvolvedTrainer
+    trainer = EvolvedTrainer(model=model, args=args, train_dataset=train, evolved=EvolvedConfig("eswp"))
+    trainer.train()                                   # or trainer.train(resume_from_checkpoint=True)
+
+    class EvolvedSFTTrainer(EvolvedTrainerMixin, SFTTrainer): ...   # any Trainer subclass, same behaviour
+
+Per optimizer step the Trainer collects its gradient-accumulation micro-batches; each is scored on all B sequences
+under ``torch.no_grad()`` (the state update and the draw of k rows go through :class:`EvolvedTraining`), and only
+the k selected rows reach ``training_step``. Everything the Trainer sizes from the data — ``max_steps``, the epoch
+lengths, ``num_items_in_batch``, the data skipped on resume — is taken from the ES plan instead. This module is the
+only one that imports ``transformers``; ``import es_kernels`` never loads it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+from transformers import Trainer
+from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from es_kernels import _checks
+from es_kernels.train.loop import METHODS, SCORING_MODES, EvolvedTraining
+
+logger = logging.getLogger(__name__)
+
+INDEX_KEY = "es_index"  # the batch key that carries dataset ids from the sampler to the selection, never to the model
+STATE_FILE = "evolved_sampling_rank{rank}.pt"  # one per rank: each holds its own plan shard and unmerged updates
+SEQUENCE_REDUCTIONS = ("mean", "sum")
+FUSED_PATH = "fused hidden-state (backbone + lm_head in vocabulary chunks)"
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvolvedConfig:
+    """Settings of Evolved Sampling in a Trainer; checked when built, so a bad one fails before training starts.
+
+    Args:
+        method: ``"baseline"``, ``"es"``, ``"eswp"``, ``"loss"`` or ``"order"`` (see :data:`METHODS`).
+        select_ratio: k/B in (0, 1], the fraction of each micro-batch back-propagated (paper: 0.25).
+        prune_ratio: r in [0, 1) for ESWP (default: the method's, 0.2 for ESWP, 0 otherwise).
+        beta1, beta2: EMA factors (default: the method's).
+        anneal_start, anneal_end: fractions of epochs without selection at the start and end (paper: 5% each).
+        ignore_index: label value of tokens that carry no loss (prompt, padding).
+        sequence_reduction: a sequence's loss is the ``"mean"`` or ``"sum"`` of its tokens' cross-entropies.
+        scoring_mode: ``"eval"`` (dropout off in the scoring forward) or ``"train"``.
+        seed: seeds pruning, shuffling and selection (default: ``TrainingArguments.seed``).
+        backend: ``evolved_select`` backend.
+    """
+
+    method: str = "es"
+    select_ratio: float = 0.25
+    prune_ratio: float | None = None
+    beta1: float | None = None
+    beta2: float | None = None
+    anneal_start: float = 0.05
+    anneal_end: float = 0.05
+    ignore_index: int = -100
+    sequence_reduction: str = "mean"
+    scoring_mode: str = "eval"
+    seed: int | None = None
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {sorted(METHODS)}, got {self.method!r}")
+        select_ratio = _checks.check_fraction("select_ratio", self.select_ratio)
+        if select_ratio == 0.0:
+            raise ValueError(f"select_ratio must be in (0, 1], got {self.select_ratio}")
+        if self.prune_ratio is not None:
+            _checks.check_fraction("prune_ratio", self.prune_ratio, upper_open=True)
+        for name in ("beta1", "beta2"):
+            if getattr(self, name) is not None:
+                _checks.check_fraction(name, getattr(self, name))
+        _checks.check_fraction("anneal_start", self.anneal_start)
+        _checks.check_fraction("anneal_end", self.anneal_end)
+        _checks.check_int("ignore_index", self.ignore_index, low=-(2**63))
+        if self.sequence_reduction not in SEQUENCE_REDUCTIONS:
+            raise ValueError(
+                f"sequence_reduction must be one of {SEQUENCE_REDUCTIONS}, got {self.sequence_reduction!r}"
+            )
+        if self.scoring_mode not in SCORING_MODES:
+            raise ValueError(f"scoring_mode must be one of {SCORING_MODES}, got {self.scoring_mode!r}")
+        if self.seed is not None:
+            _checks.check_int("seed", self.seed, low=0)
+
+
+# ------------------------------------------------------------------------------------------ per-sequence losses
+
+
+@dataclasses.dataclass(frozen=True)
+class Scoring:
+    """How per-sequence losses are computed for one model: ``kind`` is ``"lm"`` (token cross-entropy reduced per
+    sequence) or ``"classification"`` ((B, C) logits); ``path`` names the computation, and ``reason`` why the fused
+    path is not used (empty when it is)."""
+
+    kind: str
+    path: str
+    reason: str = ""
+    shift: bool = False
+
+    @property
+    def fused(self) -> bool:
+        return self.path == FUSED_PATH
+
+
+def scoring_for(model: torch.nn.Module, *, shift_labels: bool) -> Scoring:
+    """Decide, before training, how ``model``'s per-sequence losses are computed; raise if they cannot be."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    name = type(model).__name__
+    if head is not None:
+        backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
+        config = getattr(model, "config", None)
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        transforms = [key for key in _LOGIT_TRANSFORMS if getattr(text_config, key, None) not in (None, 1, 1.0)]
+        if not isinstance(head, torch.nn.Linear):
+            reason = f"the output embedding is a {type(head).__name__}, not a Linear lm_head"
+        elif not isinstance(backbone, torch.nn.Module) or backbone is model:
+            reason = f"{name} exposes no backbone module (base_model_prefix)"
+        elif transforms:
+            reason = f"the model transforms its logits after lm_head ({', '.join(transforms)})"
+        else:
+            return Scoring("lm", FUSED_PATH, shift=shift_labels)
+        return Scoring("lm", "full logits from model(**inputs)", reason, shift=shift_labels)
+    problem = getattr(getattr(model, "config", None), "problem_type", None)
+    classifies = name in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.values() or name.endswith(
+        "ForSequenceClassification"
+    )
+    if classifies and problem in (None, "single_label_classification") and getattr(model.config, "num_labels", 0) > 1:
+        return Scoring("classification", "(B, C) logits from model(**inputs)", "sequence classification")
+    raise ValueError(
+        f"model: {name} gives no per-sequence loss (Evolved Sampling needs a causal/masked LM with an output "
+        "embedding, or single-label sequence classification with num_labels >= 2); use method='baseline' for it"
+    )
+
+
+def _token_losses_from_hidden(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor) -> torch.Tensor:
+    """fp32 cross-entropy of rows ``hidden`` (N, D) against ``targets`` (N,) through ``head``, with an online
+    log-sum-exp over vocabulary chunks, so at most (N, chunk) logits exist at once (never (N, V))."""
+    weight, bias = head.weight, head.bias
+    rows, vocab = hidden.shape[0], weight.shape[0]
+    chunk = max(1, min(vocab, (1 << 22) // max(rows, 1)))  # about 16 MB of fp32 logits per chunk
+    target_logits = (hidden * weight[targets]).sum(-1).float()
+    if bias is not None:
+        target_logits += bias[targets].float()
+    running_max = torch.full((rows,), -math.inf, device=hidden.device)
+    running_sum = torch.zeros(rows, device=hidden.device)
+    for start in range(0, vocab, chunk):
+        block = F.linear(hidden, weight[start : start + chunk], None if bias is None else bias[start : start + chunk])
+        block = block.float()
+        new_max = torch.maximum(running_max, block.max(-1).values)
+        running_sum = running_sum * torch.exp(running_max - new_max) + torch.exp(block - new_max[:, None]).sum(-1)
+        running_max = new_max
+    return running_max + torch.log(running_sum) - target_logits
+
+
+def per_sequence_losses(
+    model: torch.nn.Module, inputs: dict[str, Any], scoring: Scoring, *, ignore_index: int, reduction: str
+) -> torch.Tensor:
+    """(B,) fp32 losses of the batch ``inputs`` (the same keyword inputs training uses), without gradients.
+
+    The one place per-sequence losses are computed: when the sequence-level op of ``evolved_select``
+    (``hidden_states=, lm_head_weight=``) lands, the fused branch below becomes that call.
+    """
+    labels = inputs.get("labels")
+    if labels is None:
+        raise ValueError("inputs: the training batches carry no 'labels', so no per-sequence loss can be scored")
+    forward_inputs = {key: value for key, value in inputs.items() if key != "labels"}
+    with torch.no_grad():
+        if scoring.kind == "classification":
+            logits = model(**forward_inputs).logits
+            return F.cross_entropy(logits.float(), labels.to(logits.device), reduction="none")
+        if "shift_labels" in forward_inputs:  # padding-free collators shift themselves
+            targets, shift = forward_inputs.pop("shift_labels"), False
+        else:
+            targets, shift = labels, scoring.shift
+        if shift:
+            targets = targets[:, 1:]
+        valid = targets != ignore_index
+        if scoring.fused:
+            backbone = getattr(model, model.base_model_prefix)
+            hidden = backbone(**forward_inputs)[0]
+            hidden = hidden[:, :-1] if shift else hidden
+            token_losses = _token_losses_from_hidden(hidden[valid], model.get_output_embeddings(), targets[valid])
+        else:
+            logits = model(**forward_inputs).logits
+            logits = logits[:, :-1] if shift else logits
+            token_losses = F.cross_entropy(logits[valid].float(), targets[valid], reduction="none")
+        rows = valid.nonzero()[:, 0]
+        sums = torch.zeros(targets.shape[0], device=token_losses.device).index_add_(0, rows, token_losses)
+        if reduction == "sum":
+            return sums
+        counts = valid.sum(1).to(sums.device)
+        return torch.where(counts > 0, sums / counts.clamp(min=1), torch.zeros_like(sums))
+
+
+class _Scorer:
+    """Looks like a module to ``EvolvedTraining`` (``training``/``train`` reach the real model, which the scoring
+    mode switch needs); calling it returns per-sequence losses of a dict batch."""
+
+    def __init__(self, model: torch.nn.Module, score: Callable[[torch.nn.Module, dict], torch.Tensor]) -> None:
+        self.model, self.score = model, score
+
+    @property
+    def training(self) -> bool:
+        return self.model.training
+
+    def train(self, mode: bool = True) -> None:
+        self.model.train(mode)
+
+    def __call__(self, inputs: dict[str, Any]) -> torch.Tensor:
+        return self.score(self.model, inputs)
+
+
+def _given_losses(losses: torch.Tensor, _targets: Any) -> torch.Tensor:
+    return losses
+
+
+# ------------------------------------------------------------------------------------------ ids through the loader
+
+
+class _WithIndex(Dataset):
+    """Each item is the wrapped item's dict plus its dataset id under :data:`INDEX_KEY`."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self.dataset[index]
+        if not isinstance(item, dict):
+            raise TypeError(f"train_dataset items must be dicts (the Trainer's format), got {type(item).__name__}")
+        if INDEX_KEY in item:
+            raise ValueError(f"train_dataset items already have a {INDEX_KEY!r} key, which Evolved Sampling uses")
+        return {**item, INDEX_KEY: index}
+
+
+class _IndexCollator:
+    """Takes the ids out of the features, lets the user's collator build the batch, and puts them back as a tensor:
+    any collator works (the default one, padding, TRL's) and never sees the id."""
+
+    def __init__(self, collator: Callable) -> None:
+        self.collator = collator
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        ids = [feature[INDEX_KEY] for feature in features]
+        batch = self.collator([{k: v for k, v in feature.items() if k != INDEX_KEY} for feature in features])
+        batch[INDEX_KEY] = torch.tensor(ids, dtype=torch.int64)
+        return batch
+
+
+def optimizer_steps(training: EvolvedTraining, batch_size: int, *, drop_last: bool, accumulation: int) -> list[int]:
+    """Optimizer steps of each epoch: an epoch's last, partial accumulation is stepped, never carried over."""
+    sampler = training.sampler
+    return [
+        math.ceil(sampler.steps_per_epoch(batch_size, drop_last=drop_last, epoch=e) / accumulation)
+        for e in range(sampler.num_epochs)
+    ]
+
+
+# ------------------------------------------------------------------------------------------ the trainer
+
+
+class EvolvedTrainerMixin:
+    """Evolved Sampling for ``transformers.Trainer`` and any subclass: put it first in the bases.
+
+    ``class EvolvedSFTTrainer(EvolvedTrainerMixin, SFTTrainer)``; then pass ``evolved=EvolvedConfig(...)``.
+    """
+
+    def __init__(self, *args: Any, evolved: EvolvedConfig | None = None, **kwargs: Any) -> None:
+        if evolved is not None and not isinstance(evolved, EvolvedConfig):
+            raise TypeError(f"evolved must be an EvolvedConfig, got {type(evolved).__name__}")
+        super().__init__(*args, **kwargs)
+        self.evolved_config = evolved if evolved is not None else EvolvedConfig()
+        self.evolved: EvolvedTraining | None = None
+        self.evolved_stats = dict.fromkeys(
+            ("scored_sequences", "trained_sequences", "scored_tokens", "trained_tokens"), 0
+        )
+        self.evolved_times = {"scoring_s": 0.0, "training_s": 0.0}
+        self._check_evolved_settings()
+        shift = bool(getattr(self, "_loss_shifts_labels", False))
+        try:
+            self.evolved_scoring = scoring_for(self.model, shift_labels=shift)
+        except ValueError:
+            if METHODS[self.evolved_config.method].selects:
+                raise
+            self.evolved_scoring = Scoring("none", "not scored (baseline)", "the baseline never scores")
+        if self.evolved_scoring.fused:
+            logger.info("es_kernels: scoring path: %s", self.evolved_scoring.path)
+        else:
+            logger.warning(
+                "es_kernels: scoring path: %s (fallback: %s)", self.evolved_scoring.path, self.evolved_scoring.reason
+            )
+
+    # ---------------------------------------------------------------- settings, checked before training
+
+    def _check_evolved_settings(self) -> None:
+        args, method = self.args, self.evolved_config.method
+        if self.train_dataset is not None and not hasattr(self.train_dataset, "__len__"):
+            raise ValueError(
+                f"train_dataset: method {method!r} keeps a score per sample and plans each epoch over the whole set, "
+                "so the dataset needs __len__ (a map-style dataset); an IterableDataset cannot be used"
+            )
+        epochs = float(args.num_train_epochs)
+        if epochs != int(epochs) or epochs < 1:
+            raise ValueError(f"num_train_epochs must be a whole number >= 1 (the ES plan is per epoch), got {epochs}")
+        if args.train_sampling_strategy not in ("random", None):
+            raise ValueError(
+                f"train_sampling_strategy={args.train_sampling_strategy!r} would replace the ES sampler; leave it "
+                "'random' (the ES plan shuffles)"
+            )
+
+    def _num_processes_sampler(self) -> tuple[int, int]:
+        return max(1, self.args.world_size), self.args.process_index if self.args.world_size > 1 else 0
+
+    def _build_evolved(self) -> EvolvedTraining:
+        config, args = self.evolved_config, self.args
+        if not hasattr(self.train_dataset, "__len__"):
+            self._check_evolved_settings()
+        num_replicas, rank = self._num_processes_sampler()
+        return EvolvedTraining(
+            config.method,
+            num_samples=len(self.train_dataset),
+            num_epochs=int(args.num_train_epochs),
+            select_ratio=config.select_ratio,
+            prune_ratio=config.prune_ratio,
+            beta1=config.beta1,
+            beta2=config.beta2,
+            anneal_start=config.anneal_start,
+            anneal_end=config.anneal_end,
+            scoring_mode=config.scoring_mode,
+            seed=args.seed if config.seed is None else config.seed,
+            device=args.device,
+            num_replicas=num_replicas,
+            rank=rank,
+            backend=config.backend,
+        )
+
+    # ---------------------------------------------------------------- the data: ids travel in the batch dict
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        if INDEX_KEY not in self._signature_columns:  # else remove_unused_columns drops the ids
+            self._signature_columns = [*self._signature_columns, INDEX_KEY]
+
+    def _get_train_sampler(self, train_dataset: Dataset | None = None) -> torch.utils.data.Sampler | None:
+        return self.evolved.sampler
+
+    def get_train_dataloader(self) -> torch.utils.data.DataLoader:
+        if self.train_dataset is None:
+            raise ValueError("Trainer: training requires a train_dataset.")
+        if self.evolved is None:
+            self.evolved = self._build_evolved()
+        collator = self.data_collator
+        self.data_collator = _IndexCollator(collator)
+        try:
+            loader = self._get_dataloader(
+                dataset=_WithIndex(self.train_dataset),
+                description="Training",
+                batch_size=self._train_batch_size,
+                sampler_fn=self._get_train_sampler,
+                is_training=True,
+            )
+        finally:
+            self.data_collator = collator
+        # accelerate wraps the batches of a map-style dataset in BatchSamplerShard (every rank iterates the sampler,
+        # then keeps every world_size-th batch, and with even_batches tops a short last batch up with ids from the
+        # epoch's start); the ES sampler already shards and pads, so the wrapper must pass batches through as they are.
+        shard = getattr(loader, "batch_sampler", None)
+        if shard is not None and hasattr(shard, "num_processes"):
+            shard.num_processes, shard.process_index, shard.even_batches = 1, 0, False
+        return loader
+
+    # ---------------------------------------------------------------- step counts from the plan
+
+    def evolved_optimizer_steps(self) -> list[int]:
+        """Optimizer steps of each epoch of the plan (the scheduler is built for their sum)."""
+        if self.evolved is None:
+            self.evolved = self._build_evolved()
+        return optimizer_steps(
+            self.evolved,
+            self._train_batch_size,
+            drop_last=self.args.dataloader_drop_last,
+            accumulation=self.args.gradient_accumulation_steps,
+        )
+
+    def set_initial_training_values(self, args, dataloader):
+        values = list(super().set_initial_training_values(args, dataloader))
+        per_epoch = self.evolved_optimizer_steps()
+        planned = sum(per_epoch)
+        if args.max_steps > 0 and args.max_steps != planned:
+            raise ValueError(
+                f"max_steps={args.max_steps}, but {self.evolved.sampler.num_epochs} epochs of the ES plan take "
+                f"{planned} optimizer steps; leave max_steps at -1 and set num_train_epochs (the trainer sizes the "
+                "schedule from the plan)"
+            )
+        sampler = self.evolved.sampler
+        batches = sampler.steps_per_epoch(self._train_batch_size, drop_last=args.dataloader_drop_last, epoch=0)
+        # (num_train_epochs, num_update_steps_per_epoch, num_examples, num_train_samples, total_batch, steps, max)
+        values[0], values[1], values[5], values[6] = sampler.num_epochs, per_epoch[0], batches, planned
+        values[2] = len(self.train_dataset)
+        values[3] = sum(sampler.epoch_size(e) for e in range(sampler.num_epochs))
+        return tuple(values)
+
+    def _init_training_state(
+        self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
+    ):
+        super()._init_training_state(
+            max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
+        )
+        if resume_from_checkpoint is None:
+            return 0, 0
+        self._load_evolved(resume_from_checkpoint)
+        sampler = self.evolved.sampler
+        finished = sampler.position >= sampler.shard_size(sampler.epoch)
+        # The sampler resumes its own position, so the Trainer must skip nothing (0 batches in the resumed epoch).
+        return sampler.epoch + int(finished), 0
+
+    def _run_epoch(self, **kwargs: Any) -> Any:
+        epoch = kwargs["epoch"]
+        self.evolved.set_epoch(epoch)  # merges the ranks' states (a collective), then plans the epoch
+        # This epoch's own length (pruned epochs are shorter; a resumed one has only what is left).
+        batches = len(kwargs["train_dataloader"])
+        kwargs.update(
+            steps_in_epoch=batches,
+            num_update_steps_per_epoch=math.ceil(batches / self.args.gradient_accumulation_steps),
+            steps_trained_in_current_epoch=0,
+        )
+        result = super()._run_epoch(**kwargs)
+        sampler = self.evolved.sampler
+        if epoch == sampler.num_epochs - 1 and sampler.position >= sampler.shard_size(epoch) and self.evolved.selects:
+            self.evolved.state.sync_epoch()  # the final state is merged too
+        return result
+
+    # ---------------------------------------------------------------- selection before the accumulation is counted
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batches = []
+        for _ in range(num_batches):
+            try:
+                batches.append(next(epoch_iterator))
+            except StopIteration:
+                break
+        if batches and INDEX_KEY in batches[0]:
+            batches = [self._select_rows(batch) for batch in batches]
+        # Counted over the selected rows of every micro-batch (and rank): the loss is their token mean.
+        return batches, self._get_num_items_in_batch(batches, device)
+
+    def _score(self, model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+        config = self.evolved_config
+        with self.compute_loss_context_manager():
+            losses = per_sequence_losses(
+                model,
+                inputs,
+                self.evolved_scoring,
+                ignore_index=config.ignore_index,
+                reduction=config.sequence_reduction,
+            )
+        return losses.to(self.evolved.state.device)
+
+    def _tokens(self, inputs: dict[str, Any]) -> int:
+        if self.evolved_scoring.kind == "lm" and "labels" in inputs:
+            labels = inputs["labels"][:, 1:] if self.evolved_scoring.shift else inputs["labels"]
+            return int((labels != self.evolved_config.ignore_index).sum())
+        if "attention_mask" in inputs:
+            return int(inputs["attention_mask"].sum())
+        return int(next(v for v in inputs.values() if isinstance(v, torch.Tensor)).numel())
+
+    def _select_rows(self, batch: dict[str, Any]) -> dict[str, Any]:
+        indices = batch.pop(INDEX_KEY)
+        inputs = self._prepare_inputs(batch)
+        rows = indices.numel()
+        for key, value in inputs.items():
+            if isinstance(value, torch.Tensor) and (value.dim() == 0 or value.shape[0] != rows):
+                raise ValueError(
+                    f"batch[{key!r}] has shape {tuple(value.shape)}, not one row per sequence ({rows}): packed or "
+                    "padding-free batches cannot be selected per sequence; disable packing/padding_free"
+                )
+        evolved = self.evolved
+        scorer = _Scorer(self.model, self._score)
+        start = time.perf_counter()
+        selected = evolved.select(scorer, indices.to(evolved.state.device), inputs, (), loss_fn=_given_losses)
+        if not selected.scored and evolved.selects:
+            # Annealing epochs train every row but still move the state: score them the same way.
+            evolved.observe(selected, evolved._scoring_forward(scorer, selected.inputs))
+        if evolved.selects:
+            self.evolved_times["scoring_s"] += time.perf_counter() - start
+        stats = self.evolved_stats
+        stats["scored_sequences"] += rows
+        stats["scored_tokens"] += self._tokens(inputs)
+        stats["trained_sequences"] += selected.indices.numel()
+        stats["trained_tokens"] += self._tokens(selected.inputs)
+        return dict(selected.inputs)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        start = time.perf_counter()
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.evolved_times["training_s"] += time.perf_counter() - start
+        return loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # Only the training loader adds ids, and selection removes them; an evaluation set that happens to carry the
+        # column is evaluated plainly, and the id never reaches the model.
+        inputs.pop(INDEX_KEY, None)
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+    # ---------------------------------------------------------------- logs
+
+    def evolved_metrics(self) -> dict[str, float]:
+        """Fractions of sequences and tokens back-propagated so far, and the estimated wall-clock saved: the
+        skipped tokens at the measured training cost per token, minus the time spent scoring."""
+        stats, times = self.evolved_stats, self.evolved_times
+        if stats["scored_sequences"] == 0:
+            return {}
+        per_token = times["training_s"] / max(stats["trained_tokens"], 1)
+        skipped = stats["scored_tokens"] - stats["trained_tokens"]
+        return {
+            "es_backprop_sequence_fraction": stats["trained_sequences"] / stats["scored_sequences"],
+            "es_backprop_token_fraction": stats["trained_tokens"] / max(stats["scored_tokens"], 1),
+            "es_scoring_seconds": times["scoring_s"],
+            "es_time_saved_seconds": skipped * per_token - times["scoring_s"],
+        }
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if "loss" in logs or "train_loss" in logs:
+            logs = {**logs, **self.evolved_metrics()}
+        super().log(logs, *args, **kwargs)
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def _evolved_file(self, folder: str) -> str:
+        return os.path.join(folder, STATE_FILE.format(rank=self._num_processes_sampler()[1]))
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        os.makedirs(folder, exist_ok=True)
+        saved = {
+            "training": self.evolved.state_dict(),
+            "stats": dict(self.evolved_stats),
+            "times": dict(self.evolved_times),
+        }
+        path = self._evolved_file(folder)
+        torch.save(saved, path + ".tmp")
+        os.replace(path + ".tmp", path)  # a checkpoint never holds half a state file
+
+    def _load_evolved(self, checkpoint: str) -> None:
+        path = self._evolved_file(checkpoint)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"resume_from_checkpoint: {checkpoint} has no {os.path.basename(path)}; it was not saved by an "
+                "Evolved Sampling trainer with this world size, so the run cannot continue exactly"
+            )
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        self.evolved.load_state_dict(saved["training"])
+        self.evolved_stats.update(saved["stats"])
+        self.evolved_times.update(saved["times"])
+
+
+class EvolvedTrainer(EvolvedTrainerMixin, Trainer):
+    """``transformers.Trainer`` with Evolved Sampling: pass ``evolved=EvolvedConfig(method, ...)``."""
+
+
+__all__ = [
+    "INDEX_KEY",
+    "EvolvedConfig",
+    "EvolvedTrainer",
+    "EvolvedTrainerMixin",
+    "Scoring",
+    "optimizer_steps",
+    "per_sequence_losses",
+    "scoring_for",
+]
