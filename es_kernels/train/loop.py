@@ -1,4 +1,4 @@
-"""EvolvedTraining: turns a plain PyTorch loop into ES/ESWP (or the baseline) with about three changed lines.
+"""EvolvedTraining: turns a plain PyTorch loop into ES/ESWP (or the baseline): five added lines, four changed.
 
     training = EvolvedTraining("es", num_samples=len(dataset), num_epochs=E, device="cuda")
     loader = DataLoader(IndexedDataset(dataset), batch_size=B, sampler=training.sampler)
@@ -10,8 +10,19 @@
             training.observe(batch, losses)                                # update-only in annealing epochs
             losses.mean().backward(); optimizer.step(); optimizer.zero_grad()
 
+Against a plain loop: added are the import, ``training = ...``, ``set_epoch``, ``select`` and ``observe``; changed
+are the DataLoader (``sampler=``), the scheduler's step count, the ``for`` line (ids first) and the training forward
+(``batch.inputs``/``batch.targets``).
+
 Apply batch-mixing augmentation (mixup, cutmix) to ``batch.inputs``/``batch.targets`` *after* ``select``: scores
-must belong to the original samples.
+must belong to the original samples. Then also pass ``score_annealing=True``: in annealing epochs ``observe``
+would otherwise feed the state the training forward's losses, which with batch mixing are losses of mixtures, not
+of samples; with it, ``select`` scores the unmixed rows in annealing epochs too (one no-grad forward per step) and
+``observe`` does nothing there.
+
+Misuse is loud: iterating an epoch again without ``set_epoch`` raises, updating a sample twice in one epoch raises
+(naming the ids), ``observe`` checks its losses' shape in every epoch, and a loop whose steps disagree with
+``total_steps`` (or a scheduler that does, via :meth:`EvolvedTraining.check_scheduler`) gets a warning.
 """
 
 from __future__ import annotations
