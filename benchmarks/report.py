@@ -8,6 +8,10 @@ The JSON is pytest-benchmark's ``--benchmark-json`` output of benchmarks/test_*.
 unless ``--stat`` says otherwise (on a shared machine, ``min`` is the least disturbed figure). Speed-up is the
 reference's ("torch") time divided by the backend's, for the same shape, dtype and value-check setting; GB/s is the
 bytes of logits (select) or weights (prune) one call reads, divided by its time.
+
+Trust: a run whose recorded load average (at its start, or at its end net of its own threads) says other processes
+competed for the cores gets a warning under the header; a speed-up whose rows' interquartile range exceeds half
+their median reads "unreliable (spread)" instead of a ratio.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import argparse
 import json
 import sys
 from collections import defaultdict
+
+from es_kernels import _timing
 
 REFERENCE = "torch"
 BACKEND_ORDER = ("torch", "extension", "triton")
@@ -45,6 +51,7 @@ def _rows(data: dict, stat: str) -> list[dict]:
         info["seconds"] = bench["stats"][stat]
         info["name"] = bench["name"]
         info["rounds"] = bench["stats"]["rounds"]
+        info["spread"] = _timing.spread_of_stats(bench["stats"])
         rows.append(info)
     return rows
 
@@ -95,7 +102,12 @@ def _wide_table(rows: list[dict], keys: tuple[str, ...], headers: tuple[str, ...
                 continue
             cells.append(_time(row["seconds"]))
             if backend != REFERENCE:
-                cells.append(f"{reference['seconds'] / row['seconds']:.1f}x" if reference else "")
+                if not reference:
+                    cells.append("")
+                elif max(reference["spread"], row["spread"]) > _timing.SPREAD_LIMIT:
+                    cells.append("unreliable (spread)")  # rounds disagree: the ratio of two medians means little
+                else:
+                    cells.append(f"{reference['seconds'] / row['seconds']:.1f}x")
             cells.append(_gbps(row.get("bytes"), row["seconds"]))
         lines.append("| " + " | ".join(cells) + " |")
     if not any(row["device"] == "cuda" for row in rows):
@@ -166,16 +178,37 @@ def compare_table(before: dict, after: dict, stat: str) -> list[str]:
     return lines
 
 
+def load_warning(meta: dict) -> str | None:
+    """Why the recorded run's figures are not trustworthy by the machine's load, or None (also when unrecorded)."""
+    threads, num_cores = meta.get("threads"), meta.get("cores")
+    if not isinstance(threads, int) or not isinstance(num_cores, int):
+        return None
+    # At the start the suites had not run yet; at the end the 1-minute load holds up to `threads` of their own.
+    for key, own in (("loadavg_start", 0.0), ("loadavg", float(threads))):
+        load = meta.get(key)
+        if load:
+            reason = _timing.load_reason(
+                threads, load_source=lambda load=load: tuple(load), own=own, num_cores=num_cores
+            )
+            if reason is not None:
+                return reason
+    return None
+
+
 def header(data: dict) -> list[str]:
     meta = data.get("es_kernels", {})
     cpu = data.get("machine_info", {}).get("cpu", {}).get("brand_raw", "unknown CPU")
     load = meta.get("loadavg")
     load_text = f", load average {load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f} at the end" if load else ""
-    return [
+    lines = [
         f"{cpu}; {meta.get('threads', '?')} threads; torch {meta.get('torch', '?')}; size "
         f"{meta.get('size', '?')}{load_text}; {data.get('datetime', '')}",
         "",
     ]
+    reason = load_warning(meta)
+    if reason is not None:
+        lines += [f"**Warning: these figures are not trustworthy ({reason}); rerun on an idle machine.**", ""]
+    return lines
 
 
 def plot(rows: list[dict], path: str, stat: str) -> None:

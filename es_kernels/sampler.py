@@ -104,6 +104,8 @@ class EvolvedSampler(Sampler[int]):
         self.epoch = 0
         self.position = 0
         self._shard: torch.Tensor | None = None
+        # A pass over the epoch reached its end in this process: another pass needs set_epoch (or a resume) first.
+        self._iterated_to_end = False
 
     # ----------------------------------------------------------------- the schedule (pure functions of the epoch)
 
@@ -131,9 +133,17 @@ class EvolvedSampler(Sampler[int]):
         size = self.shard_size(self.epoch if epoch is None else epoch)
         return size // batch_size if drop_last else math.ceil(size / batch_size)
 
-    def total_steps(self, batch_size: int, *, drop_last: bool = False) -> int:
-        """Steps over all epochs: exactly what a OneCycle-style scheduler must be told."""
-        return sum(self.steps_per_epoch(batch_size, drop_last=drop_last, epoch=e) for e in range(self.num_epochs))
+    def total_steps(self, batch_size: int, *, drop_last: bool = False, gradient_accumulation_steps: int = 1) -> int:
+        """Optimizer steps over all epochs: exactly what a OneCycle-style scheduler must be told.
+
+        With ``gradient_accumulation_steps=g`` each epoch's DataLoader steps are grouped by g, one optimizer step per
+        group, and the last partial group of an epoch counts as one step (the loop steps the optimizer at the epoch
+        end too): ``sum over epochs of ceil(steps_per_epoch / g)``. Accumulation never spans an epoch boundary.
+        """
+        group = _checks.check_int("gradient_accumulation_steps", gradient_accumulation_steps, low=1)
+        return sum(
+            -(-self.steps_per_epoch(batch_size, drop_last=drop_last, epoch=e) // group) for e in range(self.num_epochs)
+        )
 
     # ----------------------------------------------------------------- the plan of the current epoch
 
@@ -141,11 +151,16 @@ class EvolvedSampler(Sampler[int]):
         """Start ``epoch``; its plan is drawn from the state when iteration begins.
 
         Setting the epoch the sampler is already in keeps its plan and position: that is how a loop resumed from
-        ``load_state_dict`` continues mid-epoch with the same ``for epoch in range(start, E)`` code.
+        ``load_state_dict`` continues mid-epoch with the same ``for epoch in range(start, E)`` code. An epoch is
+        iterated to its end once: iterating it again without a ``set_epoch`` to another epoch raises (a forgotten
+        ``set_epoch`` would otherwise train on nothing, or repeat the epoch). It also begins the epoch's visit marks
+        of the state (:meth:`EvolvedState.begin_epoch`).
         """
         epoch = _checks.check_int("epoch", epoch, low=0, high=self.num_epochs - 1)
         if epoch != self.epoch:
             self.epoch, self.position, self._shard = epoch, 0, None
+            self._iterated_to_end = False
+        self.state.begin_epoch(epoch)  # the state refuses a second update of a sample within the epoch
 
     def _epoch_generator(self, device: torch.device, purpose: int) -> torch.Generator:
         # Pruning and shuffling get different streams: on a CPU state one seed would reuse the very random bits that
@@ -175,11 +190,19 @@ class EvolvedSampler(Sampler[int]):
         return position >= self.real_size()
 
     def __iter__(self) -> Iterator[int]:
+        if self._iterated_to_end:
+            # Without this a loop that forgets set_epoch trains on nothing after the first epoch (the helper's
+            # position sits at the end) or on the first epoch's plan again, silently either way.
+            raise RuntimeError(
+                f"EvolvedSampler: epoch {self.epoch} was already iterated to its end; call sampler.set_epoch(epoch) "
+                "(or EvolvedTraining.set_epoch(epoch)) at the start of every epoch, before iterating the DataLoader"
+            )
         if self._shard is None:
             self._shard = self._make_shard()
         # In chunks: a whole shard of 1e8 ids as Python ints would take gigabytes.
         for chunk in self._shard[self.position :].split(1 << 16):
             yield from chunk.tolist()
+        self._iterated_to_end = True
 
     def __len__(self) -> int:
         return self.shard_size(self.epoch) - self.position
@@ -236,3 +259,4 @@ class EvolvedSampler(Sampler[int]):
         position = _checks.check_int("state_dict['position']", state_dict["position"], low=0, high=high)
         self.epoch, self.position = epoch, position
         self._shard = None if shard is None else shard.clone().to(torch.int64)
+        self._iterated_to_end = False  # a resume iterates what is left of its epoch (possibly nothing) once

@@ -180,6 +180,8 @@ def evolved_select(
         targets = _check_targets(targets, logits, device, check_values_here)
         if isinstance(targets, torch.Tensor):
             targets = targets.detach()
+    if check_values:
+        state.check_unvisited(indices)  # a sample updated twice in one epoch (once an epoch was begun)
     implementation = _backend_module(chosen)
     with torch.no_grad():
         if check_values and losses is None and chosen is Backend.TORCH:
@@ -196,6 +198,7 @@ def evolved_select(
             state.score, state.weight, indices, k, state.beta1, state.beta2,
             logits, targets, losses, label_smoothing, generator, **extension_only,
         )  # fmt: skip
+    state.mark_visited(indices)
     record_backend(chosen)
     return (positions, batch_losses) if return_losses else positions
 

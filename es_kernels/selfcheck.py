@@ -6,7 +6,9 @@ Per backend and device: per-sample losses on a few shapes and dtypes within the 
 after the update equal bit for bit to the reference update applied to the backend's own losses (untouched ids
 unchanged), valid and reproducible selections, the selection law on a small case (inclusion frequencies against
 the exact successive-sampling law; zero weights never drawn while enough are positive), and pruning's output.
-Prints PASS/FAIL per backend and the time per call; exits 1 if any available backend fails.
+Prints PASS/FAIL per backend and the time per call; exits 1 if any available backend fails. On a loaded machine
+(load average against cores and threads) or when repeated timings spread widely, the times are shown but the
+speed-ups are withheld as unreliable, with the reason.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from collections.abc import Callable
 
 import torch
 
-from es_kernels import EvolvedState, backend_status, evolved_prune, evolved_select, reference
+from es_kernels import EvolvedState, _timing, backend_status, evolved_prune, evolved_select, reference
 from es_kernels.command import HelpFormatter
 
 # The same tolerances as tests/helpers.py (tests/test_selfcheck.py keeps the two equal): fp32 losses from logits of
@@ -170,8 +172,11 @@ CHECKS: list[tuple[str, Callable[[str, str], None]]] = [
 ]
 
 
-def time_select(backend: str, device: str, batch: int, classes: int, dtype: torch.dtype, calls: int = 20) -> float:
-    """Median seconds of one ``evolved_select`` call (value checks off: the backend's own work), synchronised."""
+def time_select(
+    backend: str, device: str, batch: int, classes: int, dtype: torch.dtype, calls: int = 20
+) -> list[float]:
+    """Seconds of each of ``calls`` timed ``evolved_select`` calls (value checks off: the backend's own work),
+    synchronised, after two untimed warm-up calls."""
     logits, labels, indices = _inputs(batch, classes, dtype, device)
     state = _state(device)
     generator = torch.Generator(device=device).manual_seed(0)
@@ -186,7 +191,31 @@ def time_select(backend: str, device: str, batch: int, classes: int, dtype: torc
         )  # fmt: skip
         sync()
         times.append(time.perf_counter() - start)
-    return statistics.median(times[2:])
+    return times[2:]
+
+
+def print_timings(device: str, backends: list[str], out, load_source: _timing.LoadSource | None = None) -> None:
+    """The timing table of ``device``; speed-ups over the reference only when the machine allowed fair timings."""
+    threads = torch.get_num_threads()
+    before = _timing.load_reason(threads, load_source=load_source)
+    rows = [(shape, {b: time_select(b, device, *shape[:3]) for b in backends}) for shape in SHAPES]
+    series = [samples for _, timings in rows for samples in timings.values()]
+    # The load before and after the timings: a burst of other work during them raises the second.
+    reason = before or _timing.unreliable_reason(threads, series, load_source=load_source)
+    print(f"\n  evolved_select on {device}, median per call, value checks off, k = B/4:", file=out)
+    if reason is not None:
+        print(f"  speed-ups unreliable ({reason}): times shown, ratios withheld", file=out)
+    print("  | B | C | logits | " + " | ".join(backends) + " |", file=out)
+    print("  |---:|---:|:---|" + "---:|" * len(backends), file=out)
+    for (batch, classes, dtype, _), timings in rows:
+        seconds = {b: statistics.median(samples) for b, samples in timings.items()}
+        cells = []
+        for b in backends:
+            cell = f"{seconds[b] * 1e6:.0f} µs"
+            if b != "torch" and "torch" in seconds:
+                cell += " (unreliable)" if reason is not None else f" ({seconds['torch'] / seconds[b]:.1f}x)"
+            cells.append(cell)
+        print(f"  | {batch} | {classes} | {str(dtype)[6:]} | " + " | ".join(cells) + " |", file=out)
 
 
 def run(devices: list[str], timing: bool = True, out=None) -> bool:
@@ -217,18 +246,7 @@ def run(devices: list[str], timing: bool = True, out=None) -> bool:
         available.sort(key=lambda b: b != "torch")
         timed = [b for b in available if not (b == "triton" and os.environ.get("TRITON_INTERPRET") == "1")]
         if timing and timed:
-            print(f"\n  evolved_select on {device}, median per call, value checks off, k = B/4:", file=out)
-            print("  | B | C | logits | " + " | ".join(timed) + " |", file=out)
-            print("  |---:|---:|:---|" + "---:|" * len(timed), file=out)
-            for batch, classes, dtype, _ in SHAPES:
-                seconds = {b: time_select(b, device, batch, classes, dtype) for b in timed}
-                cells = []
-                for b in timed:
-                    cell = f"{seconds[b] * 1e6:.0f} µs"
-                    if b != "torch" and "torch" in seconds:
-                        cell += f" ({seconds['torch'] / seconds[b]:.1f}x)"
-                    cells.append(cell)
-                print(f"  | {batch} | {classes} | {str(dtype)[6:]} | " + " | ".join(cells) + " |", file=out)
+            print_timings(device, timed, out)
     print(f"\n{'PASS' if all_passed else 'FAIL'}: every available backend agrees with the reference"
           if all_passed else "\nFAIL: see the failures above", file=out)  # fmt: skip
     return all_passed

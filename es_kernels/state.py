@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 
@@ -80,6 +82,11 @@ class EvolvedState:
         # runs never pay its 8n bytes.
         self._sync_snapshot: torch.Tensor | None = None
         self._pristine = True
+        # Per-epoch visit marks (see begin_epoch): None until an epoch is begun, so a loop that uses the op without
+        # any epoch notion pays nothing and is never refused.
+        self._visit_epoch: int | None = None
+        self._visited: torch.Tensor | None = None
+        self._unchecked_revisits: torch.Tensor | None = None
 
     @property
     def num_samples(self) -> int:
@@ -103,7 +110,104 @@ class EvolvedState:
         """
         indices = _checks.check_indices("indices", indices, self.num_samples, self.device, check_values)
         losses = _checks.check_losses("losses", losses, indices.numel(), self.device, check_values)
+        if check_values:
+            self.check_unvisited(indices)
         ema_update_(self.score, self.weight, indices, losses.detach(), self.beta1, self.beta2)
+        self.mark_visited(indices)
+
+    # ----------------------------------------------------------------- per-epoch visit marks
+
+    def begin_epoch(self, epoch: int) -> None:
+        """Start marking visits for ``epoch``: from then on a sample updated twice before the next epoch is refused.
+
+        Algorithm 1 visits each sample once per epoch; a loop that selects the same batch twice, or feeds rows to
+        ``observe`` that ``evolved_select`` already scored, would apply the update rule twice without a word.
+        ``EvolvedSampler.set_epoch`` (so also ``EvolvedTraining.set_epoch``) calls this; a loop using the op alone
+        may call it at each epoch start to get the same check. Without any call nothing is marked or checked.
+
+        The same ``epoch`` again keeps the marks (the ``set_epoch`` of a run resumed mid-epoch from
+        :meth:`state_dict`); another epoch clears them. With ``check_values=True`` a revisit is refused before any
+        write, naming the ids (one host sync, like the other value checks). With ``check_values=False`` nothing is
+        read on the host per step: revisits are counted on the device and reported here, at the next epoch's start,
+        as a warning.
+        """
+        epoch = _checks.check_int("epoch", epoch, low=0)
+        if epoch == self._visit_epoch:
+            return
+        if self._unchecked_revisits is not None:
+            revisits = int(self._unchecked_revisits)  # one host sync per epoch
+            if revisits:
+                warnings.warn(
+                    f"{revisits} sample visit(s) of epoch {self._visit_epoch} repeated a sample already updated in "
+                    "that epoch (with check_values=False they are only counted): Algorithm 1 visits a sample once "
+                    "per epoch; select or observe each batch once, and call set_epoch at every epoch start. "
+                    "check_values=True refuses the first repeat and names its ids.",
+                    stacklevel=3,
+                )
+        if self._visited is None:
+            self._visited = torch.zeros(self.num_samples, dtype=torch.bool, device=self.device)
+            self._unchecked_revisits = torch.zeros((), dtype=torch.int64, device=self.device)
+        else:
+            self._visited.zero_()
+            self._unchecked_revisits.zero_()
+        self._visit_epoch = epoch
+
+    def check_unvisited(self, indices: torch.Tensor) -> None:
+        """Raise ``ValueError`` naming the ids of ``indices`` already updated in this epoch (once one was begun).
+
+        Reads the marks on the host (a sync on a GPU): call it only where value checks are on. Ids out of range are
+        left to the range check, which may run later (inside a backend).
+        """
+        if self._visited is None:
+            return
+        inside = (indices >= 0) & (indices < self.num_samples)
+        again = self._visited[indices.clamp(0, self.num_samples - 1)] & inside
+        if bool(again.any()):
+            ids = indices[again].tolist()
+            shown = ", ".join(map(str, ids[:8])) + (f", ... ({len(ids)} in all)" if len(ids) > 8 else "")
+            raise ValueError(
+                f"indices: sample ids [{shown}] were already visited in epoch {self._visit_epoch}; Algorithm 1 "
+                "updates a sample once per epoch. Select (or observe) each batch once, and call set_epoch at every "
+                "epoch start."
+            )
+
+    def mark_visited(self, indices: torch.Tensor) -> None:
+        """Mark ``indices`` (valid ids, already applied to the state) as visited in this epoch; no host sync.
+
+        Revisits are also counted on the device, so that with value checks off :meth:`begin_epoch` can still report
+        them.
+        """
+        if self._visited is None:
+            return
+        with torch.no_grad():
+            self._unchecked_revisits += self._visited.index_select(0, indices).sum()
+            self._visited.index_fill_(0, indices, True)
+
+    def _visits_state(self) -> dict[str, object]:
+        if self._visited is None:
+            return {}
+        return {"visit_epoch": self._visit_epoch, "visited": self._visited.clone()}
+
+    def _checked_visits(self, state_dict: dict[str, object]) -> tuple[int, torch.Tensor] | None:
+        """The saved visit marks, checked (None for a state saved before an epoch was begun, or by older versions)."""
+        if "visited" not in state_dict:
+            return None
+        epoch = _checks.check_int("state_dict['visit_epoch']", state_dict.get("visit_epoch"), low=0)
+        visited = _checks.check_tensor("state_dict['visited']", state_dict["visited"])
+        if visited.dtype != torch.bool or visited.shape != (self.num_samples,):
+            raise ValueError(
+                f"state_dict['visited'] must be bool of shape ({self.num_samples},), got {visited.dtype} "
+                f"{tuple(visited.shape)}"
+            )
+        return epoch, visited
+
+    def _load_visits(self, visits: tuple[int, torch.Tensor] | None) -> None:
+        if visits is None:
+            self._visit_epoch = self._visited = self._unchecked_revisits = None
+            return
+        self._visit_epoch = visits[0]
+        self._visited = visits[1].to(self.device, copy=True)
+        self._unchecked_revisits = torch.zeros((), dtype=torch.int64, device=self.device)
 
     def state_dict(self) -> dict[str, object]:
         """Tensors and plain numbers only, so ``torch.load(..., weights_only=True)`` reads it back.
@@ -118,6 +222,7 @@ class EvolvedState:
             "weight": self.weight.detach().clone(),
             "beta1": self.beta1,
             "beta2": self.beta2,
+            **self._visits_state(),
         }
         if self.sync_mode == "epoch" and self._world_size() > 1:
             baseline = self._merge_baseline()
@@ -154,7 +259,9 @@ class EvolvedState:
                     f"state_dict['sync_snapshot'] must be float32 of shape (2, {self.num_samples}), got "
                     f"{snapshot.dtype} {tuple(snapshot.shape)}"
                 )
+        visits = self._checked_visits(state_dict)
         self.beta1, self.beta2 = beta1, beta2
+        self._load_visits(visits)
         self.score.copy_(tensors["score"])
         self.weight.copy_(tensors["weight"])
         self._pristine = False

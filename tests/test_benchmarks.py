@@ -117,3 +117,33 @@ def test_vit_step_summary_is_the_analytic_formula():
     assert figures["es_over_baseline"] == pytest.approx(0.6)
     assert figures["gap_percent"] == pytest.approx(100 * (0.6 / 0.58 - 1))
     assert figures["select_percent_of_es_step"] == pytest.approx(100 * 0.01 / 6.0)
+
+
+def _fake_results(tmp_path, meta, spread=0.0):
+    def row(backend, median):
+        info = {"suite": "select", "backend": backend, "batch": 64, "classes": 10, "dtype": "fp32",
+                "check_values": False, "device": "cpu", "bytes": 2560}  # fmt: skip
+        stats = {"median": median, "min": median, "mean": median, "rounds": 50, "iqr": spread * median}
+        return {"name": f"test_select[{backend}]", "extra_info": info, "stats": stats}
+
+    path = tmp_path / "fake.json"
+    path.write_text(json.dumps({"benchmarks": [row("torch", 2e-4), row("extension", 5e-5)], "es_kernels": meta}))
+    return str(path)
+
+
+def test_report_warns_about_a_loaded_run_and_withholds_spread_ratios(tmp_path, capsys):
+    from benchmarks import report
+
+    idle = {"threads": 2, "cores": 2, "loadavg": [2.1, 1.5, 1.0], "loadavg_start": [0.1, 0.1, 0.1]}
+    assert report.main([_fake_results(tmp_path, idle)]) == 0
+    text = capsys.readouterr().out
+    assert "not trustworthy" not in text and "| 4.0x |" in text
+    loaded = dict(idle, loadavg_start=[9.5, 9.0, 8.0])  # other processes already ran when the suites started
+    assert report.main([_fake_results(tmp_path, loaded)]) == 0
+    assert "**Warning: these figures are not trustworthy (machine loaded: load average 9.50" in capsys.readouterr().out
+    busy_end = dict(idle, loadavg=[6.0, 5.0, 4.0])  # 2 of the 6 are the suites' own threads: 4 from others
+    assert report.main([_fake_results(tmp_path, busy_end)]) == 0
+    assert "not trustworthy" in capsys.readouterr().out
+    assert report.main([_fake_results(tmp_path, idle, spread=0.8)]) == 0
+    text = capsys.readouterr().out
+    assert "unreliable (spread)" in text and "4.0x" not in text

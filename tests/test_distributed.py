@@ -329,8 +329,9 @@ def test_per_rank_checkpoint_mid_epoch_resumes_exactly(training_runs):
         assert torch.equal(resumed["start_states"][1], single["start_states"][3])
         assert torch.equal(resumed["final"], single["final"])
         # The baseline travels only while it carries information: after a merge the values alone restore it.
-        assert rank["saved_keys"]["mid_epoch"] == ["beta1", "beta2", "score", "sync_snapshot", "weight"]
-        assert rank["saved_keys"]["merged"] == ["beta1", "beta2", "score", "weight"]
+        marks = ["visit_epoch", "visited"]  # the epoch's visit marks, saved per rank like the shard
+        assert rank["saved_keys"]["mid_epoch"] == ["beta1", "beta2", "score", "sync_snapshot", *marks, "weight"]
+        assert rank["saved_keys"]["merged"] == ["beta1", "beta2", "score", *marks, "weight"]
 
 
 # ----------------------------------------------------------------------------------------- ids above 2**24

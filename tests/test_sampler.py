@@ -198,3 +198,59 @@ def test_shuffle_stream_differs_from_the_prune_stream():
     prune_draw = sampler._epoch_generator(torch.device("cpu"), purpose=0).get_state()
     shuffle_draw = sampler._epoch_generator(torch.device("cpu"), purpose=1).get_state()
     assert not torch.equal(prune_draw, shuffle_draw)
+
+
+def test_a_forgotten_set_epoch_raises_instead_of_training_on_nothing():
+    # The new-user trial: without set_epoch the helper's position sits at the end and epochs 1.. yielded no batch.
+    n, batch = 20, 8
+    sampler = EvolvedSampler(EvolvedState(n), 4)
+    loader = DataLoader(TensorDataset(torch.arange(n)), batch_size=batch, sampler=sampler)
+    assert sum(1 for _ in loader) == 3
+    sampler.advance(n)  # what EvolvedTraining does per step
+    with pytest.raises(RuntimeError, match=r"set_epoch"):
+        sum(1 for _ in loader)
+    sampler.set_epoch(1)
+    assert sum(1 for _ in loader) == 3
+
+
+def test_a_second_full_pass_over_one_epoch_raises_but_a_partial_pass_does_not():
+    sampler = EvolvedSampler(EvolvedState(10), 3)
+    next(iter(sampler))  # peeking at a batch (shape inference) is no pass
+    assert len(list(sampler)) == 10  # the position never advanced (no helper): the whole epoch
+    with pytest.raises(RuntimeError, match=r"epoch 0 was already iterated"):
+        list(sampler)
+    sampler.set_epoch(0)  # the same epoch again is a resume, not a new epoch: still refused
+    with pytest.raises(RuntimeError, match=r"set_epoch"):
+        list(sampler)
+
+
+def test_resume_at_the_end_of_an_epoch_iterates_nothing_then_continues():
+    state = EvolvedState(12)
+    sampler = EvolvedSampler(state, 3, seed=1)
+    sampler.set_epoch(1)
+    list(sampler)
+    sampler.advance(12)
+    saved = sampler.state_dict()
+    resumed = EvolvedSampler(state, 3, seed=1)
+    resumed.load_state_dict(saved)
+    resumed.set_epoch(1)  # `for epoch in range(saved_epoch, E)`: the finished epoch yields nothing, no error
+    assert list(resumed) == []
+    resumed.set_epoch(2)
+    assert len(list(resumed)) == 12
+
+
+@pytest.mark.parametrize("accumulation", [1, 3, 4, 100])
+def test_total_steps_with_gradient_accumulation_counts_each_epochs_last_partial_group(accumulation):
+    n, epochs, batch = 203, 10, 16
+    sampler = EvolvedSampler(EvolvedState(n), epochs, prune_ratio=0.3)
+    loader = DataLoader(TensorDataset(torch.arange(n)), batch_size=batch, sampler=sampler)
+    optimizer_steps = 0
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        for step, _ in enumerate(loader):
+            # The accumulation loop: step every `accumulation` batches and at the epoch's last batch.
+            if (step + 1) % accumulation == 0 or step + 1 == len(loader):
+                optimizer_steps += 1
+    assert sampler.total_steps(batch, gradient_accumulation_steps=accumulation) == optimizer_steps
+    with pytest.raises(ValueError, match="gradient_accumulation_steps"):
+        sampler.total_steps(batch, gradient_accumulation_steps=0)

@@ -75,3 +75,32 @@ def test_main_exit_code(monkeypatch, capsys):
     monkeypatch.setattr(selfcheck, "CHECKS", [("always broken", lambda backend, device: 1 / 0)])
     assert selfcheck.main(["--device", "cpu", "--no-timing"]) == 1
     assert "ZeroDivisionError" in capsys.readouterr().out
+
+
+def _two_backend_table(monkeypatch, load, torch_samples, other_samples):
+    # Timings faked (the verdict is under test, not the machine): one shape, the reference and one other backend.
+    monkeypatch.setattr(selfcheck, "SHAPES", [(64, 10, torch.float32, 0.0)])
+    samples = {"torch": torch_samples, "extension": other_samples}
+    monkeypatch.setattr(selfcheck, "time_select", lambda backend, *shape: samples[backend])
+    out = io.StringIO()
+    selfcheck.print_timings("cpu", ["torch", "extension"], out, load_source=lambda: (load, load, load))
+    return out.getvalue()
+
+
+def test_timings_on_an_idle_machine_give_the_speed_up(monkeypatch):
+    text = _two_backend_table(monkeypatch, 0.0, [200e-6] * 20, [50e-6] * 20)
+    assert "| 64 | 10 | float32 | 200 µs | 50 µs (4.0x) |" in text
+    assert "unreliable" not in text
+
+
+def test_a_loaded_machine_withholds_the_speed_up(monkeypatch):
+    # The trial: a loaded 2-core machine slowed the 2-thread reference 80-fold and the self-check printed "306.7x".
+    text = _two_backend_table(monkeypatch, 40.0, [15793e-6] * 20, [52e-6] * 20)
+    assert "speed-ups unreliable (machine loaded: load average 40.00" in text
+    assert "| 64 | 10 | float32 | 15793 µs | 52 µs (unreliable) |" in text
+    assert "x)" not in text  # no ratio at all
+
+
+def test_widely_spread_timings_withhold_the_speed_up(monkeypatch):
+    text = _two_backend_table(monkeypatch, 0.0, [200e-6, 900e-6] * 10, [50e-6] * 20)
+    assert "speed-ups unreliable (timings spread" in text and "x)" not in text

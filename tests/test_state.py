@@ -139,3 +139,69 @@ def test_load_state_dict_refuses_nan_or_negative_values():
         with pytest.raises(ValueError, match="weight"):
             state.load_state_dict(dict(saved, weight=bad))
     assert torch.equal(state.weight, saved["weight"])
+
+
+def test_visits_are_not_checked_before_an_epoch_begins():
+    # The op alone, no epoch notion: the same ids every step is a plain loop's right.
+    state = EvolvedState(6, 0.0, 0.0)
+    for _ in range(3):
+        evolved_select(state, torch.arange(6), 2, losses=torch.ones(6), backend="torch")
+        state.observe(torch.arange(6), torch.ones(6))
+
+
+@pytest.mark.parametrize("second", ["select", "observe"])
+def test_a_second_visit_in_one_epoch_is_refused_with_its_ids_and_changes_nothing(second):
+    state = EvolvedState(8, 0.0, 0.0)
+    state.begin_epoch(0)
+    evolved_select(state, torch.tensor([1, 4, 6]), 1, losses=torch.tensor([1.0, 2.0, 3.0]), backend="torch")
+    before = state.state_dict()
+    with pytest.raises(ValueError, match=r"ids \[4, 6\] were already visited in epoch 0"):
+        if second == "select":
+            evolved_select(state, torch.tensor([0, 4, 6]), 1, losses=torch.ones(3), backend="torch")
+        else:
+            state.observe(torch.tensor([0, 4, 6]), torch.ones(3))
+    after = state.state_dict()
+    assert all(torch.equal(before[key], after[key]) for key in ("score", "weight", "visited"))
+    state.observe(torch.tensor([0, 2]), torch.ones(2))  # unvisited ids still go through
+    state.begin_epoch(1)  # a new epoch clears the marks
+    state.observe(torch.tensor([4, 6]), torch.ones(2))
+
+
+def test_a_raising_select_marks_nothing():
+    state = EvolvedState(5)
+    state.begin_epoch(0)
+    with pytest.raises(ValueError, match="losses"):
+        evolved_select(state, torch.tensor([1, 2]), 1, losses=torch.tensor([1.0, float("nan")]))
+    evolved_select(state, torch.tensor([1, 2]), 1, losses=torch.tensor([1.0, 2.0]))  # the retry is no revisit
+
+
+def test_revisits_with_value_checks_off_are_counted_and_reported_at_the_next_epoch():
+    state = EvolvedState(5)
+    state.begin_epoch(3)
+    for _ in range(2):
+        evolved_select(state, torch.tensor([0, 1]), 1, losses=torch.ones(2), check_values=False)
+    with pytest.warns(UserWarning, match=r"2 sample visit\(s\) of epoch 3 repeated"):
+        state.begin_epoch(4)
+    evolved_select(state, torch.tensor([0, 1]), 1, losses=torch.ones(2), check_values=False)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        state.begin_epoch(5)  # one visit each in epoch 4: nothing to report
+
+
+def test_visit_marks_resume_mid_epoch():
+    state = EvolvedState(6)
+    state.begin_epoch(2)
+    state.observe(torch.tensor([3]), torch.ones(1))
+    buffer = io.BytesIO()
+    torch.save(state.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = EvolvedState(6)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    resumed.begin_epoch(2)  # the resumed loop's set_epoch of the same epoch keeps the marks
+    with pytest.raises(ValueError, match=r"ids \[3\]"):
+        resumed.observe(torch.tensor([3]), torch.ones(1))
+    resumed.observe(torch.tensor([4]), torch.ones(1))
+    with pytest.raises(ValueError, match="visited"):
+        resumed.load_state_dict(dict(state.state_dict(), visited=torch.zeros(5, dtype=torch.bool)))

@@ -337,3 +337,99 @@ def test_check_values_off_skips_the_checks():
     indices, inputs, targets = next(iter(loader))
     batch = training.select(model, indices, inputs, targets)
     assert batch.indices.numel() == training.num_selected(BATCH)
+
+
+@pytest.mark.parametrize("epoch", [0, 2])  # annealing and selecting: the same check in both
+def test_observe_checks_the_losses_shape_in_every_epoch(epoch):
+    model, _, training, loader = make_run()
+    training.set_epoch(epoch)
+    indices, inputs, targets = next(iter(loader))
+    batch = training.select(model, indices, inputs, targets)
+    scalar = F.cross_entropy(model(batch.inputs), batch.targets)  # reduction="mean": the classic slip
+    with pytest.raises(ValueError, match=r"losses must be per-sample.*reduction='none'"):
+        training.observe(batch, scalar)
+
+
+def test_selecting_the_same_batch_twice_in_an_epoch_is_refused():
+    model, _, training, loader = make_run()
+    training.set_epoch(2)
+    indices, inputs, targets = next(iter(loader))
+    training.select(model, indices, inputs, targets)
+    weight = training.state.weight.clone()
+    first = ", ".join(str(i) for i in indices[:8].tolist())
+    named = rf"ids \[{first}, \.\.\. \({BATCH} in all\)\] were already visited in epoch 2"
+    with pytest.raises(ValueError, match=named):
+        training.select(model, indices, inputs, targets)
+    assert torch.equal(training.state.weight, weight)
+
+
+def test_resume_keeps_the_visit_marks_of_the_epoch():
+    model, optimizer, training, loader = make_run()
+    run_steps(model, optimizer, training, loader, 0, stop_after=8)  # into selecting epoch 1
+    saved = training.state_dict()
+    _, _, resumed, _ = make_run()
+    resumed.load_state_dict(saved)
+    resumed.set_epoch(resumed.sampler.epoch)
+    done = resumed.sampler.state_dict()["shard"][: resumed.sampler.position]
+    x, y = toy_data()
+    with pytest.raises(ValueError, match="already visited"):
+        resumed.select(model, done[:BATCH], x[done[:BATCH]], y[done[:BATCH]])
+
+
+def test_a_hand_built_schedule_is_reported():
+    # The trial: E * len(loader) for OneCycle under ESWP planned more steps than the run takes.
+    _, optimizer, training, loader = make_run("eswp")
+    by_hand = torch.optim.lr_scheduler.OneCycleLR(optimizer, 0.1, total_steps=EPOCHS * len(loader))
+    with pytest.warns(UserWarning, match=rf"plans {EPOCHS * len(loader)} steps .* takes {training.total_steps(BATCH)}"):
+        assert not training.check_scheduler(by_hand, BATCH)
+    right = torch.optim.lr_scheduler.OneCycleLR(optimizer, 0.1, total_steps=training.total_steps(BATCH))
+    assert training.check_scheduler(right, BATCH)
+    with pytest.raises(TypeError, match="scheduler"):
+        training.check_scheduler(torch.optim.lr_scheduler.StepLR(optimizer, 3), BATCH)
+
+
+def test_a_loop_that_disagrees_with_the_planned_steps_is_reported_at_the_epoch_boundary():
+    model, optimizer, training, loader = make_run("eswp")
+    training.total_steps(2 * BATCH)  # planned with another batch size than the DataLoader's
+    with pytest.warns(UserWarning, match=r"epoch 0 took 6 DataLoader steps, but total_steps\(32"):
+        run_steps(model, optimizer, training, loader, 0, stop_after=N // BATCH + 1)
+    import warnings
+
+    model, optimizer, training, loader = make_run("eswp")
+    training.total_steps(BATCH)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run_steps(model, optimizer, training, loader, 0)
+
+
+def test_score_annealing_updates_the_state_from_the_unmixed_rows():
+    # Mixup: the training forward's losses belong to mixtures; with score_annealing the state gets the scoring
+    # forward's losses of the original rows, and observe (fed mixed losses) changes nothing.
+    model, _, training, loader = make_run("es", beta1=0.0, score_annealing=True)
+    training.set_epoch(0)  # annealing
+    indices, inputs, targets = next(iter(loader))
+    batch = training.select(model, indices, inputs, targets)
+    assert batch.scored and torch.equal(batch.indices, indices)
+    with torch.no_grad():
+        clean = F.cross_entropy(model.eval()(inputs), targets, reduction="none")
+    assert torch.allclose(training.state.weight[indices], clean, rtol=1e-5, atol=1e-6)  # b1 = 0: w is the loss
+    mixed = 0.5 * inputs + 0.5 * inputs.flip(0)
+    training.observe(batch, F.cross_entropy(model(mixed), targets, reduction="none"))
+    assert torch.allclose(training.state.weight[indices], clean, rtol=1e-5, atol=1e-6)
+    assert training.trained_samples == BATCH and training.scored_samples == BATCH
+
+
+def test_digits_says_when_its_timings_are_not_trustworthy(monkeypatch, tmp_path, capsys):
+    from es_kernels import _timing
+
+    def instant(method, data, args, seed, progress):
+        return {"method": method, "seed": seed, "test_accuracy": 0.9, "seconds": 1.0, "backprop_samples": 1,
+                "scored_samples": 1, "curve": []}  # fmt: skip
+
+    monkeypatch.setattr(digits, "train_one", instant)
+    monkeypatch.setattr(_timing, "LOAD_SOURCE", lambda: (40.0, 40.0, 40.0))
+    digits.main(["--seeds", "0", "--epochs", "1", "--out", str(tmp_path / "r.json")])
+    assert "warning: the timings above are not trustworthy (machine loaded" in capsys.readouterr().out
+    monkeypatch.setattr(_timing, "LOAD_SOURCE", lambda: (0.0, 0.0, 0.0))
+    digits.main(["--seeds", "0", "--epochs", "1", "--out", str(tmp_path / "r.json")])
+    assert "not trustworthy" not in capsys.readouterr().out

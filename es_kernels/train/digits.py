@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from es_kernels import _timing
 from es_kernels.command import HelpFormatter, prog_name
 from es_kernels.train.data import NOISE_MODES, IndexedDataset, corrupt_labels
 from es_kernels.train.loop import METHODS, EvolvedTraining
@@ -211,6 +212,7 @@ def run(argv: list[str] | None = None) -> list[dict[str, object]]:
     noise = "none" if args.noise is None else f"{args.noise[0]}:{args.noise[1]}"
     print(f"\ndigits, label noise {noise}, {args.epochs} epochs, B={args.batch_size}, seeds {args.seeds}")
     print(format_table(rows))
+    _timing.warn_if_unreliable(args.threads)  # wall-clock and "time saved" mean nothing on a loaded machine
     args.out.parent.mkdir(parents=True, exist_ok=True)
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     args.out.write_text(json.dumps({"config": config, "summary": rows, "runs": runs}, indent=2))

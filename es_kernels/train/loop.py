@@ -1,4 +1,4 @@
-"""EvolvedTraining: turns a plain PyTorch loop into ES/ESWP (or the baseline) with about three changed lines.
+"""EvolvedTraining: turns a plain PyTorch loop into ES/ESWP (or the baseline): five added lines, four changed.
 
     training = EvolvedTraining("es", num_samples=len(dataset), num_epochs=E, device="cuda")
     loader = DataLoader(IndexedDataset(dataset), batch_size=B, sampler=training.sampler)
@@ -10,13 +10,25 @@
             training.observe(batch, losses)                                # update-only in annealing epochs
             losses.mean().backward(); optimizer.step(); optimizer.zero_grad()
 
+Against a plain loop: added are the import, ``training = ...``, ``set_epoch``, ``select`` and ``observe``; changed
+are the DataLoader (``sampler=``), the scheduler's step count, the ``for`` line (ids first) and the training forward
+(``batch.inputs``/``batch.targets``).
+
 Apply batch-mixing augmentation (mixup, cutmix) to ``batch.inputs``/``batch.targets`` *after* ``select``: scores
-must belong to the original samples.
+must belong to the original samples. Then also pass ``score_annealing=True``: in annealing epochs ``observe``
+would otherwise feed the state the training forward's losses, which with batch mixing are losses of mixtures, not
+of samples; with it, ``select`` scores the unmixed rows in annealing epochs too (one no-grad forward per step) and
+``observe`` does nothing there.
+
+Misuse is loud: iterating an epoch again without ``set_epoch`` raises, updating a sample twice in one epoch raises
+(naming the ids), ``observe`` checks its losses' shape in every epoch, and a loop whose steps disagree with
+``total_steps`` (or a scheduler that does, via :meth:`EvolvedTraining.check_scheduler`) gets a warning.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -102,6 +114,12 @@ class EvolvedTraining:
             ``set_epoch``, ``"step"`` shares every step's ids and losses; nothing to call beyond ``torchrun``.
         check_values: validate ids, labels and losses every step (several host syncs on a GPU); switch off once a
             run is known to be sound.
+        score_annealing: also run the scoring forward in annealing epochs (ES/ESWP), so the state is updated from
+            the unmixed rows' losses and :meth:`observe` does nothing there. Needed when the training forward does
+            not see the original samples (mixup, cutmix): its losses belong to mixtures, and fed to ``observe``
+            they would score sample i by a blend of i and another row. Costs one no-grad forward of the meta-batch
+            per annealing step (5% + 5% of the epochs by default). Off: ``observe`` takes the training forward's
+            losses (no extra forward), which is exact only without batch mixing.
     """
 
     def __init__(
@@ -126,6 +144,7 @@ class EvolvedTraining:
         sync: str = "epoch",
         process_group: torch.distributed.ProcessGroup | None = None,
         check_values: bool = True,
+        score_annealing: bool = False,
     ) -> None:
         if method not in METHODS:
             raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
@@ -134,6 +153,7 @@ class EvolvedTraining:
         self.selects = preset.selects
         self.top_k = preset.top_k
         self.check_values = bool(check_values)
+        self.score_annealing = bool(score_annealing)
         self.select_ratio = _checks.check_fraction("select_ratio", select_ratio)
         if self.select_ratio == 0.0:
             raise ValueError("select_ratio must be in (0, 1], got 0.0")
@@ -166,6 +186,11 @@ class EvolvedTraining:
         self.generator = torch.Generator(device=self.state.device).manual_seed(selection_seed)
         self.scored_samples = 0
         self.trained_samples = 0
+        # The step plan the user asked total_steps for (batch_size, drop_last) and the DataLoader steps each epoch
+        # took, so set_epoch can say when the loop and the plan disagree (a schedule ending in the wrong place).
+        self._planned_batches: tuple[int, bool] | None = None
+        self._epoch_batches = 0
+        self._schedule_warned = False
 
     @property
     def selecting(self) -> bool:
@@ -175,6 +200,8 @@ class EvolvedTraining:
     def set_epoch(self, epoch: int) -> None:
         """Start ``epoch``; under ``torch.distributed`` all ranks first merge their states (a collective: call it
         on every rank), so the sampler prunes from the same weights everywhere."""
+        if epoch != self.sampler.epoch:
+            self._check_epoch_steps()
         if self.selects:  # the baseline never changes its state: nothing to merge
             self.state.sync_epoch()
         self.sampler.set_epoch(epoch)
@@ -182,9 +209,73 @@ class EvolvedTraining:
     def steps_per_epoch(self, batch_size: int, *, drop_last: bool = False) -> int:
         return self.sampler.steps_per_epoch(batch_size, drop_last=drop_last)
 
-    def total_steps(self, batch_size: int, *, drop_last: bool = False) -> int:
-        """Optimizer steps of the whole run (pass it to OneCycleLR and the like)."""
-        return self.sampler.total_steps(batch_size, drop_last=drop_last)
+    def total_steps(self, batch_size: int, *, drop_last: bool = False, gradient_accumulation_steps: int = 1) -> int:
+        """Optimizer steps of the whole run (pass it to OneCycleLR and the like).
+
+        ``batch_size`` and ``drop_last`` are the DataLoader's. With ``gradient_accumulation_steps=g`` one optimizer
+        step is taken per g DataLoader steps and once more for an epoch's last partial group (see
+        :meth:`EvolvedSampler.total_steps`). The helper remembers the plan: at each ``set_epoch`` it warns if the
+        epoch just finished took another number of DataLoader steps than planned (a schedule that would end early
+        or never reach its end).
+        """
+        total = self.sampler.total_steps(
+            batch_size, drop_last=drop_last, gradient_accumulation_steps=gradient_accumulation_steps
+        )
+        self._planned_batches = (batch_size, bool(drop_last))
+        return total
+
+    def check_scheduler(
+        self,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        batch_size: int,
+        *,
+        drop_last: bool = False,
+        gradient_accumulation_steps: int = 1,
+    ) -> bool:
+        """Warn (and return False) if ``scheduler`` plans another number of steps than this run takes.
+
+        For a schedule built by hand, e.g. ``total_steps=E * len(loader)``: pruned and annealing epochs have
+        different lengths, so that count is wrong under ESWP and OneCycle ends at the wrong learning rate. Reads
+        ``total_steps`` (OneCycleLR), ``T_max`` (CosineAnnealingLR) or ``total_iters`` (LinearLR, PolynomialLR,
+        ConstantLR); other schedulers raise ``TypeError``.
+        """
+        for attribute in ("total_steps", "T_max", "total_iters"):
+            planned = getattr(scheduler, attribute, None)
+            if isinstance(planned, int):
+                break
+        else:
+            raise TypeError(
+                f"scheduler: cannot read a step count from {type(scheduler).__name__} (no total_steps, T_max or "
+                "total_iters)"
+            )
+        actual = self.total_steps(
+            batch_size, drop_last=drop_last, gradient_accumulation_steps=gradient_accumulation_steps
+        )
+        if planned == actual:
+            return True
+        warnings.warn(
+            f"scheduler: {type(scheduler).__name__} plans {planned} steps ({attribute}) but this run takes {actual} "
+            f"optimizer steps (training.total_steps({batch_size}, drop_last={drop_last}, "
+            f"gradient_accumulation_steps={gradient_accumulation_steps})); pruned and annealing epochs differ in "
+            "length, so build the schedule from training.total_steps(...)",
+            stacklevel=2,
+        )
+        return False
+
+    def _check_epoch_steps(self) -> None:
+        taken, self._epoch_batches = self._epoch_batches, 0
+        if self._planned_batches is None or self._schedule_warned or taken <= 0:
+            return
+        batch_size, drop_last = self._planned_batches
+        planned = self.sampler.steps_per_epoch(batch_size, drop_last=drop_last)
+        if taken != planned:
+            self._schedule_warned = True  # once per run: every later epoch would repeat it
+            warnings.warn(
+                f"epoch {self.sampler.epoch} took {taken} DataLoader steps, but total_steps({batch_size}, "
+                f"drop_last={drop_last}) planned {planned} for it: a learning-rate schedule built from that plan will "
+                "not end where it should. Pass total_steps the DataLoader's own batch_size and drop_last.",
+                stacklevel=3,
+            )
 
     def num_selected(self, batch_size: int) -> int:
         """k for a meta-batch of ``batch_size`` rows: ``round(select_ratio * B)``, at least 1."""
@@ -204,8 +295,9 @@ class EvolvedTraining:
         In selecting epochs: a scoring forward of ``model`` on all rows under ``torch.no_grad()`` in
         ``scoring_mode``, per-sample losses (cross-entropy of the outputs against ``targets``, or ``loss_fn(outputs,
         targets)`` returning shape (B,) for any other task), the state update, and the draw of k rows. Otherwise
-        all rows. Rows that repeat another rank's ids (padding of an uneven last shard) are dropped, unless the
-        batch holds nothing else: then they are trained on and never update the state.
+        all rows (scored, and the state updated, first with ``score_annealing``). Rows that repeat another rank's
+        ids (padding of an uneven last shard) are dropped, unless the batch holds nothing else: then they are
+        trained on and never update the state.
         """
         indices = _checks.check_tensor("indices", indices)
         if indices.dim() != 1 or not 1 <= indices.numel() <= len(self.sampler):
@@ -216,6 +308,8 @@ class EvolvedTraining:
         batch = self._select(model, indices, inputs, targets, loss_fn)
         # Only a step that succeeded moves the epoch position: a raising call can be retried, or checkpointed.
         self.sampler.advance(indices.numel())
+        if self._epoch_batches >= 0:  # -1: an epoch resumed from an older checkpoint, not counted
+            self._epoch_batches += 1
         return batch
 
     def _select(self, model, indices, inputs, targets, loss_fn) -> SelectedBatch:
@@ -234,11 +328,12 @@ class EvolvedTraining:
             rows = torch.arange(real)
             indices, inputs, targets = (take_rows(v, rows) for v in (indices, inputs, targets))
         batch_size = indices.numel()
-        if not self.selecting:
+        if not self.selecting and not (self.selects and self.score_annealing):
             self.trained_samples += batch_size
             return SelectedBatch(indices, inputs, targets, scored=False)
         outputs = self._scoring_forward(model, inputs)
-        k = self.num_selected(batch_size)
+        # Annealing epochs with score_annealing: the same scoring and update, all B rows kept.
+        k = self.num_selected(batch_size) if self.selecting else batch_size
         # "order" scores and updates exactly like the race (same checks), then keeps the k largest losses itself.
         draw = batch_size if self.top_k else k
         common = dict(
@@ -264,11 +359,19 @@ class EvolvedTraining:
     def observe(self, batch: SelectedBatch, losses: torch.Tensor) -> None:
         """Feed the training forward's per-sample losses to the state when ``select`` did not score the rows.
 
-        Only annealing epochs of ES/ESWP update here; the baseline keeps no state. Losses are detached.
+        Only annealing epochs of ES/ESWP update here (unless ``score_annealing``); the baseline keeps no state.
+        Losses are detached. Their shape is checked in every epoch, also where they are not used, so a loop that
+        passes the wrong tensor fails in its first step, not when the schedule reaches an annealing epoch.
         """
+        losses = _checks.check_tensor("losses", losses)
+        if losses.shape != batch.indices.shape:
+            raise ValueError(
+                f"losses must be per-sample losses of the batch's rows, shape {tuple(batch.indices.shape)}, got "
+                f"{tuple(losses.shape)} (pass reduction='none')"
+            )
         if batch.scored or not self.selects:
             return
-        losses = _checks.check_tensor("losses", losses).detach().to(self.state.device, torch.float32)
+        losses = losses.detach().to(self.state.device, torch.float32)
         self.state.observe(batch.indices, losses, check_values=self.check_values)
         self.state.sync_step(batch.indices, losses, check_values=False)  # no-op unless sync="step" across ranks
 
@@ -290,6 +393,7 @@ class EvolvedTraining:
             "generator": self.generator.get_state(),
             "scored_samples": self.scored_samples,
             "trained_samples": self.trained_samples,
+            "epoch_batches": self._epoch_batches,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -308,3 +412,5 @@ class EvolvedTraining:
         self.generator.set_state(state_dict["generator"])
         self.scored_samples = int(state_dict["scored_samples"])
         self.trained_samples = int(state_dict["trained_samples"])
+        # Older checkpoints lack the count: -1 leaves the resumed epoch out of the step-plan check.
+        self._epoch_batches = int(state_dict.get("epoch_batches", -1))
