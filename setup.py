@@ -39,26 +39,22 @@ def _load_build_config():
     return module
 
 
-def _flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-
-
 def _note(message: str) -> None:
     print(f"es_kernels setup: {message}", file=sys.stderr)
 
 
 def _skip(reason: str) -> dict:
-    if _flag("ES_KERNELS_REQUIRE_EXTENSION"):
+    if _load_build_config().env_flag("ES_KERNELS_REQUIRE_EXTENSION"):
         raise RuntimeError(f"es_kernels: cannot build the extension ({reason}) and ES_KERNELS_REQUIRE_EXTENSION=1")
     _note(f"building without es_kernels._C ({reason}); it will be compiled just in time on first use")
     return {}
 
 
 def extension_kwargs() -> dict:
-    if _flag("ES_KERNELS_NO_EXTENSION"):
+    build = _load_build_config()
+    if build.env_flag("ES_KERNELS_NO_EXTENSION"):
         _note("ES_KERNELS_NO_EXTENSION=1: pure-Python install")
         return {}
-    build = _load_build_config()
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         return _skip("no C++ compiler found")
     cuda_mode = os.environ.get("ES_KERNELS_BUILD_CUDA", "auto").strip().lower()

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
-import os
 import statistics
 import sys
 import time
@@ -23,6 +22,7 @@ from collections.abc import Callable
 import torch
 
 from es_kernels import EvolvedState, backend_status, evolved_prune, evolved_select, reference
+from es_kernels.triton import interpreter_requested
 
 # The same tolerances as tests/helpers.py (tests/test_selfcheck.py keeps the two equal): fp32 losses from logits of
 # each dtype against the fp32 reference on the same rounded logits differ by summation order only.
@@ -214,7 +214,7 @@ def run(devices: list[str], timing: bool = True, out=None) -> bool:
             available.append(backend)
         # The reference first, so the other columns read as speed-ups over it; the Triton interpreter is not timed.
         available.sort(key=lambda b: b != "torch")
-        timed = [b for b in available if not (b == "triton" and os.environ.get("TRITON_INTERPRET") == "1")]
+        timed = [b for b in available if not (b == "triton" and interpreter_requested())]
         if timing and timed:
             print(f"\n  evolved_select on {device}, median per call, value checks off, k = B/4:", file=out)
             print("  | B | C | logits | " + " | ".join(timed) + " |", file=out)

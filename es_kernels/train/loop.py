@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from es_kernels import _checks
+from es_kernels import _checks, seeds
 from es_kernels.sampler import EvolvedSampler
 from es_kernels.select import evolved_select
 from es_kernels.state import EvolvedState
@@ -50,8 +50,6 @@ METHODS: dict[str, MethodPreset] = {
 }
 
 SCORING_MODES = ("eval", "train")
-
-_RANK_SEED_STRIDE = 7_919_993  # keeps the selection seeds of ranks of nearby base seeds apart
 
 
 @dataclasses.dataclass
@@ -162,7 +160,7 @@ class EvolvedTraining:
         )
         # The sampler's own generators are rebuilt per epoch; selection draws from one long-lived stream. Ranks get
         # distinct streams (rank 0 keeps ``seed``), else every rank would reuse the same race noise per position.
-        selection_seed = seed + _RANK_SEED_STRIDE * self.sampler.rank
+        selection_seed = seeds.rank_seed(seed, self.sampler.rank)
         self.generator = torch.Generator(device=self.state.device).manual_seed(selection_seed)
         self.scored_samples = 0
         self.trained_samples = 0
