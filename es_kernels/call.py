@@ -70,8 +70,15 @@ class SelectCall:
         """Names of the token-level fields this call sets (empty for every per-sample call)."""
         return [name for name in TOKEN_FIELDS if getattr(self, name) is not None]
 
+    def refuse_token_fields(self, where: str) -> None:
+        """Raise if the call sets a token-level field that ``where`` does not implement yet."""
+        unsupported = self.token_fields_set()
+        if unsupported:
+            raise NotImplementedError(f"{where} do not implement the token-level fields {unsupported} yet")
+
     def op_arguments(self, seed: torch.Tensor) -> tuple:
         """The call as the ops' flat argument list (:data:`OP_ARGUMENTS`), with ``seed`` drawn by the caller."""
+        self.refuse_token_fields("the kernel ops")
         values = {"seed": seed, "beta1": float(self.beta1), "beta2": float(self.beta2)}
         return tuple(values[name] if name in values else getattr(self, name) for name in OP_ARGUMENTS)
 

@@ -26,7 +26,7 @@ from types import ModuleType
 import torch
 
 from es_kernels import _build, _checks
-from es_kernels.call import SelectCall, draw_seed
+from es_kernels.call import OP_ARGUMENTS, SelectCall, draw_seed
 
 logger = logging.getLogger("es_kernels")
 
@@ -212,10 +212,9 @@ def _register_fakes() -> None:
     _fakes_registered = True
 
     @torch.library.register_fake("es_kernels_C::fused_select")
-    def _fused_select_fake(
-        score, weight, indices, seed, k, beta1, beta2, logits, labels_a, labels_b, soft_targets, lam, losses,
-        label_smoothing, check_inputs, check_losses,
-    ):  # fmt: skip
+    def _fused_select_fake(*arguments):
+        named = dict(zip((*OP_ARGUMENTS, "check_inputs", "check_losses"), arguments, strict=True))
+        indices, k = named["indices"], named["k"]
         return (
             indices.new_empty((k,), dtype=torch.int64),
             indices.new_empty(indices.shape, dtype=torch.float32),

@@ -23,7 +23,7 @@ CHI_SQUARE_ALPHA = 1e-4
 def exact_subset_probabilities(weights: list[float], k: int) -> dict[tuple[int, ...], float]:
     """P(the drawn set is S) for every k-subset S under successive sampling ∝ weights, by enumerating orders.
 
-    Zero weights are drawn only once every positive weight is taken, lowest position first (DESIGN §3).
+    Zero weights are drawn only once every positive weight is taken, lowest position first (docs/architecture.md §3).
     """
     probabilities: dict[tuple[int, ...], float] = {}
     for order in itertools.permutations(range(len(weights)), k):

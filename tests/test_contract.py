@@ -74,3 +74,20 @@ def test_lam_tensor_off_the_cpu_is_refused_when_value_checks_are_off():
     chosen = evolved_select(state, torch.arange(4), 2, logits=torch.randn(4, 3), targets=(labels, labels,
                             torch.tensor(0.3)), check_values=False, backend="torch")  # fmt: skip
     assert chosen.numel() == 2
+
+
+def test_token_fields_are_refused_until_a_backend_implements_them():
+    """Issue 12's fields exist on the call; a backend that does not implement one must not silently ignore it."""
+    import dataclasses
+
+    from es_kernels.call import SelectCall
+
+    state = EvolvedState(4)
+    call = SelectCall(state.score, state.weight, torch.arange(2), 1, 0.2, 0.9, losses=torch.rand(2))
+    assert call.token_fields_set() == []
+    with_token = dataclasses.replace(call, ignore_index=-100)
+    with pytest.raises(NotImplementedError, match="ignore_index"):
+        with_token.op_arguments(torch.zeros(1, dtype=torch.int64))
+    with pytest.raises(NotImplementedError, match="ignore_index"):
+        reference.fused_select(with_token)
+    assert torch.equal(state.score, torch.full((4,), 0.25))

@@ -1,5 +1,5 @@
-// The exponential race (DESIGN §3): key = log(w) - log(E), E = -log1p(-u) ~ Exp(1); the k largest keys are a draw
-// without replacement with p ∝ w. A weight that is not positive — zero, negative or NaN, the last two only reachable
+// The exponential race (docs/architecture.md §3): key = log(w) - log(E), E = -log1p(-u) ~ Exp(1); the k largest
+// keys are a draw without replacement with p ∝ w. A weight that is not positive — zero, negative or NaN, the last two only reachable
 // with value checks off — gets key -inf, so it is never preferred to a positive weight.
 #pragma once
 

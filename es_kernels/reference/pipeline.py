@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
 def call_losses(call: SelectCall) -> torch.Tensor:
     """fp32 per-sample losses of the call's target encoding (docs/architecture.md, "Exact semantics")."""
+    call.refuse_token_fields("the reference losses")
     if call.losses is not None:
         return call.losses.to(torch.float32)
     if call.soft_targets is not None:

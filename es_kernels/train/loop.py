@@ -39,8 +39,8 @@ class MethodPreset:
     top_k: bool = False
 
 
-# Paper defaults (DESIGN §3). "loss" is plain loss-proportional sampling, the ablation with b1 = b2 = 0; "order" is
-# the paper's "Order" baseline: the top-k losses of each meta-batch, no randomness.
+# Paper defaults (docs/architecture.md §3). "loss" is plain loss-proportional sampling, the ablation with
+# b1 = b2 = 0; "order" is the paper's "Order" baseline: the top-k losses of each meta-batch, no randomness.
 METHODS: dict[str, MethodPreset] = {
     "baseline": MethodPreset(selects=False, beta1=0.2, beta2=0.9, prune_ratio=0.0),
     "es": MethodPreset(selects=True, beta1=0.2, beta2=0.9, prune_ratio=0.0),

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from es_kernels.call import OP_ARGUMENTS
 from es_kernels.triton.availability import unavailable_reason
 
 
@@ -86,35 +87,31 @@ def fused_select(
     Targets are ``labels_a`` (int64 ids; with ``labels_b`` and ``lam`` the mixup form), or ``soft_targets`` (B, C);
     or ``losses`` replaces logits and targets. Returns (positions int64 (k,), losses fp32 (B,)).
     """
-    check_fused_select(score, weight, indices, seed, k, logits, labels_a, labels_b, soft_targets, losses)
+    return _launch_fused_select(locals())  # the first statement: locals() holds exactly the op's arguments
+
+
+def _launch_fused_select(arguments: dict, *, interpreted: bool = False) -> tuple[Tensor, Tensor]:
+    """The checks and the launch, from the op's arguments by name (so the list is spelled out only above)."""
+    check_fused_select(*(arguments[name] for name in _CHECKED))
+    if interpreted:
+        _require_interpreter(arguments["indices"].device)
     from es_kernels.triton import launch  # imports triton: only once a kernel runs
 
-    return launch.fused_select(
-        score, weight, indices, seed, k, beta1, beta2,
-        logits, labels_a, labels_b, soft_targets, lam, losses, label_smoothing,
-    )  # fmt: skip
+    return launch.fused_select(**arguments)
+
+
+_CHECKED = ("score", "weight", "indices", "seed", "k", "logits", "labels_a", "labels_b", "soft_targets", "losses")
 
 
 @fused_select.register_kernel("cpu")
-def _fused_select_cpu(
-    score, weight, indices, seed, k, beta1, beta2, logits, labels_a, labels_b, soft_targets, lam, losses,
-    label_smoothing,
-):  # fmt: skip
-    check_fused_select(score, weight, indices, seed, k, logits, labels_a, labels_b, soft_targets, losses)
-    _require_interpreter(indices.device)
-    from es_kernels.triton import launch  # imports triton: only once a kernel runs
-
-    return launch.fused_select(
-        score, weight, indices, seed, k, beta1, beta2,
-        logits, labels_a, labels_b, soft_targets, lam, losses, label_smoothing,
-    )  # fmt: skip
+def _fused_select_cpu(*arguments):
+    return _launch_fused_select(dict(zip(OP_ARGUMENTS, arguments, strict=True)), interpreted=True)
 
 
 @fused_select.register_fake
-def _fused_select_fake(
-    score, weight, indices, seed, k, beta1, beta2, logits, labels_a, labels_b, soft_targets, lam, losses,
-    label_smoothing,
-):  # fmt: skip
+def _fused_select_fake(*arguments):
+    named = dict(zip(OP_ARGUMENTS, arguments, strict=True))
+    indices, k = named["indices"], named["k"]
     return indices.new_empty((k,), dtype=torch.int64), indices.new_empty(indices.shape, dtype=torch.float32)
 
 
