@@ -49,16 +49,12 @@ def _load_build_config():
     return module
 
 
-def _flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-
-
 def _note(message: str) -> None:
     print(f"es_kernels setup: {message}", file=sys.stderr)
 
 
 def _skip(reason: str) -> dict:
-    if _flag("ES_KERNELS_REQUIRE_EXTENSION"):
+    if _load_build_config().env_flag("ES_KERNELS_REQUIRE_EXTENSION"):
         raise RuntimeError(f"es_kernels: cannot build the extension ({reason}) and ES_KERNELS_REQUIRE_EXTENSION=1")
     _note(f"building without es_kernels._C ({reason}); it will be compiled just in time on first use")
     return {}
@@ -174,7 +170,7 @@ def fallback_extension(build, extension, error: BaseException):
             "(ES_KERNELS_BUILD_CUDA=1 makes this an error)"
         )
         return make_extension(build, None)
-    if _flag("ES_KERNELS_REQUIRE_EXTENSION"):
+    if build.env_flag("ES_KERNELS_REQUIRE_EXTENSION"):
         raise error
     _note(
         f"es_kernels._C failed to compile ({reason}); installing the pure-Python package, the extension will be "
@@ -206,10 +202,10 @@ def build_ext_with_fallback(build):
 
 
 def extension_kwargs() -> dict:
-    if _flag("ES_KERNELS_NO_EXTENSION"):
+    build = _load_build_config()
+    if build.env_flag("ES_KERNELS_NO_EXTENSION"):
         _note("ES_KERNELS_NO_EXTENSION=1: pure-Python install")
         return {}
-    build = _load_build_config()
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         return _skip("no C++ compiler found")
     found = build.find_cuda_home() if cuda_mode() != "0" else None

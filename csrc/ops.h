@@ -1,53 +1,94 @@
-// The operations behind es_kernels._C, one implementation per device. Arguments mirror the Python backend
-// contract of es_kernels/select.py; bindings.cpp dispatches on the state's device.
+// The operations of the es_kernels_C dispatcher library, one implementation per device (cpu/, cuda/). The schemas
+// are in bindings.cpp; their argument lists are es_kernels.call.OP_ARGUMENTS plus the two check switches (checked by
+// tests/test_ops.py). FusedSelectOp below is the only C++ place that spells the flat list out.
 #pragma once
 
 #include <optional>
 #include <tuple>
 
-#include <ATen/core/Generator.h>
 #include <ATen/core/Tensor.h>
 
 namespace es_kernels {
 
-// Targets arrive unpacked: `target` is int64 class ids (hard), fp32 (B, C) soft targets, or y_a with `target_b` =
-// y_b and `lam` for mixup. Without logits, `losses` (any float dtype, (B,)) are used as given.
+// One call, as es_kernels.call.SelectCall: targets are `labels_a` (int64 class ids; with `labels_b` and `lam` the
+// mixup form), or `soft_targets` (B, C); or `losses` (any float dtype, (B,)) replace logits and targets. `seed` is a
+// one-element int64 tensor on the state's device, drawn by the caller from its generator.
 struct SelectArgs {
-  at::Tensor score, weight, indices;
+  at::Tensor score, weight, indices, seed;
   int64_t k;
   double beta1, beta2;
-  std::optional<at::Tensor> logits, target, target_b, losses;
-  double lam, label_smoothing;
-  std::optional<at::Generator> generator;
-  // Refuse (ValueError, state untouched) losses computed from logits that are not finite and non-negative, e.g.
-  // finite logits whose log-sum-exp overflows. select.py's value checks cannot see them before the fused update.
-  bool check_losses = false;
-  // CPU only: also run select.py's input value checks (ids in range and unique, finite given losses, finite logits,
-  // class ids in range, finite non-negative soft targets) inside this call, with select.py's messages, before the
-  // state is touched. A few microseconds here against tens in Python, where they dominate a small call.
-  bool check_inputs = false;
+  std::optional<at::Tensor> logits, labels_a, labels_b, soft_targets;
+  double lam;
+  std::optional<at::Tensor> losses;
+  double label_smoothing;
+  // CPU only: run select.py's input value checks (ids in range and unique, finite given losses, finite logits,
+  // class ids in range, finite non-negative soft targets) inside this call, before the state is touched. A few
+  // microseconds here against tens in Python, where they dominate a small call.
+  bool check_inputs;
+  // Refuse losses computed from logits that are not finite and non-negative, before the state is touched (finite
+  // logits can still overflow; select.py's value checks cannot see that before the fused update).
+  bool check_losses;
 };
 
-// The message select.py's value checks use for the same condition (es_kernels/_checks.py).
-constexpr const char* kComputedLossesName = "losses computed from logits";
+// A failed value check, returned (not raised) so Python raises it with the message of es_kernels/_checks.py, which
+// is the only place the messages are written. The numbering is _checks.ValueCheck's.
+enum class CheckCode : int64_t {
+  kOk = 0,
+  kIndicesOutOfRange = 1,  // value: the offending id
+  kIndicesRepeat = 2,
+  kLossesNotFinite = 3,
+  kLossesNegative = 4,
+  kLogitsNotFinite = 5,
+  kLabelsOutOfRange = 6,   // value: 0 targets, 1 y_a, 2 y_b
+  kSoftTargetsBad = 7,
+  kComputedLossesNotFinite = 8,
+  kComputedLossesNegative = 9,
+};
 
-// Returns (positions: int64 (k,) ascending, losses: fp32 (B,)).
-std::tuple<at::Tensor, at::Tensor> fused_select_cpu(const SelectArgs& args);
-at::Tensor prune_select_cpu(const at::Tensor& values, int64_t keep, std::optional<at::Generator> generator);
+struct CheckResult {
+  CheckCode code = CheckCode::kOk;
+  int64_t value = 0;
+  bool ok() const { return code == CheckCode::kOk; }
+};
 
+// (positions int64 (k,) ascending, losses fp32 (B,) never aliasing an input, status int64 (2,) on the CPU holding
+// (CheckCode, value); with a failed check the state is untouched and positions are unspecified).
+using SelectResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+SelectResult fused_select_cpu(const SelectArgs& args);
+at::Tensor prune_select_cpu(const at::Tensor& values, const at::Tensor& seed, int64_t keep);
 #ifdef ES_KERNELS_WITH_CUDA
-std::tuple<at::Tensor, at::Tensor> fused_select_cuda(const SelectArgs& args);
-at::Tensor prune_select_cuda(const at::Tensor& values, int64_t keep, std::optional<at::Generator> generator);
+SelectResult fused_select_cuda(const SelectArgs& args);
+at::Tensor prune_select_cuda(const at::Tensor& values, const at::Tensor& seed, int64_t keep);
 #endif
 
+// The dispatcher's flat signature of fused_select, forwarding to one device implementation.
+template <SelectResult (*Impl)(const SelectArgs&)>
+SelectResult FusedSelectOp(const at::Tensor& score, const at::Tensor& weight, const at::Tensor& indices,
+                           const at::Tensor& seed, int64_t k, double beta1, double beta2,
+                           const std::optional<at::Tensor>& logits, const std::optional<at::Tensor>& labels_a,
+                           const std::optional<at::Tensor>& labels_b, const std::optional<at::Tensor>& soft_targets,
+                           double lam, const std::optional<at::Tensor>& losses, double label_smoothing,
+                           bool check_inputs, bool check_losses) {
+  return Impl(SelectArgs{score, weight, indices, seed, k, beta1, beta2, logits, labels_a, labels_b, soft_targets, lam,
+                         losses, label_smoothing, check_inputs, check_losses});
+}
+
+// The status tensor of SelectResult.
+at::Tensor check_status(CheckResult result);
+
 // Shared by both devices: checks the tensors of a call and returns them in the layouts the kernels read (logits
-// with unit column stride, fp32 contiguous soft targets, contiguous int64 labels and indices).
+// with unit column stride, fp32 contiguous soft targets, contiguous int64 labels and indices, fp32 losses).
 struct PreparedSelect {
   at::Tensor logits, target, target_b, losses, indices;
   int64_t batch = 0, num_classes = 0;
   int32_t kind = 0;  // TargetKind
 };
 PreparedSelect prepare_select(const SelectArgs& args);
+
+// The seed the caller drew, read on the host (CPU tensors only).
+uint64_t host_seed(const at::Tensor& seed);
+void check_seed(const at::Tensor& seed, const at::Tensor& like);
 
 struct LossParams;
 LossParams make_loss_params(const PreparedSelect& p, double label_smoothing, double lam);

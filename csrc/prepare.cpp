@@ -1,5 +1,6 @@
 // Device-independent argument checks and layout preparation for fused_select (see ops.h).
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/tensor.h>
 
 #include "checks.h"
 #include "kernels/common.cuh"
@@ -26,12 +27,27 @@ at::Tensor class_ids(const char* name, const at::Tensor& t, const at::Tensor& sc
 
 }  // namespace
 
+void check_seed(const at::Tensor& seed, const at::Tensor& like) {
+  CHECK_DEFINED("seed", seed);
+  CHECK_DTYPE("seed", seed, at::kLong);
+  TORCH_CHECK_VALUE(seed.numel() == 1, "seed must have one element, got shape ", seed.sizes());
+  TORCH_CHECK_VALUE(seed.device() == like.device(), "seed is on ", seed.device(), " but the state lives on ",
+                    like.device());
+}
+
+uint64_t host_seed(const at::Tensor& seed) { return static_cast<uint64_t>(*seed.data_ptr<int64_t>()); }
+
+at::Tensor check_status(CheckResult result) {
+  return at::tensor({static_cast<int64_t>(result.code), result.value}, at::TensorOptions().dtype(at::kLong));
+}
+
 PreparedSelect prepare_select(const SelectArgs& a) {
   check_state_vector("score", a.score);
   check_state_vector("weight", a.weight);
   CHECK_SAME_DEVICE("weight", a.weight, a.score);
   TORCH_CHECK_VALUE(a.weight.numel() == a.score.numel(), "weight must have as many entries as score (",
                     a.score.numel(), "), got ", a.weight.numel());
+  check_seed(a.seed, a.score);
 
   PreparedSelect p;
   CHECK_DEFINED("indices", a.indices);
@@ -47,11 +63,11 @@ PreparedSelect prepare_select(const SelectArgs& a) {
   CHECK_RANGE("beta1", a.beta1, 0.0, 1.0);
   CHECK_RANGE("beta2", a.beta2, 0.0, 1.0);
   CHECK_RANGE("label_smoothing", a.label_smoothing, 0.0, 1.0);
+  const bool any_target = a.labels_a.has_value() || a.labels_b.has_value() || a.soft_targets.has_value();
 
   if (!a.logits.has_value()) {
     TORCH_CHECK_VALUE(a.losses.has_value(), "pass logits together with targets (or per-sample losses)");
-    TORCH_CHECK_VALUE(!a.target.has_value() && !a.target_b.has_value(),
-                      "pass either losses, or logits with targets, not both");
+    TORCH_CHECK_VALUE(!any_target, "pass either losses, or logits with targets, not both");
     const at::Tensor& losses = *a.losses;
     TORCH_CHECK_TYPE(losses.is_floating_point(), "losses must be a floating-point tensor, got ", losses.scalar_type());
     TORCH_CHECK_VALUE(losses.dim() == 1 && losses.size(0) == p.batch, "losses must have shape (", p.batch,
@@ -63,7 +79,7 @@ PreparedSelect prepare_select(const SelectArgs& a) {
   }
 
   TORCH_CHECK_VALUE(!a.losses.has_value(), "pass either losses, or logits with targets, not both");
-  TORCH_CHECK_VALUE(a.target.has_value(), "pass logits together with targets (or per-sample losses)");
+  TORCH_CHECK_VALUE(any_target, "pass logits together with targets (or per-sample losses)");
   at::Tensor logits = *a.logits;
   const auto dtype = logits.scalar_type();
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble,
@@ -80,21 +96,24 @@ PreparedSelect prepare_select(const SelectArgs& a) {
   p.logits = logits;
   p.num_classes = logits.size(1);
 
-  const at::Tensor& target = *a.target;
-  if (target.is_floating_point()) {
-    TORCH_CHECK_VALUE(!a.target_b.has_value(), "soft targets cannot be mixed with a second label tensor");
+  if (a.soft_targets.has_value()) {
+    TORCH_CHECK_VALUE(!a.labels_a.has_value() && !a.labels_b.has_value(),
+                      "soft_targets cannot be mixed with label tensors");
+    const at::Tensor& target = *a.soft_targets;
+    TORCH_CHECK_TYPE(target.is_floating_point(), "soft_targets must be floating point, got ", target.scalar_type());
     TORCH_CHECK_VALUE(target.sizes() == logits.sizes(), "targets as soft labels must have the logits' shape ",
                       logits.sizes(), ", got ", target.sizes());
     CHECK_SAME_DEVICE("targets", target, a.score);
     p.target = target.to(at::kFloat).contiguous();
     p.kind = static_cast<int32_t>(TargetKind::kSoft);
-  } else if (a.target_b.has_value()) {
+  } else if (a.labels_b.has_value()) {
+    TORCH_CHECK_VALUE(a.labels_a.has_value(), "labels_b needs labels_a");
     CHECK_RANGE("lam", a.lam, 0.0, 1.0);
-    p.target = class_ids("targets[0] (y_a)", target, a.score, p.batch);
-    p.target_b = class_ids("targets[1] (y_b)", *a.target_b, a.score, p.batch);
+    p.target = class_ids("targets[0] (y_a)", *a.labels_a, a.score, p.batch);
+    p.target_b = class_ids("targets[1] (y_b)", *a.labels_b, a.score, p.batch);
     p.kind = static_cast<int32_t>(TargetKind::kMixup);
   } else {
-    p.target = class_ids("targets", target, a.score, p.batch);
+    p.target = class_ids("targets", *a.labels_a, a.score, p.batch);
     p.kind = static_cast<int32_t>(TargetKind::kHard);
   }
   return p;

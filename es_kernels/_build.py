@@ -1,5 +1,6 @@
-"""How es_kernels._C is compiled: sources, flags, CUDA discovery, job count. Shared by setup.py (ahead of time) and
-es_kernels/extension.py (just in time). Imports nothing from es_kernels, so setup.py can load it by file path.
+"""How es_kernels._C is compiled: sources, flags, CUDA discovery, job count, and the one reader of boolean
+environment variables. Shared by setup.py (ahead of time) and es_kernels/extension.py (just in time). Imports nothing
+from es_kernels, so setup.py can load it by file path.
 """
 
 from __future__ import annotations
@@ -9,6 +10,23 @@ import os
 import re
 import shutil
 from pathlib import Path
+
+_TRUE = frozenset({"1", "true", "yes", "on", "y"})
+_FALSE = frozenset({"0", "false", "no", "off", "n"})
+
+
+def env_flag(name: str, default: bool | None = False) -> bool | None:
+    """A boolean environment switch, read now: 1/true/yes/on/y or 0/false/no/off/n in any case; ``default`` when
+    unset or empty. Any other value raises, naming the variable (a typo must not silently mean "off")."""
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
+        return default
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"{name} must be one of 1/true/yes/on or 0/false/no/off, got {os.environ[name]!r}")
+
 
 # Default GPU targets when TORCH_CUDA_ARCH_LIST is unset: A100 (sm_80) and H100 (sm_90). Without a GPU torch would
 # otherwise target every architecture it knows, which multiplies the nvcc time.

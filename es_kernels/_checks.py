@@ -6,6 +6,7 @@ which synchronises a GPU; callers run them unless the user switched ``check_valu
 
 from __future__ import annotations
 
+import enum
 import math
 import numbers
 
@@ -49,8 +50,7 @@ def check_indices(
 ) -> torch.Tensor:
     """1-D integer tensor of dataset ids in [0, num_samples), no repeats; returned as contiguous int64."""
     indices = check_tensor(name, indices)
-    if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor (int64 ids), got {indices.dtype}")
+    check_integer_dtype(name, indices, "(int64 ids)")
     if indices.dim() != 1:
         raise ValueError(f"{name} must be 1-D (one dataset id per meta-batch row), got shape {tuple(indices.shape)}")
     if indices.numel() == 0:
@@ -60,11 +60,18 @@ def check_indices(
     if check_values:
         low, high = int(indices.min()), int(indices.max())
         if low < 0 or high >= num_samples:
-            bad = low if low < 0 else high
-            raise ValueError(f"{name} must be in [0, {num_samples}), got {bad}")
+            raise ValueError(ids_out_of_range(name, num_samples, low if low < 0 else high))
         if torch.unique(indices).numel() != indices.numel():
-            raise ValueError(f"{name} must not repeat an id within one call (each sample is visited once)")
+            raise ValueError(ids_repeat(name))
     return indices
+
+
+def ids_out_of_range(name: str, num_samples: int, bad: int) -> str:
+    return f"{name} must be in [0, {num_samples}), got {bad}"
+
+
+def ids_repeat(name: str) -> str:
+    return f"{name} must not repeat an id within one call (each sample is visited once)"
 
 
 def check_losses(name: str, losses: object, batch: int, device: torch.device, check_values: bool) -> torch.Tensor:
@@ -99,8 +106,170 @@ def all_finite_non_negative(tensor: torch.Tensor) -> bool:
     return math.isfinite(low) and math.isfinite(high) and low >= 0
 
 
+def losses_not_finite(name: str) -> str:
+    return f"{name} must be finite (found NaN or inf)"
+
+
+def losses_negative(name: str) -> str:
+    return f"{name} must be non-negative (weights are proportional to losses)"
+
+
+COMPUTED_LOSSES = "losses computed from logits"
+
+
 def check_loss_values(name: str, losses: torch.Tensor) -> None:
     if not all_finite(losses):
-        raise ValueError(f"{name} must be finite (found NaN or inf)")
+        raise ValueError(losses_not_finite(name))
     if not all_finite_non_negative(losses):
-        raise ValueError(f"{name} must be non-negative (weights are proportional to losses)")
+        raise ValueError(losses_negative(name))
+
+
+def check_generator(generator: object, device: torch.device) -> torch.Generator | None:
+    if generator is None:
+        return None
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    same_index = generator.device.index is None or device.index is None or generator.device.index == device.index
+    if generator.device.type != device.type or not same_index:
+        raise ValueError(f"generator is on {generator.device} but the state lives on {device}")
+    return generator
+
+
+def check_integer_dtype(name: str, tensor: torch.Tensor, what: str) -> None:
+    if tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor {what}, got {tensor.dtype}")
+
+
+def check_step_indices(
+    name: str, indices: object, num_samples: int, device: torch.device, check_values: bool
+) -> torch.Tensor:
+    """As :func:`check_indices`, but an empty 1-D tensor is allowed (a rank with no rows this step)."""
+    indices = check_tensor(name, indices)
+    if indices.numel() > 0:
+        return check_indices(name, indices, num_samples, device, check_values)
+    check_integer_dtype(name, indices, "(int64 ids)")
+    if indices.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(indices.shape)}")
+    check_device(name, indices, device)
+    return indices.to(torch.int64)
+
+
+def class_id_message(name: str, num_classes: int) -> str:
+    return f"{name} must hold class ids in [0, {num_classes})"
+
+
+def check_labels(name: str, labels: object, batch: int, num_classes: int, device, check_values: bool) -> torch.Tensor:
+    """Class ids (B,) of any integer dtype, returned as int64."""
+    labels = check_tensor(name, labels)
+    check_integer_dtype(name, labels, "of class ids")
+    if labels.shape != (batch,):
+        raise ValueError(f"{name} must have shape ({batch},), got {tuple(labels.shape)}")
+    check_device(name, labels, device)
+    labels = labels.to(torch.int64)
+    if check_values and bool(((labels < 0) | (labels >= num_classes)).any()):
+        raise ValueError(class_id_message(name, num_classes))
+    return labels
+
+
+def check_lam(lam: object, check_values: bool) -> float:
+    """The mixup weight as a float. A one-element tensor is read on the host: free on CPU; off the CPU it is a
+    synchronisation, accepted only while value checks (which synchronise anyway) are on."""
+    name = "targets[2] (lam)"
+    if isinstance(lam, torch.Tensor) and lam.numel() == 1:
+        if lam.device.type != "cpu" and not check_values:
+            raise TypeError(
+                f"{name} is a {lam.device.type} tensor: reading it would synchronise the host, which "
+                "check_values=False promises not to do; pass lam as a Python float (or a CPU tensor)"
+            )
+        lam = lam.item()
+    if isinstance(lam, bool) or not isinstance(lam, numbers.Real):
+        raise TypeError(f"{name} must be a float, got {type(lam).__name__}")
+    return check_fraction(name, lam)
+
+
+def check_logits(logits: object, batch: int, device: torch.device, check_values: bool) -> torch.Tensor:
+    logits = check_tensor("logits", logits)
+    if logits.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise TypeError(f"logits must be float16, bfloat16, float32 or float64, got {logits.dtype}")
+    if logits.dim() != 2 or logits.shape[0] != batch:
+        raise ValueError(f"logits must have shape ({batch}, num_classes) to match indices, got {tuple(logits.shape)}")
+    if logits.shape[1] < 2:
+        raise ValueError(f"logits must have at least 2 classes, got {logits.shape[1]}")
+    check_device("logits", logits, device)
+    if check_values and not all_finite(logits):
+        raise ValueError(LOGITS_NOT_FINITE)
+    return logits
+
+
+LOGITS_NOT_FINITE = "logits must be finite (found NaN or inf)"
+SOFT_TARGETS_BAD = "targets as soft labels must be finite and non-negative"
+
+
+def check_targets(
+    targets: object, logits: torch.Tensor, device: torch.device, check_values: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, float]:
+    """The user's targets in the call's one encoding: ``(labels_a, labels_b, soft_targets, lam)``.
+
+    Accepts int labels (B,), dense soft targets with the logits' shape, or the mixup form ``(y_a, y_b, lam)`` (a
+    tuple, list or :class:`~es_kernels.reference.MixupTargets`).
+    """
+    batch, num_classes = logits.shape
+    if isinstance(targets, (tuple, list)):
+        if len(targets) != 3:
+            raise ValueError("targets as a tuple must be the mixup form (y_a, y_b, lam)")
+        y_a, y_b, lam = targets
+        y_a = check_labels("targets[0] (y_a)", y_a, batch, num_classes, device, check_values)
+        y_b = check_labels("targets[1] (y_b)", y_b, batch, num_classes, device, check_values)
+        return y_a, y_b, None, check_lam(lam, check_values)
+    targets = check_tensor("targets", targets)
+    if not targets.dtype.is_floating_point:
+        return check_labels("targets", targets, batch, num_classes, device, check_values), None, None, 1.0
+    if targets.dim() == 1:
+        raise TypeError(
+            f"1-D targets must be integer class ids, got {targets.dtype} (soft labels have the logits' shape "
+            f"{tuple(logits.shape)})"
+        )
+    if targets.shape != logits.shape:
+        raise ValueError(
+            f"targets as soft labels must have the logits' shape {tuple(logits.shape)}, got {tuple(targets.shape)}"
+        )
+    check_device("targets", targets, device)
+    if check_values and not all_finite_non_negative(targets):
+        raise ValueError(SOFT_TARGETS_BAD)
+    return None, None, targets, 1.0
+
+
+class ValueCheck(enum.IntEnum):
+    """Codes of a failed value check run inside a kernel (csrc/ops.h ``CheckCode``, same numbers): the kernel returns
+    the code and the offending value before any write, and :func:`raise_value_check` raises this module's message."""
+
+    OK = 0
+    INDICES_OUT_OF_RANGE = 1  # value: the offending id
+    INDICES_REPEAT = 2
+    LOSSES_NOT_FINITE = 3
+    LOSSES_NEGATIVE = 4
+    LOGITS_NOT_FINITE = 5
+    LABELS_OUT_OF_RANGE = 6  # value: 0 targets, 1 y_a, 2 y_b
+    SOFT_TARGETS_BAD = 7
+    COMPUTED_LOSSES_NOT_FINITE = 8
+    COMPUTED_LOSSES_NEGATIVE = 9
+
+
+_LABEL_NAMES = ("targets", "targets[0] (y_a)", "targets[1] (y_b)")
+
+
+def value_check_message(code: int, value: int, *, num_samples: int, num_classes: int) -> str:
+    """The message of the Python value check a kernel's ``(code, value)`` stands for."""
+    code = ValueCheck(code)
+    messages = {
+        ValueCheck.INDICES_OUT_OF_RANGE: lambda: ids_out_of_range("indices", num_samples, value),
+        ValueCheck.INDICES_REPEAT: lambda: ids_repeat("indices"),
+        ValueCheck.LOSSES_NOT_FINITE: lambda: losses_not_finite("losses"),
+        ValueCheck.LOSSES_NEGATIVE: lambda: losses_negative("losses"),
+        ValueCheck.LOGITS_NOT_FINITE: lambda: LOGITS_NOT_FINITE,
+        ValueCheck.LABELS_OUT_OF_RANGE: lambda: class_id_message(_LABEL_NAMES[value], num_classes),
+        ValueCheck.SOFT_TARGETS_BAD: lambda: SOFT_TARGETS_BAD,
+        ValueCheck.COMPUTED_LOSSES_NOT_FINITE: lambda: losses_not_finite(COMPUTED_LOSSES),
+        ValueCheck.COMPUTED_LOSSES_NEGATIVE: lambda: losses_negative(COMPUTED_LOSSES),
+    }
+    return messages[code]()

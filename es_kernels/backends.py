@@ -79,27 +79,25 @@ def backend_status(device: torch.device | str = "cpu") -> dict[str, str]:
 def resolve_backend(backend: str | Backend, device: torch.device) -> Backend:
     """The backend that will run: auto picks the first available in the device's order; a named one must run."""
     backend = parse_backend(backend)
-    answer = _resolve_constant(backend.value, device, torch.compiler.is_compiling())
+    answer = _resolve_constant(backend.value, device)
     if answer.startswith("!"):
         raise BackendUnavailableError(answer[1:])
     return Backend(answer)
 
 
 @torch.compiler.assume_constant_result
-def _resolve_constant(backend: str, device: torch.device, compiling: bool) -> str:
+def _resolve_constant(backend: str, device: torch.device) -> str:
     """The chosen backend's value, or "!" and the error message.
 
     Availability checks import modules and read the environment, which torch.compile cannot trace: marked as a
     constant result, this runs once when a graph is traced and the choice is baked into the graph (a later change of
-    availability does not recompile it). It returns plain strings, the kind of constant dynamo accepts. While
-    compiling, auto skips the extension: its pybind call would break the graph, whereas the reference and the Triton
-    custom op trace.
+    availability does not recompile it). It returns plain strings, the kind of constant dynamo accepts. Every
+    backend traces (the extension's and Triton's kernels are dispatcher ops with fake implementations), so the
+    choice is the same compiled or eager.
     """
     backend = Backend(backend)
     if backend is Backend.AUTO:
         for candidate in _AUTO_ORDER.get(device.type, (Backend.TORCH,)):
-            if compiling and candidate is Backend.EXTENSION:
-                continue
             if unavailable_reason(candidate, device) is None:
                 return candidate.value
         return Backend.TORCH.value

@@ -25,8 +25,8 @@ from types import ModuleType
 
 import torch
 
-from es_kernels import _build
-from es_kernels.reference import MixupTargets
+from es_kernels import _build, _checks
+from es_kernels.call import OP_ARGUMENTS, SelectCall, draw_seed
 
 logger = logging.getLogger("es_kernels")
 
@@ -35,13 +35,6 @@ _module: ModuleType | None = None
 _how: str | None = None  # "prebuilt" or "jit"
 _reason: str | None = None  # why there is no module (None until the first attempt)
 _attempted = False
-
-
-def _env_flag(name: str) -> bool | None:
-    value = os.environ.get(name)
-    if value is None or value == "":
-        return None
-    return value.strip().lower() not in ("0", "false", "no", "off")
 
 
 def cache_dir() -> Path:
@@ -59,7 +52,7 @@ def _jit_with_cuda() -> bool:
 
 
 def _load_prebuilt() -> tuple[ModuleType | None, str | None]:
-    if _env_flag("ES_KERNELS_FORCE_JIT"):
+    if _build.env_flag("ES_KERNELS_FORCE_JIT"):
         return None, "prebuilt module ignored (ES_KERNELS_FORCE_JIT=1)"
     try:
         return importlib.import_module("es_kernels._C"), None
@@ -121,7 +114,7 @@ def _load() -> ModuleType | None:
         module, prebuilt_reason = _load_prebuilt()
         if module is not None:
             _module, _how = module, "prebuilt"
-        elif _env_flag("ES_KERNELS_JIT") is False:
+        elif not _build.env_flag("ES_KERNELS_JIT", default=True):
             _reason = f"{prebuilt_reason}, and the just-in-time build is switched off (ES_KERNELS_JIT=0)"
         elif not _build.csrc_dir().is_dir():
             _reason = f"{prebuilt_reason}, and csrc/ is not shipped with this install, so it cannot be built"
@@ -131,6 +124,8 @@ def _load() -> ModuleType | None:
             except Exception as error:  # compiler missing, compile error, ninja missing ...
                 _reason = f"{prebuilt_reason}, and the just-in-time build failed: {_first_error_line(error)}"
                 logger.warning("es_kernels: %s; using the other backends", _reason)
+        if _module is not None:
+            _register_fakes()
         _attempted = True
     return _module
 
@@ -173,30 +168,59 @@ def _require() -> ModuleType:
     return module
 
 
-def fused_select(
-    score, weight, indices, k, beta1, beta2, logits, targets, losses, label_smoothing, generator, *,
-    check_losses=False, check_inputs=False,
-):  # fmt: skip
-    """Backend entry of ``evolved_select`` (contract in es_kernels/select.py); one C++ call, one kernel pass.
+def _ops():
+    """``torch.ops.es_kernels_C`` once the module is loaded (its import registers the ops with the dispatcher)."""
+    _require()
+    return torch.ops.es_kernels_C
 
-    ``check_losses=True`` refuses losses computed from logits that are not finite and non-negative with the
-    ValueError of select.py's value checks, before the state is touched (finite logits can still overflow).
-    ``check_inputs=True`` (CPU only) runs select.py's input value checks inside the call, with the same messages.
+
+def fused_select(call: SelectCall) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backend entry of ``evolved_select`` (contract in es_kernels/select.py): one dispatcher call, one kernel pass.
+
+    ``call.check_losses`` refuses losses computed from logits that are not finite and non-negative, and
+    ``call.check_inputs`` (CPU only) runs select.py's input value checks inside the call; either way the kernel
+    returns a code before any write and this raises the ValueError of ``_checks.py``. The status is read only when
+    a check was asked for (value checks synchronise anyway; with them off nothing here reads a device value).
     """
-    target = target_b = None
-    lam = 1.0
-    if logits is not None:
-        if isinstance(targets, MixupTargets):
-            target, target_b, lam = targets.y_a, targets.y_b, float(targets.lam)
-        else:
-            target = targets
-    return _require().fused_select(
-        score, weight, indices, int(k), float(beta1), float(beta2),
-        logits, target, target_b, lam, losses, float(label_smoothing), generator, bool(check_losses),
-        bool(check_inputs),
-    )  # fmt: skip
+    seed = draw_seed(call.generator, call.indices.device)
+    positions, losses, status = _ops().fused_select(
+        *call.op_arguments(seed), bool(call.check_inputs), bool(call.check_losses)
+    )
+    if call.check_inputs or call.check_losses:
+        code, value = status.tolist()
+        if code != _checks.ValueCheck.OK:
+            classes = call.logits.shape[1] if call.logits is not None else 0
+            message = _checks.value_check_message(code, value, num_samples=call.score.numel(), num_classes=classes)
+            raise ValueError(message)
+    return positions, losses
 
 
-def prune_select(values, keep, generator):
+def prune_select(values: torch.Tensor, keep: int, generator: torch.Generator | None) -> torch.Tensor:
     """Backend entry of ``evolved_prune``: ``keep`` ascending ids drawn without replacement ∝ values."""
-    return _require().prune_select(values, int(keep), generator)
+    return _ops().prune_select(values, draw_seed(generator, values.device), int(keep))
+
+
+# Fake (meta) implementations, beside the wrappers as torchao keeps them: shapes only, for torch.compile and
+# opcheck. Registered lazily, once the library that defines the ops is loaded.
+_fakes_registered = False
+
+
+def _register_fakes() -> None:
+    global _fakes_registered
+    if _fakes_registered:
+        return
+    _fakes_registered = True
+
+    @torch.library.register_fake("es_kernels_C::fused_select")
+    def _fused_select_fake(*arguments):
+        named = dict(zip((*OP_ARGUMENTS, "check_inputs", "check_losses"), arguments, strict=True))
+        indices, k = named["indices"], named["k"]
+        return (
+            indices.new_empty((k,), dtype=torch.int64),
+            indices.new_empty(indices.shape, dtype=torch.float32),
+            torch.empty(2, dtype=torch.int64, device="cpu"),
+        )
+
+    @torch.library.register_fake("es_kernels_C::prune_select")
+    def _prune_select_fake(values, seed, keep):
+        return values.new_empty((keep,), dtype=torch.int64)

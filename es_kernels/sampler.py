@@ -9,11 +9,9 @@ from fractions import Fraction
 import torch
 from torch.utils.data import Sampler
 
-from es_kernels import _checks
+from es_kernels import _checks, seeds
 from es_kernels.select import evolved_prune
 from es_kernels.state import EvolvedState
-
-_SEED_STRIDE = 1_000_003  # keeps per-epoch seeds of nearby base seeds apart
 
 
 def as_written(fraction: float) -> Fraction:
@@ -165,7 +163,7 @@ class EvolvedSampler(Sampler[int]):
     def _epoch_generator(self, device: torch.device, purpose: int) -> torch.Generator:
         # Pruning and shuffling get different streams: on a CPU state one seed would reuse the very random bits that
         # chose the kept set to order it.
-        return torch.Generator(device=device).manual_seed((self.seed * _SEED_STRIDE + self.epoch) * 2 + purpose)
+        return torch.Generator(device=device).manual_seed(seeds.epoch_seed(self.seed, self.epoch, purpose))
 
     def _make_shard(self) -> torch.Tensor:
         size = self.epoch_size(self.epoch)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
-import os
 import statistics
 import sys
 import time
@@ -26,6 +25,7 @@ import torch
 
 from es_kernels import EvolvedState, _timing, backend_status, evolved_prune, evolved_select, reference
 from es_kernels.command import HelpFormatter
+from es_kernels.triton import interpreter_requested
 
 # The same tolerances as tests/helpers.py (tests/test_selfcheck.py keeps the two equal): fp32 losses from logits of
 # each dtype against the fp32 reference on the same rounded logits differ by summation order only.
@@ -244,7 +244,7 @@ def run(devices: list[str], timing: bool = True, out=None) -> bool:
             available.append(backend)
         # The reference first, so the other columns read as speed-ups over it; the Triton interpreter is not timed.
         available.sort(key=lambda b: b != "torch")
-        timed = [b for b in available if not (b == "triton" and os.environ.get("TRITON_INTERPRET") == "1")]
+        timed = [b for b in available if not (b == "triton" and interpreter_requested())]
         if timing and timed:
             print_timings(device, timed, out)
     print(f"\n{'PASS' if all_passed else 'FAIL'}: every available backend agrees with the reference"

@@ -77,7 +77,7 @@ class EvolvedState:
         initial = 1.0 / num_samples
         self.score = torch.full((num_samples,), initial, dtype=torch.float32, device=device)
         self.weight = torch.full((num_samples,), initial, dtype=torch.float32, device=device)
-        # Epoch-mode merge baseline: the (score, weight) values all ranks agreed on at the last merge, stacked as
+        # Epoch-mode merge base: the (score, weight) values all ranks agreed on at the last merge, stacked as
         # (2, n). None means "the initial 1/n" until a load_state_dict (then "the loaded values"), so single-process
         # runs never pay its 8n bytes.
         self._sync_snapshot: torch.Tensor | None = None
@@ -214,7 +214,7 @@ class EvolvedState:
 
         In a distributed run with ``sync="epoch"`` whose state moved since the last merge it also holds
         ``"sync_snapshot"``, the values all ranks agreed on at that merge: a rank's copy saved mid-epoch holds only
-        its own updates since then, and the merge after resuming needs that baseline to stay exact. Save each rank's
+        its own updates since then, and the merge after resuming needs that merge base to stay exact. Save each rank's
         own dict (the sampler's shard is per rank too), or call :meth:`sync_epoch` on every rank first.
         """
         saved = {
@@ -225,10 +225,10 @@ class EvolvedState:
             **self._visits_state(),
         }
         if self.sync_mode == "epoch" and self._world_size() > 1:
-            baseline = self._merge_baseline()
-            # Right after a merge the baseline is the state itself: loading the values alone restores it then.
-            if not (torch.equal(baseline[0], self.score) and torch.equal(baseline[1], self.weight)):
-                saved["sync_snapshot"] = baseline.clone()
+            merge_base = self._merge_base()
+            # Right after a merge the merge base is the state itself: loading the values alone restores it then.
+            if not (torch.equal(merge_base[0], self.score) and torch.equal(merge_base[1], self.weight)):
+                saved["sync_snapshot"] = merge_base.clone()
         return saved
 
     def load_state_dict(self, state_dict: dict[str, object]) -> None:
@@ -260,6 +260,7 @@ class EvolvedState:
                     f"{snapshot.dtype} {tuple(snapshot.shape)}"
                 )
         visits = self._checked_visits(state_dict)
+        # Nothing is assigned before this line: a rejected dict leaves the state (betas included) as it was.
         self.beta1, self.beta2 = beta1, beta2
         self._load_visits(visits)
         self.score.copy_(tensors["score"])
@@ -268,7 +269,7 @@ class EvolvedState:
         if snapshot is not None:
             self._sync_snapshot = snapshot.to(self.device, copy=True)
         elif self.sync_mode == "epoch" and self._world_size() > 1:
-            # Every rank loaded the same values (one shared file), so they are the agreed baseline.
+            # Every rank loaded the same values (one shared file), so they are the agreed merge base.
             self._sync_snapshot = torch.stack([self.score, self.weight])
         else:
             self._sync_snapshot = None
@@ -280,7 +281,7 @@ class EvolvedState:
             return 1
         return dist.get_world_size(self.process_group)
 
-    def _merge_baseline(self) -> torch.Tensor:
+    def _merge_base(self) -> torch.Tensor:
         if self._sync_snapshot is not None:
             return self._sync_snapshot
         if self._pristine:
@@ -295,11 +296,11 @@ class EvolvedState:
         ``"step"``/``"off"`` modes.
 
         Exactness: the sampler gives each sample to at most one rank per epoch, so at every position at most one
-        rank's value moved away from the agreed baseline. Each rank contributes its value where it moved and -inf
+        rank's value moved away from the agreed merge base. Each rank contributes its value where it moved and -inf
         elsewhere; an all-reduce MAX of that (2, n) fp32 tensor returns, at every moved position, the moving rank's
-        value bit for bit, and -inf where nobody moved (the baseline is kept). The result is bit-identical on all
+        value bit for bit, and -inf where nobody moved (the merge base is kept). The result is bit-identical on all
         ranks and equal to a single process that saw the same samples with the same losses, because each visited
-        value was computed from the same baseline. (Summing deltas ``new - old`` instead moves the same 8n bytes
+        value was computed from the same merge base. (Summing deltas ``new - old`` instead moves the same 8n bytes
         but adds a rounding: ``old + (new - old)`` is not ``new`` in fp32.) Were a sample moved by two ranks
         between merges, the larger value would win on every rank: ranks still agree, but that is not an exact
         merge; keep such samplers to ``sync="step"``.
@@ -307,19 +308,19 @@ class EvolvedState:
         if self.sync_mode != "epoch" or self._world_size() == 1:
             return
         device = communication_device(dist.get_backend(self.process_group), self.device)
-        baseline = self._merge_baseline()  # becomes the next baseline, overwritten in place
+        merge_base = self._merge_base()  # becomes the next merge base, overwritten in place
         with torch.no_grad():
             # The (2, n) contribution is the only full-size temporary besides two boolean masks: fresh memory is
             # slow to fault in on the host, and at n > 2**24 each extra buffer is 134 MB.
             moved = torch.stack([self.score, self.weight])
-            moved.masked_fill_(moved == baseline, -torch.inf)
+            moved.masked_fill_(moved == merge_base, -torch.inf)
             shipped = moved.to(device)
             dist.all_reduce(shipped, op=dist.ReduceOp.MAX, group=self.process_group)
             moved = shipped.to(self.device)
-            torch.where(moved == -torch.inf, baseline, moved, out=baseline)
-            self.score.copy_(baseline[0])
-            self.weight.copy_(baseline[1])
-        self._sync_snapshot = baseline
+            torch.where(moved == -torch.inf, merge_base, moved, out=merge_base)
+            self.score.copy_(merge_base[0])
+            self.weight.copy_(merge_base[1])
+        self._sync_snapshot = merge_base
 
     def sync_step(
         self, indices: torch.Tensor, losses: torch.Tensor, *, check_values: bool = True
@@ -336,16 +337,7 @@ class EvolvedState:
         without ``torch.distributed``, nothing is communicated and the checked local tensors come back.
         Bad arguments raise before any communication and leave the state untouched.
         """
-        indices = _checks.check_tensor("indices", indices)
-        if indices.numel() > 0:
-            indices = _checks.check_indices("indices", indices, self.num_samples, self.device, check_values)
-        else:
-            if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
-                raise TypeError(f"indices must be an integer tensor (int64 ids), got {indices.dtype}")
-            if indices.dim() != 1:
-                raise ValueError(f"indices must be 1-D, got shape {tuple(indices.shape)}")
-            _checks.check_device("indices", indices, self.device)
-            indices = indices.to(torch.int64)
+        indices = _checks.check_step_indices("indices", indices, self.num_samples, self.device, check_values)
         losses = _checks.check_losses("losses", losses, indices.numel(), self.device, check_values)
         losses = losses.detach().to(torch.float32)
         world_size = self._world_size()

@@ -23,7 +23,7 @@ CHI_SQUARE_ALPHA = 1e-4
 def exact_subset_probabilities(weights: list[float], k: int) -> dict[tuple[int, ...], float]:
     """P(the drawn set is S) for every k-subset S under successive sampling ∝ weights, by enumerating orders.
 
-    Zero weights are drawn only once every positive weight is taken, lowest position first (DESIGN §3).
+    Zero weights are drawn only once every positive weight is taken, lowest position first (docs/architecture.md §3).
     """
     probabilities: dict[tuple[int, ...], float] = {}
     for order in itertools.permutations(range(len(weights)), k):
@@ -69,11 +69,10 @@ def subset_chi_square_pvalue(draw: Callable[[], torch.Tensor], weights: list[flo
 def extension_unavailable_reason(device: str = "cpu") -> str | None:
     """Why the C++ extension cannot run on ``device`` (None if it can). With ES_KERNELS_REQUIRE_EXTENSION=1 (CI)
     an unavailable extension is an error, so its tests cannot be skipped silently."""
-    import os
-
+    from es_kernels._build import env_flag
     from es_kernels.extension import unavailable_reason
 
     reason = unavailable_reason(torch.device(device))
-    if reason is not None and os.environ.get("ES_KERNELS_REQUIRE_EXTENSION") == "1":
+    if reason is not None and env_flag("ES_KERNELS_REQUIRE_EXTENSION"):
         raise RuntimeError(f"ES_KERNELS_REQUIRE_EXTENSION=1 but the extension is unavailable: {reason}")
     return reason

@@ -3,6 +3,7 @@ determinism, bad input; plus the just-in-time build and the nvcc compile of the 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -20,6 +21,8 @@ from helpers import (
 )
 
 from es_kernels import EvolvedState, MixupTargets, evolved_prune, evolved_select, last_backend, reference
+from es_kernels._build import env_flag
+from es_kernels.call import SelectCall
 
 _REASON = extension_unavailable_reason("cpu")
 needs_extension = pytest.mark.skipif(_REASON is not None, reason=f"extension unavailable: {_REASON}")
@@ -425,33 +428,72 @@ def test_overflowing_losses_refused_before_the_update_when_asked():
     labels = torch.tensor([1, 0])
     state = EvolvedState(2)
     before = state.state_dict()
-    args = (state.score, state.weight, torch.arange(2), 1, 0.2, 0.9, huge, labels, None, 0.0, None)
+    call = SelectCall(state.score, state.weight, torch.arange(2), 1, 0.2, 0.9, logits=huge, labels_a=labels)
     with pytest.raises(ValueError, match="losses computed from logits must be finite"):
-        extension.fused_select(*args, check_losses=True)
+        extension.fused_select(dataclasses.replace(call, check_losses=True))
     assert torch.equal(state.score, before["score"]) and torch.equal(state.weight, before["weight"])
-    chosen, losses = extension.fused_select(*args)
+    chosen, losses = extension.fused_select(call)
     assert torch.isinf(losses[0]) and chosen.tolist() == [0]  # an infinite weight wins the race
+
+
+def _direct(score, weight, indices, k, beta1, beta2, logits=None, labels=None, losses=None, smoothing=0.0):
+    seed = torch.zeros(1, dtype=torch.int64)
+    return torch.ops.es_kernels_C.fused_select(
+        score, weight, indices, seed, k, beta1, beta2, logits, labels, None, None, 1.0, losses, smoothing, False, False
+    )
 
 
 @needs_extension
 def test_direct_calls_are_checked_in_cpp():
-    """es_kernels._C guards its own arguments (for callers that bypass select.py), naming them."""
-    from es_kernels import extension
+    """The es_kernels_C ops guard their own arguments (for callers that bypass select.py), naming them."""
+    state = EvolvedState(8)
+    seed = torch.zeros(1, dtype=torch.int64)
+    with pytest.raises(ValueError, match="k must be in"):
+        _direct(state.score, state.weight, torch.arange(4), 9, 0.2, 0.9, losses=torch.rand(4))
+    with pytest.raises(TypeError, match="score must be float32"):
+        _direct(state.score.double(), state.weight, torch.arange(4), 1, 0.2, 0.9, losses=torch.rand(4))
+    with pytest.raises(ValueError, match="logits must have shape"):
+        _direct(state.score, state.weight, torch.arange(4), 1, 0.2, 0.9, logits=torch.rand(3, 5), labels=LABELS)
+    with pytest.raises(ValueError, match="beta1"):
+        _direct(state.score, state.weight, torch.arange(4), 1, 1.5, 0.9, losses=torch.rand(4))
+    with pytest.raises(ValueError, match="seed must have one element"):
+        torch.ops.es_kernels_C.prune_select(torch.rand(5), torch.zeros(2, dtype=torch.int64), 2)
+    with pytest.raises(TypeError, match="values must be"):
+        torch.ops.es_kernels_C.prune_select(torch.rand(5).double(), seed, 2)
+    with pytest.raises(ValueError, match="keep"):
+        torch.ops.es_kernels_C.prune_select(torch.rand(5), seed, 6)
+
+
+@needs_extension
+def test_output_losses_never_alias_the_given_losses():
+    """A custom op's output may not alias an input (and the CUDA kernel reads the given losses through
+    __restrict__): given contiguous fp32 losses come back as a fresh tensor with the same values."""
+    state = EvolvedState(8)
+    given = torch.rand(4)
+    _, losses, _ = _direct(state.score, state.weight, torch.arange(4), 2, 0.2, 0.9, losses=given)
+    assert torch.equal(losses, given)
+    assert losses.untyped_storage().data_ptr() != given.untyped_storage().data_ptr()
+
+
+@needs_extension
+def test_value_checks_report_a_code_before_any_write():
+    """The kernel's value pass returns (code, value) and writes nothing; the message comes from _checks.py."""
+    from es_kernels import _checks
 
     state = EvolvedState(8)
-    call = extension.fused_select
-    with pytest.raises(ValueError, match="k must be in"):
-        call(state.score, state.weight, torch.arange(4), 9, 0.2, 0.9, None, None, torch.rand(4), 0.0, None)
-    with pytest.raises(TypeError, match="score must be float32"):
-        call(state.score.double(), state.weight, torch.arange(4), 1, 0.2, 0.9, None, None, torch.rand(4), 0.0, None)
-    with pytest.raises(ValueError, match="logits must have shape"):
-        call(state.score, state.weight, torch.arange(4), 1, 0.2, 0.9, torch.rand(3, 5), LABELS, None, 0.0, None)
-    with pytest.raises(ValueError, match="beta1"):
-        call(state.score, state.weight, torch.arange(4), 1, 1.5, 0.9, None, None, torch.rand(4), 0.0, None)
-    with pytest.raises(TypeError, match="values must be"):
-        extension.prune_select(torch.rand(5).double(), 2, None)
-    with pytest.raises(ValueError, match="keep"):
-        extension.prune_select(torch.rand(5), 6, None)
+    before = state.score.clone(), state.weight.clone()
+    seed = torch.zeros(1, dtype=torch.int64)
+    arguments = (state.score, state.weight, torch.tensor([0, 9, 2]), seed, 2, 0.2, 0.9, None, None, None, None,
+                 1.0, torch.rand(3), 0.0, True, False)  # fmt: skip
+    _, _, status = torch.ops.es_kernels_C.fused_select(*arguments)
+    assert status.tolist() == [_checks.ValueCheck.INDICES_OUT_OF_RANGE, 9]
+    assert torch.equal(state.score, before[0]) and torch.equal(state.weight, before[1])
+    message = _checks.value_check_message(*status.tolist(), num_samples=8, num_classes=0)
+    assert message == "indices must be in [0, 8), got 9"
+    with pytest.raises(ValueError, match=r"targets\[1\] \(y_b\) must hold class ids in \[0, 5\)"):
+        evolved_select(state, torch.arange(4), 2, logits=LOGITS, targets=(LABELS, LABELS + 2, 0.5),
+                       backend="extension")  # fmt: skip
+    assert torch.equal(state.score, before[0]) and torch.equal(state.weight, before[1])
 
 
 # ----------------------------------------------------------------------------------------- loading and building
@@ -547,7 +589,7 @@ def test_cuda_sources_compile_with_nvcc(source):
     """Device code and launchers compile for sm_80 and sm_90 (no GPU needed); warnings in our code are errors."""
     nvcc = _nvcc()
     if nvcc is None:
-        if os.environ.get("ES_KERNELS_REQUIRE_CUDA") == "1":
+        if env_flag("ES_KERNELS_REQUIRE_CUDA"):
             pytest.fail("nvcc not found and ES_KERNELS_REQUIRE_CUDA=1")
         pytest.skip("nvcc not found")
     from es_kernels import _build

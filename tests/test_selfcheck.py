@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import pytest
@@ -9,7 +10,6 @@ import torch
 from helpers import LOSS_TOLERANCES, extension_unavailable_reason, inclusion_probabilities
 
 from es_kernels import reference, selfcheck
-from es_kernels.select import _TorchBackend
 
 
 def test_tolerances_are_the_test_suites():
@@ -39,16 +39,15 @@ def _only_torch(monkeypatch):
 
 def test_fails_on_wrong_losses(monkeypatch):
     _only_torch(monkeypatch)
-    original = _TorchBackend.fused_select
+    original = reference.fused_select
 
-    def off_by_a_bit(score, weight, indices, k, b1, b2, logits, targets, losses, smoothing, generator):
+    def off_by_a_bit(call):
         # select.py hands the reference losses it computed itself (value checks on), or logits: skew both alike.
-        if losses is None:
-            losses = reference.per_sample_cross_entropy(logits, targets, smoothing)
-        losses = losses * (1 + 1e-3)
-        return original(score, weight, indices, k, b1, b2, None, None, losses, smoothing, generator)
+        losses = reference.call_losses(call) * (1 + 1e-3)
+        return original(dataclasses.replace(call, logits=None, labels_a=None, labels_b=None, soft_targets=None,
+                                            losses=losses))  # fmt: skip
 
-    monkeypatch.setattr(_TorchBackend, "fused_select", staticmethod(off_by_a_bit))
+    monkeypatch.setattr(reference, "fused_select", off_by_a_bit)
     out = io.StringIO()
     assert not selfcheck.run(["cpu"], timing=False, out=out)
     assert "torch      FAIL" in out.getvalue() and "losses differ from the reference" in out.getvalue()
@@ -56,13 +55,13 @@ def test_fails_on_wrong_losses(monkeypatch):
 
 def test_fails_on_a_biased_selection(monkeypatch):
     _only_torch(monkeypatch)
-    original = _TorchBackend.fused_select
+    original = reference.fused_select
 
-    def first_k(*args):
-        positions, losses = original(*args)
+    def first_k(call):
+        positions, losses = original(call)
         return torch.arange(positions.numel(), device=positions.device), losses
 
-    monkeypatch.setattr(_TorchBackend, "fused_select", staticmethod(first_k))
+    monkeypatch.setattr(reference, "fused_select", first_k)
     out = io.StringIO()
     assert not selfcheck.run(["cpu"], timing=False, out=out)
     assert "selection law" in out.getvalue()

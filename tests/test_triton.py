@@ -27,6 +27,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from helpers import CHI_SQUARE_ALPHA, LOSS_TOLERANCES, subset_chi_square_pvalue  # noqa: E402
 
+import es_kernels.triton.ops  # noqa: E402,F401  (registers the es_kernels:: ops)
 from es_kernels import (  # noqa: E402
     EvolvedState,
     MixupTargets,

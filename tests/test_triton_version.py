@@ -4,7 +4,7 @@ back instead of failing on every call."""
 import pytest
 import torch
 
-import es_kernels.triton as triton_backend
+import es_kernels.triton.availability as triton_backend
 
 
 @pytest.mark.parametrize("version", ["3.0.0", "3.1.0", "3.3.1", "3.3.1+git35c6c7c6", "2.3.0"])

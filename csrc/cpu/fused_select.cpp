@@ -1,33 +1,23 @@
 // CPU fused select: per-sample losses (parallel over rows), the state update, and the exponential race over the
 // meta-batch, in one call with no intermediate tensors.
-#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
-#include <ATen/core/Generator.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <mutex>
 #include <vector>
 
 #include "checks.h"
 #include "cpu/row_loss.h"
-#include "cpu/rng.h"
 #include "kernels/philox.cuh"
 #include "kernels/race.cuh"
 #include "kernels/update.cuh"
 #include "ops.h"
 
 namespace es_kernels {
-
-uint64_t draw_cpu_seed(const std::optional<at::Generator>& generator) {
-  auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(generator, at::detail::getDefaultCPUGenerator());
-  // One 64-bit draw per call advances the user's generator (so successive calls differ and torch.manual_seed
-  // reproduces them); every per-element number then comes from Philox keyed by it.
-  std::lock_guard<std::mutex> lock(gen->mutex_);
-  return gen->random64();
-}
 
 namespace {
 
@@ -60,58 +50,62 @@ void compute_losses(const PreparedSelect& p, const LossParams& params, float* ou
   });
 }
 
-void check_computed_losses(const float* losses, int64_t batch) {
+CheckResult check_computed_losses(const float* losses, int64_t batch) {
+  bool finite = true, non_negative = true;
   for (int64_t r = 0; r < batch; ++r) {
-    TORCH_CHECK_VALUE(std::isfinite(losses[r]), kComputedLossesName, " must be finite (found NaN or inf)");
-    TORCH_CHECK_VALUE(losses[r] >= 0.0f, kComputedLossesName,
-                      " must be non-negative (weights are proportional to losses)");
+    finite &= std::isfinite(losses[r]);
+    non_negative &= losses[r] >= 0.0f;
   }
+  if (!finite) return {CheckCode::kComputedLossesNotFinite, 0};
+  if (!non_negative) return {CheckCode::kComputedLossesNegative, 0};
+  return {};
 }
 
-void check_class_ids(const char* name, const at::Tensor& labels, int64_t num_classes) {
+bool class_ids_in_range(const at::Tensor& labels, int64_t num_classes) {
   const int64_t* ids = labels.data_ptr<int64_t>();
   bool bad = false;
   for (int64_t r = 0; r < labels.numel(); ++r) bad |= ids[r] < 0 || ids[r] >= num_classes;
-  TORCH_CHECK_VALUE(!bad, name, " must hold class ids in [0, ", num_classes, ")");
+  return !bad;
 }
 
-// select.py's value checks of the ids and given losses, in its order and with its messages (es_kernels/_checks.py).
-void check_ids_and_given_losses(const PreparedSelect& p, int64_t num_samples) {
+// select.py's value checks of the ids and given losses, in its order (es_kernels/_checks.py).
+CheckResult check_ids_and_given_losses(const PreparedSelect& p, int64_t num_samples) {
   std::vector<int64_t> ids(p.indices.data_ptr<int64_t>(), p.indices.data_ptr<int64_t>() + p.batch);
   std::sort(ids.begin(), ids.end());
-  const int64_t bad = ids.front() < 0 ? ids.front() : ids.back();
-  TORCH_CHECK_VALUE(ids.front() >= 0 && ids.back() < num_samples, "indices must be in [0, ", num_samples,
-                    "), got ", bad);
-  TORCH_CHECK_VALUE(std::adjacent_find(ids.begin(), ids.end()) == ids.end(),
-                    "indices must not repeat an id within one call (each sample is visited once)");
-  if (static_cast<TargetKind>(p.kind) != TargetKind::kNone) return;
+  if (ids.front() < 0) return {CheckCode::kIndicesOutOfRange, ids.front()};
+  if (ids.back() >= num_samples) return {CheckCode::kIndicesOutOfRange, ids.back()};
+  if (std::adjacent_find(ids.begin(), ids.end()) != ids.end()) return {CheckCode::kIndicesRepeat, 0};
+  if (static_cast<TargetKind>(p.kind) != TargetKind::kNone) return {};
   const float* losses = p.losses.data_ptr<float>();
   bool finite = true, non_negative = true;
   for (int64_t r = 0; r < p.batch; ++r) {
     finite &= std::isfinite(losses[r]);
     non_negative &= losses[r] >= 0.0f;
   }
-  TORCH_CHECK_VALUE(finite, "losses must be finite (found NaN or inf)");
-  TORCH_CHECK_VALUE(non_negative, "losses must be non-negative (weights are proportional to losses)");
+  if (!finite) return {CheckCode::kLossesNotFinite, 0};
+  if (!non_negative) return {CheckCode::kLossesNegative, 0};
+  return {};
 }
 
 // select.py's checks of the logits (finiteness comes from the loss pass) and targets, in its order.
-void check_logits_and_targets(const PreparedSelect& p, const std::vector<uint8_t>& finite_rows) {
-  TORCH_CHECK_VALUE(std::all_of(finite_rows.begin(), finite_rows.end(), [](uint8_t f) { return f != 0; }),
-                    "logits must be finite (found NaN or inf)");
+CheckResult check_logits_and_targets(const PreparedSelect& p, const std::vector<uint8_t>& finite_rows) {
+  if (!std::all_of(finite_rows.begin(), finite_rows.end(), [](uint8_t f) { return f != 0; })) {
+    return {CheckCode::kLogitsNotFinite, 0};
+  }
   switch (static_cast<TargetKind>(p.kind)) {
     case TargetKind::kHard:
-      check_class_ids("targets", p.target, p.num_classes);
-      break;
+      if (!class_ids_in_range(p.target, p.num_classes)) return {CheckCode::kLabelsOutOfRange, 0};
+      return {};
     case TargetKind::kMixup:
-      check_class_ids("targets[0] (y_a)", p.target, p.num_classes);
-      check_class_ids("targets[1] (y_b)", p.target_b, p.num_classes);
-      break;
+      if (!class_ids_in_range(p.target, p.num_classes)) return {CheckCode::kLabelsOutOfRange, 1};
+      if (!class_ids_in_range(p.target_b, p.num_classes)) return {CheckCode::kLabelsOutOfRange, 2};
+      return {};
     default: {
       const float* t = p.target.data_ptr<float>();
       bool good = true;
       for (int64_t j = 0; j < p.target.numel(); ++j) good &= std::isfinite(t[j]) && t[j] >= 0.0f;
-      TORCH_CHECK_VALUE(good, "targets as soft labels must be finite and non-negative");
+      if (!good) return {CheckCode::kSoftTargetsBad, 0};
+      return {};
     }
   }
 }
@@ -145,17 +139,33 @@ at::Tensor race_top_k(const std::vector<float>& weights, int64_t k, uint64_t see
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> fused_select_cpu(const SelectArgs& args) {
+SelectResult fused_select_cpu(const SelectArgs& args) {
   const PreparedSelect p = prepare_select(args);
-  if (args.check_inputs) check_ids_and_given_losses(p, args.score.numel());
+  const auto refuse = [&](CheckResult failed) -> SelectResult {
+    return {at::zeros({args.k}, at::TensorOptions().dtype(at::kLong)),
+            at::zeros({p.batch}, at::TensorOptions().dtype(at::kFloat)), check_status(failed)};
+  };
+  if (args.check_inputs) {
+    const CheckResult ids = check_ids_and_given_losses(p, args.score.numel());
+    if (!ids.ok()) return refuse(ids);
+  }
   const LossParams params = make_loss_params(p, args.label_smoothing, args.lam);
-  at::Tensor losses = p.losses;
-  if (params.kind != TargetKind::kNone) {
+  at::Tensor losses;
+  if (params.kind == TargetKind::kNone) {
+    // A custom op's output must not alias an input: given fp32 contiguous losses come back as a copy.
+    losses = p.losses.is_same(*args.losses) ? p.losses.clone() : p.losses;
+  } else {
     losses = at::empty({p.batch}, at::TensorOptions().dtype(at::kFloat));
     std::vector<uint8_t> finite_rows(args.check_inputs ? p.batch : 0);
     compute_losses(p, params, losses.data_ptr<float>(), args.check_inputs ? finite_rows.data() : nullptr);
-    if (args.check_inputs) check_logits_and_targets(p, finite_rows);
-    if (args.check_losses) check_computed_losses(losses.data_ptr<float>(), p.batch);
+    if (args.check_inputs) {
+      const CheckResult inputs = check_logits_and_targets(p, finite_rows);
+      if (!inputs.ok()) return refuse(inputs);
+    }
+    if (args.check_losses) {
+      const CheckResult computed = check_computed_losses(losses.data_ptr<float>(), p.batch);
+      if (!computed.ok()) return refuse(computed);
+    }
   }
 
   // The update is B scalar operations; doing it serially keeps repeated ids (possible with value checks off)
@@ -179,7 +189,12 @@ std::tuple<at::Tensor, at::Tensor> fused_select_cpu(const SelectArgs& args) {
   // Raw-pointer writes do not bump autograd's version counters; do it so misuse of the buffers is detected.
   args.score.unsafeGetTensorImpl()->bump_version();
   args.weight.unsafeGetTensorImpl()->bump_version();
-  return {race_top_k(fresh, args.k, draw_cpu_seed(args.generator)), losses};
+  return {race_top_k(fresh, args.k, host_seed(args.seed)), losses, check_status({})};
 }
 
 }  // namespace es_kernels
+
+TORCH_LIBRARY_IMPL(es_kernels_C, CPU, m) {
+  m.impl("fused_select", &es_kernels::FusedSelectOp<&es_kernels::fused_select_cpu>);
+  m.impl("prune_select", &es_kernels::prune_select_cpu);
+}

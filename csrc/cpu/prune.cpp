@@ -9,7 +9,6 @@
 #include <vector>
 
 #include "checks.h"
-#include "cpu/rng.h"
 #include "kernels/philox.cuh"
 #include "kernels/race.cuh"
 #include "ops.h"
@@ -23,7 +22,7 @@ constexpr int64_t kTile = int64_t{1} << 16;
 
 }  // namespace
 
-at::Tensor prune_select_cpu(const at::Tensor& values_in, int64_t keep, std::optional<at::Generator> generator) {
+at::Tensor prune_select_cpu(const at::Tensor& values_in, const at::Tensor& seed_tensor, int64_t keep) {
   CHECK_DEFINED("values", values_in);
   CHECK_DTYPE("values", values_in, at::kFloat);
   CHECK_DIM("values", values_in, 1);
@@ -31,8 +30,8 @@ at::Tensor prune_select_cpu(const at::Tensor& values_in, int64_t keep, std::opti
   const int64_t n = values.numel();
   CHECK_RANGE("keep", keep, int64_t{0}, n);
   const auto long_options = at::TensorOptions().dtype(at::kLong);
-  // Draw even when the answer is forced, so the generator advances the same way for every keep.
-  const uint64_t seed = draw_cpu_seed(generator);
+  check_seed(seed_tensor, values_in);
+  const uint64_t seed = host_seed(seed_tensor);
   if (keep == 0) return at::empty({0}, long_options);
   if (keep == n) return at::arange(n, long_options);
 

@@ -32,7 +32,7 @@ struct FusedSelectLaunch {
   LossParams params;
   Betas betas;
   PhiloxArgs philox;
-  float* losses_out;      // may equal given_losses
+  float* losses_out;      // never equal to given_losses (both are __restrict__ in the kernels)
   int64_t* positions_out; // (k,)
   void* workspace;
   bool losses_only;  // write the losses and stop: no update, no draw (the host checks them first)

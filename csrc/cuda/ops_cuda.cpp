@@ -1,18 +1,17 @@
 // Torch glue of the CUDA build, compiled by the host compiler: checks, output and workspace allocation on the
-// caching allocator, the current stream, and the philox seed/offset of the user's CUDA generator — reserved under
-// the generator's mutex exactly as torch.multinomial's CUDA kernel does, so CUDA graphs capture it correctly.
+// caching allocator, the current stream, and the Philox seed, which the kernels read from the caller's one-element
+// device tensor (no host sync, and a captured CUDA graph replays with whatever seed the tensor then holds).
 #include <c10/cuda/CUDAStream.h>
-#include <ATen/cuda/CUDAGeneratorImpl.h>
 #include <ATen/ops/all.h>
 #include <ATen/ops/any.h>
 #include <ATen/ops/arange.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/isfinite.h>
 #include <ATen/ops/lt.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-
-#include <mutex>
+#include <torch/library.h>
 
 #include "checks.h"
 #include "cuda/launch.h"
@@ -22,24 +21,13 @@ namespace es_kernels {
 
 namespace {
 
-PhiloxArgs reserve_philox(const std::optional<at::Generator>& generator, const at::Device& device) {
-  auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(
-      generator, at::cuda::detail::getDefaultCUDAGenerator(device.index()));
-  at::PhiloxCudaState state;
-  {
-    std::lock_guard<std::mutex> lock(gen->mutex_);
-    state = gen->philox_cuda_state(kPhiloxOffsetPerCall);
-  }
+// The kernels read the seed from device memory, as in a captured graph; the Philox offset is a zero the call owns
+// (every call has its own seed, so its counters start at zero).
+PhiloxArgs device_philox(const at::Tensor& seed, const at::Tensor& zero) {
   PhiloxArgs args;
-  args.captured = state.captured_;
-  if (state.captured_) {
-    args.seed_ptr = state.seed_.ptr;
-    args.offset_ptr = state.offset_.ptr;
-    args.offset_intragraph = state.offset_intragraph_;
-  } else {
-    args.seed = state.seed_.val;
-    args.offset = state.offset_.val;
-  }
+  args.captured = true;
+  args.seed_ptr = seed.data_ptr<int64_t>();
+  args.offset_ptr = zero.data_ptr<int64_t>();
   return args;
 }
 
@@ -49,7 +37,9 @@ at::Tensor workspace(size_t bytes, const at::Device& device) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> fused_select_cuda(const SelectArgs& args) {
+SelectResult fused_select_cuda(const SelectArgs& args) {
+  // Reading CUDA values means a host sync per check; select.py runs those checks itself on CUDA.
+  TORCH_CHECK_VALUE(!args.check_inputs, "check_inputs is for CPU tensors only");
   const PreparedSelect p = prepare_select(args);
   const at::Device device = args.score.device();
   const c10::cuda::CUDAGuard guard(device);
@@ -65,12 +55,12 @@ std::tuple<at::Tensor, at::Tensor> fused_select_cuda(const SelectArgs& args) {
   launch.k = args.k;
   launch.params = params;
   launch.betas = make_betas(args.beta1, args.beta2);
-  at::Tensor losses;
+  // Always a fresh output: the kernels read the given losses and write this through __restrict__ pointers, and a
+  // custom op's output must not alias an input.
+  at::Tensor losses = at::empty({p.batch}, float_options);
   if (params.kind == TargetKind::kNone) {
-    losses = p.losses;
-    launch.given_losses = losses.data_ptr<float>();
+    launch.given_losses = p.losses.data_ptr<float>();
   } else {
-    losses = at::empty({p.batch}, float_options);
     launch.logits = p.logits.data_ptr();
     launch.logits_row_stride = p.logits.stride(0);
     const auto dtype = p.logits.scalar_type();
@@ -90,27 +80,35 @@ std::tuple<at::Tensor, at::Tensor> fused_select_cuda(const SelectArgs& args) {
   const at::Tensor scratch = workspace(cuda::fused_select_workspace_bytes(p.batch, args.k), device);
   launch.workspace = scratch.data_ptr();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor checked;
   if (args.check_losses && params.kind != TargetKind::kNone) {
     // Value checks already synchronise in select.py; one more sync lets the state stay untouched on bad losses.
     launch.losses_only = true;
     C10_CUDA_CHECK(cuda::launch_fused_select(launch, stream));
-    TORCH_CHECK_VALUE(at::isfinite(losses).all().item<bool>(), kComputedLossesName,
-                      " must be finite (found NaN or inf)");
-    TORCH_CHECK_VALUE(!at::lt(losses, 0).any().item<bool>(), kComputedLossesName,
-                      " must be non-negative (weights are proportional to losses)");
+    CheckResult computed;
+    if (!at::isfinite(losses).all().item<bool>()) {
+      computed = {CheckCode::kComputedLossesNotFinite, 0};
+    } else if (at::lt(losses, 0).any().item<bool>()) {
+      computed = {CheckCode::kComputedLossesNegative, 0};
+    }
+    if (!computed.ok()) return {at::zeros({args.k}, positions.options()), losses, check_status(computed)};
     launch.losses_only = false;
     launch.logits = nullptr;  // second pass: update and draw from the checked losses
-    launch.given_losses = losses.data_ptr<float>();
+    checked = losses;         // kept alive until the second pass is enqueued
+    launch.given_losses = checked.data_ptr<float>();
+    losses = at::empty({p.batch}, float_options);  // the output never aliases what the kernel reads
+    launch.losses_out = losses.data_ptr<float>();
   }
-  launch.philox = reserve_philox(args.generator, device);
+  const at::Tensor zero = at::zeros({1}, at::TensorOptions().dtype(at::kLong).device(device));
+  launch.philox = device_philox(args.seed, zero);
   C10_CUDA_CHECK(cuda::launch_fused_select(launch, stream));
   // Raw-pointer writes do not bump autograd's version counters; do it so misuse of the buffers is detected.
   args.score.unsafeGetTensorImpl()->bump_version();
   args.weight.unsafeGetTensorImpl()->bump_version();
-  return {positions, losses};
+  return {positions, losses, check_status({})};
 }
 
-at::Tensor prune_select_cuda(const at::Tensor& values_in, int64_t keep, std::optional<at::Generator> generator) {
+at::Tensor prune_select_cuda(const at::Tensor& values_in, const at::Tensor& seed, int64_t keep) {
   CHECK_DEFINED("values", values_in);
   CHECK_DTYPE("values", values_in, at::kFloat);
   CHECK_DIM("values", values_in, 1);
@@ -120,12 +118,13 @@ at::Tensor prune_select_cuda(const at::Tensor& values_in, int64_t keep, std::opt
   const at::Device device = values.device();
   const c10::cuda::CUDAGuard guard(device);
   const auto long_options = at::TensorOptions().dtype(at::kLong).device(device);
-  // Reserve the offset even when the answer is forced, so the generator advances the same way for every keep.
-  cuda::PruneLaunch launch{};
-  launch.philox = reserve_philox(generator, device);
+  check_seed(seed, values_in);
   if (keep == 0) return at::empty({0}, long_options);
   if (keep == n) return at::arange(n, long_options);
   at::Tensor kept = at::empty({keep}, long_options);
+  const at::Tensor zero = at::zeros({1}, long_options);
+  cuda::PruneLaunch launch{};
+  launch.philox = device_philox(seed, zero);
   const at::Tensor scratch = workspace(cuda::prune_workspace_bytes(n), device);
   launch.values = values.data_ptr<float>();
   launch.n = n;
@@ -137,3 +136,8 @@ at::Tensor prune_select_cuda(const at::Tensor& values_in, int64_t keep, std::opt
 }
 
 }  // namespace es_kernels
+
+TORCH_LIBRARY_IMPL(es_kernels_C, CUDA, m) {
+  m.impl("fused_select", &es_kernels::FusedSelectOp<&es_kernels::fused_select_cuda>);
+  m.impl("prune_select", &es_kernels::prune_select_cuda);
+}

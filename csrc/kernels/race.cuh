@@ -1,7 +1,8 @@
-// The exponential race (DESIGN §3): key = log(w) - log(E), E = -log1p(-u) ~ Exp(1); the k largest keys are a draw
-// without replacement with p ∝ w. A weight that is not positive — zero, negative or NaN, the last two only reachable
-// with value checks off — gets key -inf, so it is never preferred to a positive weight. Weights below the smallest
-// normal fp32 (subnormals) count as zero on every backend: GPU logf flushes them, so only this keeps backends equal.
+// The exponential race (docs/architecture.md §3): key = log(w) - log(E), E = -log1p(-u) ~ Exp(1); the k largest
+// keys are a draw without replacement with p ∝ w. A weight that is not positive — zero, negative or NaN, the last two only
+// reachable with value checks off — gets key -inf, so it is never preferred to a positive weight. Weights below the
+// smallest normal fp32 (subnormals) count as zero on every backend: GPU logf flushes them, so only this keeps
+// backends equal.
 #pragma once
 
 #include <cmath>

@@ -1,12 +1,19 @@
-"""Pure-PyTorch oracle: every other backend is tested against these functions."""
+"""Pure-PyTorch reference ("torch" backend): every other backend is tested against these functions.
+
+As a backend it provides ``fused_select(call)`` and ``prune_select(values, keep, generator)``, the contract of
+``es_kernels/select.py``.
+"""
 
 from es_kernels.reference.losses import MixupTargets, per_sample_cross_entropy
+from es_kernels.reference.pipeline import call_losses, fused_select
 from es_kernels.reference.sampling import prune_select, race_keys, race_select
 from es_kernels.reference.update import ema_update_
 
 __all__ = [
     "MixupTargets",
+    "call_losses",
     "ema_update_",
+    "fused_select",
     "per_sample_cross_entropy",
     "prune_select",
     "race_keys",

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from es_kernels import _checks
+from es_kernels import _checks, seeds
 from es_kernels.sampler import EvolvedSampler
 from es_kernels.select import evolved_select
 from es_kernels.state import EvolvedState
@@ -51,8 +51,8 @@ class MethodPreset:
     top_k: bool = False
 
 
-# Paper defaults (DESIGN §3). "loss" is plain loss-proportional sampling, the ablation with b1 = b2 = 0; "order" is
-# the paper's "Order" baseline: the top-k losses of each meta-batch, no randomness.
+# Paper defaults (docs/architecture.md §3). "loss" is plain loss-proportional sampling, the ablation with
+# b1 = b2 = 0; "order" is the paper's "Order" baseline: the top-k losses of each meta-batch, no randomness.
 METHODS: dict[str, MethodPreset] = {
     "baseline": MethodPreset(selects=False, beta1=0.2, beta2=0.9, prune_ratio=0.0),
     "es": MethodPreset(selects=True, beta1=0.2, beta2=0.9, prune_ratio=0.0),
@@ -62,8 +62,6 @@ METHODS: dict[str, MethodPreset] = {
 }
 
 SCORING_MODES = ("eval", "train")
-
-_RANK_SEED_STRIDE = 7_919_993  # keeps the selection seeds of ranks of nearby base seeds apart
 
 
 @dataclasses.dataclass
@@ -182,7 +180,7 @@ class EvolvedTraining:
         )
         # The sampler's own generators are rebuilt per epoch; selection draws from one long-lived stream. Ranks get
         # distinct streams (rank 0 keeps ``seed``), else every rank would reuse the same race noise per position.
-        selection_seed = seed + _RANK_SEED_STRIDE * self.sampler.rank
+        selection_seed = seeds.rank_seed(seed, self.sampler.rank)
         self.generator = torch.Generator(device=self.state.device).manual_seed(selection_seed)
         self.scored_samples = 0
         self.trained_samples = 0

@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import inspect
 import io
-import os
 import re
 import sys
 import time
@@ -305,7 +304,9 @@ def main(argv: list[str] | None = None) -> int:
         "--enable-fp-fusion", action="store_true", help="compile with FMA contraction on, to see the gate catch it"
     )
     options = parser.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on", "y"):
+    from es_kernels.triton import interpreter_requested
+
+    if interpreter_requested():
         print("unset TRITON_INTERPRET: the interpreter builds no compilable kernels", file=sys.stderr)
         return 2
     archs = options.arch or list(TARGETS)

@@ -94,9 +94,9 @@ class _NoDevice:
         return False
 
 
-def fused_select(*arguments) -> tuple[torch.Tensor, torch.Tensor]:
+def fused_select(*arguments, **named) -> tuple[torch.Tensor, torch.Tensor]:
     """Arguments as ``fused_select_arguments``; returns (k ascending positions, fp32 losses). One launch."""
-    kernel, args, kwargs, positions, losses_out = fused_select_arguments(*arguments)
+    kernel, args, kwargs, positions, losses_out = fused_select_arguments(*arguments, **named)
     batch = args[4]
     grid = (batch,)
     with _on_device(positions.device):

@@ -1,0 +1,94 @@
+"""One ``evolved_select`` call as every backend receives it: a frozen record built once, after the checks.
+
+``select.py`` checks the user's arguments (``_checks.py``), encodes the targets one way (below) and passes the
+record to the chosen backend. The flat argument lists exist only at the boundaries that need them — the
+``torch.library`` schemas of the Triton and C++ ops, Triton's argument builder, the C++ kernels — and
+:data:`OP_ARGUMENTS` is their one definition: ``SelectCall.op_arguments`` produces it, and tests check each
+boundary's names against it (``tests/test_ops.py``). Adding a field: docs/architecture.md, "Adding a field".
+
+Target encoding (exactly one of):
+
+* ``losses`` (B,) given per-sample losses, any float dtype; no logits, no labels;
+* ``logits`` (B, C) with ``labels_a`` (B,) int64 class ids; ``labels_b`` and ``lam`` add the mixup form
+  ``lam * CE(labels_a) + (1 - lam) * CE(labels_b)`` (without ``labels_b``, ``lam`` is 1);
+* ``logits`` (B, C) with ``soft_targets`` (B, C), dense target weights.
+
+``label_smoothing`` applies to the logits forms, as in ``torch.nn.functional.cross_entropy``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+# The flat argument list of the fused op at every boundary, in order. ``seed`` is the one-element int64 tensor the
+# wrappers draw from ``generator`` (a torch.Generator cannot cross a torch.library boundary).
+OP_ARGUMENTS = (
+    "score", "weight", "indices", "seed", "k", "beta1", "beta2",
+    "logits", "labels_a", "labels_b", "soft_targets", "lam", "losses", "label_smoothing",
+)  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectCall:
+    """Checked arguments of one fused select: the state, the meta-batch, one target encoding, the randomness."""
+
+    score: torch.Tensor  # fp32 (n,), updated in place at ``indices``
+    weight: torch.Tensor  # fp32 (n,), updated in place at ``indices``
+    indices: torch.Tensor  # contiguous int64 (B,)
+    k: int  # 1 <= k <= B
+    beta1: float
+    beta2: float
+    logits: torch.Tensor | None = None
+    labels_a: torch.Tensor | None = None  # int64 (B,)
+    labels_b: torch.Tensor | None = None  # int64 (B,), mixup only
+    soft_targets: torch.Tensor | None = None  # float (B, C)
+    lam: float = 1.0
+    losses: torch.Tensor | None = None  # float (B,)
+    label_smoothing: float = 0.0
+    generator: torch.Generator | None = None
+    # Value checks the backend runs itself, before any write (select.py decides; see its evolved_select):
+    # ``check_inputs`` the input values (extension on CPU only), ``check_losses`` the losses computed from logits.
+    check_inputs: bool = False
+    check_losses: bool = False
+    # Token-level targets (issue 12: sequence losses of language models). None means "not used"; the backends
+    # refuse a call that sets one they do not implement (see ``token_fields_set``).
+    ignore_index: int | None = None
+    sequence_reduction: str | None = None
+    hidden_states: torch.Tensor | None = None
+    lm_head_weight: torch.Tensor | None = None
+    lm_head_bias: torch.Tensor | None = None
+    logit_scale: float | None = None
+    logit_softcap: float | None = None
+
+    @property
+    def batch(self) -> int:
+        return self.indices.numel()
+
+    def token_fields_set(self) -> list[str]:
+        """Names of the token-level fields this call sets (empty for every per-sample call)."""
+        return [name for name in TOKEN_FIELDS if getattr(self, name) is not None]
+
+    def refuse_token_fields(self, where: str) -> None:
+        """Raise if the call sets a token-level field that ``where`` does not implement yet."""
+        unsupported = self.token_fields_set()
+        if unsupported:
+            raise NotImplementedError(f"{where} do not implement the token-level fields {unsupported} yet")
+
+    def op_arguments(self, seed: torch.Tensor) -> tuple:
+        """The call as the ops' flat argument list (:data:`OP_ARGUMENTS`), with ``seed`` drawn by the caller."""
+        self.refuse_token_fields("the kernel ops")
+        values = {"seed": seed, "beta1": float(self.beta1), "beta2": float(self.beta2)}
+        return tuple(values[name] if name in values else getattr(self, name) for name in OP_ARGUMENTS)
+
+
+TOKEN_FIELDS = (
+    "ignore_index", "sequence_reduction", "hidden_states", "lm_head_weight", "lm_head_bias", "logit_scale",
+    "logit_softcap",
+)  # fmt: skip
+
+
+def draw_seed(generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """A Philox seed as a one-element int64 tensor on ``device``, drawn from ``generator`` (no host sync)."""
+    return torch.randint(0, 2**62, (1,), generator=generator, device=device, dtype=torch.int64)
