@@ -34,12 +34,14 @@ SHORT_RUNS = {
         "--demo", "--out", str(out), "--method", "es", "--epochs", "1", "--batch-size", "512", "--threads", "1",
         "--model-kwargs", "img_size=32", "patch_size=8", "embed_dim=16", "depth=1", "num_heads=1",
     ],
+    "es-sft": lambda out: ["--demo", "--quick", "--out", str(out)],
 }  # fmt: skip
 
 # Every command line with a parser: (how the user runs it, the module whose main() builds the parser).
 COMMANDS = {
     "python3 -m es_kernels.train.digits": "es_kernels.train.digits",
     "python3 -m es_kernels.train.vit": "es_kernels.train.vit.cli",
+    "python3 -m es_kernels.train.sft": "es_kernels.train.sft",
     "python3 -m es_kernels.selfcheck": "es_kernels.selfcheck",
     "python3 -m es_kernels.triton.aot": "es_kernels.triton.aot",
     "python3 -m benchmarks.report": "benchmarks.report",
@@ -53,6 +55,9 @@ def environment() -> dict[str, str]:
 
 
 def needs(script: str) -> None:
+    if script == "es-sft":
+        for module in ("transformers", "accelerate", "matplotlib"):
+            pytest.importorskip(module)
     if script == "es-vit":
         for module in ("timm", "torchvision", "matplotlib"):
             pytest.importorskip(module)

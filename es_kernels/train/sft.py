@@ -28,6 +28,9 @@ from typing import Any
 
 import torch
 
+from es_kernels.command import HelpFormatter, prog_name
+from es_kernels.train.progress import add_progress_argument, shows_progress
+
 BOS, EOS, PAD = 256, 257, 258
 DEMO_VOCAB = 259
 METHOD_CHOICES = ("baseline", "es", "eswp", "loss", "order")
@@ -117,7 +120,7 @@ def run_method(method: str, model, train, held_out, options: argparse.Namespace)
         eval_on_start=True,
         save_strategy="no",
         logging_strategy="epoch",
-        disable_tqdm=not options.progress,
+        disable_tqdm=not shows_progress(not options.no_progress),
         seed=options.seed,
         dataloader_num_workers=0,
     )
@@ -302,26 +305,32 @@ def finetune(options: argparse.Namespace) -> list[dict[str, Any]]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="es-sft", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=prog_name("es_kernels.train.sft", "es-sft"), description=__doc__, formatter_class=HelpFormatter
     )
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--demo", action="store_true", help="tiny model from a config on pydoc topics; no download")
     what.add_argument("--model", help="hub name or local folder of a causal LM")
     parser.add_argument("--data", help="JSON lines with prompt/completion (or text); with --model")
     parser.add_argument("--quick", action="store_true", help="reduced demo (64 sequences, 1 epoch; for tests)")
-    parser.add_argument("--methods", nargs="+", choices=METHOD_CHOICES, default=["baseline", "es", "eswp"])
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=METHOD_CHOICES,
+        default=["baseline", "es", "eswp"],
+        help="methods to run one after another from the same initial model",
+    )
     parser.add_argument("--epochs", type=int, default=None, help="default: 3 (demo), 1 (--quick)")
     parser.add_argument("--batch-size", type=int, default=16, help="k: sequences back-propagated per step")
     parser.add_argument("--select-ratio", type=float, default=0.25, help="k/B; ES scores B = k / ratio per step")
     parser.add_argument("--length", type=int, default=64, help="tokens per sequence")
     parser.add_argument("--train-size", type=int, default=3072, help="demo training sequences (128 more held out)")
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (linear decay to 0)")
+    parser.add_argument("--layers", type=int, default=2, help="decoder layers of the demo model")
+    parser.add_argument("--hidden", type=int, default=64, help="hidden size of the demo model")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: no spinning on a shared machine)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seeds the model, the data split and the selection")
     parser.add_argument("--out", default="es_sft_out", help="folder for the JSON, the plot and run outputs")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    add_progress_argument(parser)
     return parser
 
 
