@@ -640,7 +640,7 @@ def run_method(
             num_classes,
             runtime,
         )
-        if training.selects:  # merge this epoch's updates now, so the checkpoint and log hold the agreed state
+        if training.policy.keeps_state:  # merge this epoch's updates now, so the checkpoint and log hold the agreed state
             training.state.sync_epoch()
         test_loss, top1, top5 = evaluate(bare, val_loader, runtime)
         loss_sum, rows, scored, trained, seconds = all_sum(
@@ -737,15 +737,19 @@ def train_epoch(
         with runtime.autocast():
             logits = model(inputs)
         losses = per_sample_cross_entropy(logits, targets, smoothing)
-        training.observe(batch, losses)
+        training.observe(batch, losses, outputs=logits)
+        weighted = losses  # set-level plans may re-weight rows (InfoBatch); the log keeps the plain losses
+        if batch.loss_weights is not None:
+            weighted = losses * batch.loss_weights.to(losses.device, losses.dtype)
         # sum / count, not mean(): a rank whose rows were all sharding padding still joins DDP's reduction with 0
-        loss = losses.sum() / max(losses.numel(), 1)
+        loss = weighted.sum() / max(losses.numel(), 1)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if args.clip_grad is not None:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-        scaler.step(optimizer)
+        with training.scaled_lr(optimizer):
+            scaler.step(optimizer)
         scaler.update()
         scheduler.step()
         loss_sum += losses.detach().sum()
