@@ -91,7 +91,8 @@ def pretrained_features(x_train: torch.Tensor, args) -> dict[str, torch.Tensor]:
 def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     model.eval()
     with torch.no_grad():
-        correct = sum(int((model(part).argmax(1) == labels).sum()) for part, labels in zip(x.split(512), y.split(512)))
+        parts = zip(x.split(512), y.split(512), strict=True)
+        correct = sum(int((model(part).argmax(1) == labels).sum()) for part, labels in parts)
     model.train()
     return correct / len(y)
 
@@ -248,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("--methods", nargs="+", default=list(POLICIES), choices=list(POLICIES), help="methods (default: all)")
     add("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default: 0 1 2)")
-    add("--epochs", type=int, default=None, help=f"fine-tuning epochs (default: {DEFAULT_EPOCHS}; --full: {FULL_EPOCHS})")
+    epochs = f"fine-tuning epochs (default: {DEFAULT_EPOCHS}; with --full: {FULL_EPOCHS})"
+    add("--epochs", type=int, default=None, help=epochs)
     add("--full", action="store_true", help=f"the full run: {FULL_EPOCHS} epochs")
     add("--noise", type=parse_noise, default=None, help="label noise: none, uniform:RATE or flip:RATE (default: none)")
     add("--batch-size", type=int, default=64, help="meta-batch size B (default: 64)")

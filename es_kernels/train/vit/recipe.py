@@ -640,7 +640,7 @@ def run_method(
             num_classes,
             runtime,
         )
-        if training.policy.keeps_state:  # merge this epoch's updates now, so the checkpoint and log hold the agreed state
+        if training.policy.keeps_state:  # merge this epoch's updates now: the checkpoint and log hold the agreed state
             training.state.sync_epoch()
         test_loss, top1, top5 = evaluate(bare, val_loader, runtime)
         loss_sum, rows, scored, trained, seconds = all_sum(
