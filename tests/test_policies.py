@@ -247,29 +247,28 @@ def test_a_checkpoint_of_another_method_is_refused_before_loading():
 # ----------------------------------------------------------------------------------------- 2 ranks vs 1 process
 
 
+def _visit_all(method: str) -> dict[str, torch.Tensor]:
+    """Every epoch of ``method`` with per-id logits and losses from fixed tables, so the state is a pure function of
+    which ids were visited (no batch-size-dependent rounding); returns the merged buffers."""
+    training, _, _, _ = setup(method)
+    generator = torch.Generator().manual_seed(7)
+    logits_table = torch.randn(N, 3, generator=generator) * 3
+    labels = torch.randint(0, 3, (N,), generator=generator)
+    loss_table = F.cross_entropy(logits_table, labels, reduction="none")
+    for epoch in range(EPOCHS):
+        training.set_epoch(epoch)
+        shard = list(training.sampler)
+        for first in range(0, len(shard), BATCH):
+            ids = torch.tensor(shard[first : first + BATCH])
+            batch = training.select(torch.nn.Identity(), ids, logits_table[ids], labels[ids])
+            training.observe(batch, loss_table[batch.indices], outputs=batch.inputs)
+    training.state.sync_epoch()
+    return {name: training.state.sample_buffer(name).clone() for name in training.state.sample_buffer_names}
+
+
 def _distributed_job(rank: int) -> dict:
     torch.set_num_threads(1)
-    results = {}
-    for method in SET_LEVEL:
-        training, model, _, _ = setup(method)
-        # No optimizer step matters here: the losses come from the fixed model, so the state is a pure function
-        # of which ids each rank visited.
-        for parameter in model.parameters():
-            parameter.requires_grad_(False)
-        x, y = tables()
-        for epoch in range(EPOCHS):
-            training.set_epoch(epoch)
-            shard = list(training.sampler)
-            for first in range(0, len(shard), BATCH):
-                ids = torch.tensor(shard[first : first + BATCH])
-                batch = training.select(model, ids, x[ids], y[ids])
-                logits = model(batch.inputs)
-                training.observe(batch, F.cross_entropy(logits, batch.targets, reduction="none"), outputs=logits)
-        training.state.sync_epoch()
-        results[method] = {
-            name: training.state.sample_buffer(name).clone() for name in training.state.sample_buffer_names
-        }
-    return results
+    return {method: _visit_all(method) for method in SET_LEVEL}
 
 
 @pytest.mark.slow
@@ -279,24 +278,9 @@ def test_two_gloo_ranks_hold_the_single_process_state(tmp_path: Path, monkeypatc
 
     monkeypatch.setitem(harness.JOBS, "policies", _distributed_job)
     ranks = harness._launch("policies", tmp_path)
-
-    # The single process visits every id of the same plans (the plans are drawn from the merged state).
-    single = {}
     for method in SET_LEVEL:
-        training, model, _, _ = setup(method)
-        x, y = tables()
-        with torch.no_grad():
-            for epoch in range(EPOCHS):
-                training.set_epoch(epoch)
-                shard = list(training.sampler)
-                for first in range(0, len(shard), BATCH):
-                    ids = torch.tensor(shard[first : first + BATCH])
-                    batch = training.select(model, ids, x[ids], y[ids])
-                    logits = model(batch.inputs)
-                    losses = F.cross_entropy(logits, batch.targets, reduction="none")
-                    training.observe(batch, losses, outputs=logits)
-        single[method] = {n: training.state.sample_buffer(n).clone() for n in training.state.sample_buffer_names}
-    for method in SET_LEVEL:
-        for name, value in single[method].items():
+        single = _visit_all(method)  # plans are drawn from the merged state, so one process sees the same plans
+        assert set(single) == set(ranks[0][method])
+        for name, value in single.items():
             assert torch.equal(ranks[0][method][name], ranks[1][method][name]), (method, name)
             assert torch.equal(ranks[0][method][name], value), (method, name)
