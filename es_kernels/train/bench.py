@@ -6,8 +6,8 @@
 
 The regime the paper claims: the step cost is forward and backward compute (a CNN on 16x16 images, not an MLP whose
 steps are dominated by per-call overheads), and the model is fine-tuned from weights the command first trains and
-caches on a different task built from the same shipped images (predicting which of four rotations an image shows;
-no digit labels). Prints, per method: final clean test accuracy (mean ± std over seeds), training wall-clock
+caches on a different task built from the same shipped images (which pair {0,1}, {2,3}, ..., {8,9} a digit belongs
+to). Prints, per method: final clean test accuracy (mean ± std over seeds), training wall-clock
 (evaluation excluded), back-propagated samples, and the time to reach the baseline's final accuracy minus 0.5 point
 ("never" if a seed does not); writes the runs as JSON and a plot of test accuracy against wall-clock and against
 back-propagated samples (mean over seeds, one curve per method).
@@ -32,7 +32,7 @@ from es_kernels.train.data import IndexedDataset, corrupt_labels
 from es_kernels.train.digits import NUM_CLASSES, load_digits_split, parse_noise
 
 SIDE = 16  # the 8x8 digits upsampled: enough pixels for convolutions to dominate the step
-DEFAULT_EPOCHS, FULL_EPOCHS = 5, 10
+DEFAULT_EPOCHS, FULL_EPOCHS = 4, 8
 TARGET_MARGIN = 0.005  # "reached the baseline": its final accuracy minus 0.5 point
 
 
@@ -53,29 +53,29 @@ class SmallCNN(torch.nn.Module):
             torch.nn.ReLU(),
             torch.nn.Conv2d(2 * width, 4 * width, 3, padding=1, stride=2),
             torch.nn.ReLU(),
-            torch.nn.AdaptiveAvgPool2d(1),
             torch.nn.Flatten(),
         )
-        self.head = torch.nn.Linear(4 * width, num_outputs)
+        self.head = torch.nn.Linear(4 * width * (SIDE // 4) ** 2, num_outputs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
 
 
-def pretrained_features(x_train: torch.Tensor, args) -> dict[str, torch.Tensor]:
-    """Features trained to tell which of 4 rotations a training image shows; cached by their settings."""
-    key = hashlib.sha256(f"{args.width}-{args.pretrain_epochs}-{SIDE}-v1".encode()).hexdigest()[:12]
-    path = args.cache_dir / f"rotation-cnn-{key}.pt"
+def pretrained_features(x_train: torch.Tensor, y_train: torch.Tensor, args) -> dict[str, torch.Tensor]:
+    """Features trained on a coarser task over the same training images: which pair {0,1}, {2,3}, ... {8,9} a
+    digit belongs to (5 classes). Cached by the settings and the labels' digest."""
+    digest = hashlib.sha256(y_train.numpy().tobytes()).hexdigest()[:8]
+    key = hashlib.sha256(f"{args.width}-{args.pretrain_epochs}-{SIDE}-{digest}-v2".encode()).hexdigest()[:12]
+    path = args.cache_dir / f"pairs-cnn-{key}.pt"
     if path.exists():
         return torch.load(path, weights_only=True)
     generator = torch.Generator().manual_seed(1234)
     torch.manual_seed(1234)
-    model = SmallCNN(4, args.width)
-    images = torch.cat([torch.rot90(x_train, turns, dims=(2, 3)) for turns in range(4)])
-    labels = torch.arange(4).repeat_interleave(len(x_train))
+    model = SmallCNN(NUM_CLASSES // 2, args.width)
+    images, labels = x_train, y_train // 2
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     for _ in range(args.pretrain_epochs):
-        for rows in torch.randperm(len(images), generator=generator).split(128):
+        for rows in torch.randperm(len(images), generator=generator).split(64):
             loss = F.cross_entropy(model(images[rows]), labels[rows])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -86,6 +86,22 @@ def pretrained_features(x_train: torch.Tensor, args) -> dict[str, torch.Tensor]:
     torch.save(features, temporary)
     temporary.replace(path)
     return features
+
+
+def warm_up(x: torch.Tensor, y: torch.Tensor, width: int) -> None:
+    """One selecting step and one Adam step outside the clock: the first call loads (or builds) the selection
+    backend and the first ``Adam.step`` imports torch._dynamo, which must not be charged to whichever method runs
+    first."""
+    from es_kernels.train.loop import EvolvedTraining
+
+    model = SmallCNN(NUM_CLASSES, width)
+    training = EvolvedTraining("es", len(x), 20, anneal_start=0.0, anneal_end=0.0)
+    training.set_epoch(0)
+    ids = torch.arange(8)
+    batch = training.select(model, ids, x[ids], y[ids])
+    optimizer = torch.optim.Adam(model.parameters())
+    F.cross_entropy(model(batch.inputs), batch.targets).backward()
+    optimizer.step()
 
 
 def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -257,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--select-ratio", type=float, default=0.25, help="k/B of the batch-level methods (default: 0.25)")
     add("--lr", type=float, default=2e-3, help="peak OneCycle learning rate of Adam (default: 2e-3)")
     add("--width", type=int, default=16, help="channels of the first convolution (default: 16)")
-    add("--pretrain-epochs", type=int, default=2, help="epochs of the rotation pre-training (default: 2)")
+    add("--pretrain-epochs", type=int, default=3, help="epochs of the pair pre-training (default: 3)")
     add("--threads", type=int, default=2, help="torch CPU threads; timings are per this count (default: 2)")
     add("--cache-dir", type=Path, default=Path.home() / ".cache" / "es_kernels", help="pre-trained weights cache")
     add("--out", type=Path, default=Path("runs/compare"), help="folder for results.json and curves.png")
@@ -286,9 +302,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
         mode, rate = args.noise
         y_train, _ = corrupt_labels(y_train, rate, num_classes=NUM_CLASSES, mode=mode, seed=0)
     began = time.perf_counter()
-    features = pretrained_features(x_train, args)
-    progress(f"rotation pre-training ready ({time.perf_counter() - began:.1f} s, cached in {args.cache_dir})")
+    features = pretrained_features(x_train, y_train, args)
+    progress(f"pair pre-training ready ({time.perf_counter() - began:.1f} s, cached in {args.cache_dir})")
     data = (x_train, y_train, x_test, y_test)
+    warm_up(x_train, y_train, args.width)
     runs = []
     # Seeds outermost and methods interleaved: load swings on a shared machine hit every method alike.
     for seed in args.seeds:
