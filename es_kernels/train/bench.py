@@ -256,9 +256,17 @@ def plot(runs: list[dict[str, object]], methods: list[str], path: Path, title: s
     plt.close(figure)
 
 
+def program_name() -> str:
+    """The command as typed: ``es-compare`` from the console script, ``python -m ...`` from the module."""
+    typed = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    if typed.endswith(".py") or typed in ("", "-c"):
+        return "python -m es_kernels.train.bench"
+    return typed
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "es-compare",
+        prog=program_name(),
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -275,8 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--width", type=int, default=16, help="channels of the first convolution (default: 16)")
     add("--pretrain-epochs", type=int, default=3, help="epochs of the pair pre-training (default: 3)")
     add("--threads", type=int, default=2, help="torch CPU threads; timings are per this count (default: 2)")
-    add("--cache-dir", type=Path, default=Path.home() / ".cache" / "es_kernels", help="pre-trained weights cache")
-    add("--out", type=Path, default=Path("runs/compare"), help="folder for results.json and curves.png")
+    add("--cache-dir", type=Path, default=Path.home() / ".cache" / "es_kernels", help="pre-trained weights cache (default: %(default)s)")
+    add("--out", type=Path, default=Path("runs/compare"), help="folder for results.json and curves.png (default: %(default)s)")
     add("--no-progress", action="store_true", help="print only the table")
     return parser
 
