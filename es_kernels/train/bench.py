@@ -283,8 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--width", type=int, default=16, help="channels of the first convolution (default: 16)")
     add("--pretrain-epochs", type=int, default=3, help="epochs of the pair pre-training (default: 3)")
     add("--threads", type=int, default=2, help="torch CPU threads; timings are per this count (default: 2)")
-    add("--cache-dir", type=Path, default=Path.home() / ".cache" / "es_kernels", help="pre-trained weights cache (default: %(default)s)")
-    add("--out", type=Path, default=Path("runs/compare"), help="folder for results.json and curves.png (default: %(default)s)")
+    cache = Path.home() / ".cache" / "es_kernels"
+    add("--cache-dir", type=Path, default=cache, help="pre-trained weights cache (default: %(default)s)")
+    out_help = "folder for results.json and curves.png (default: %(default)s)"
+    add("--out", type=Path, default=Path("runs/compare"), help=out_help)
     add("--no-progress", action="store_true", help="print only the table")
     return parser
 
