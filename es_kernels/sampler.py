@@ -52,6 +52,9 @@ class EvolvedSampler(Sampler[int]):
         num_replicas, rank: data-parallel world size and this process's rank (default: from the state's
             ``process_group``, else the whole ``torch.distributed`` world), so the sampler shards over exactly the
             ranks the state merges over.
+        planner: a set-level :class:`~es_kernels.policies.SelectionPolicy` that draws every epoch's plan itself
+            (InfoBatch, KAKURENBO, UCB) instead of the ES plan above; its per-sample loss weights and learning-rate
+            scale for the current epoch are then ``loss_weights`` and ``lr_scale``. Bind it to ``state`` first.
     """
 
     def __init__(
@@ -67,6 +70,7 @@ class EvolvedSampler(Sampler[int]):
         seed: int = 0,
         num_replicas: int | None = None,
         rank: int | None = None,
+        planner=None,
     ) -> None:
         if not isinstance(state, EvolvedState):
             raise TypeError(f"state must be an EvolvedState, got {type(state).__name__}")
@@ -99,11 +103,18 @@ class EvolvedSampler(Sampler[int]):
                 f"prune_ratio={self.prune_ratio} keeps {self.kept_samples} of {state.num_samples} samples, fewer "
                 f"than num_replicas={self.num_replicas}"
             )
+        self.planner = planner
+        if planner is not None:
+            smallest = min(planner.epoch_size(e) for e in range(self.num_epochs))
+            if smallest < self.num_replicas:
+                raise ValueError(f"{planner!r} keeps {smallest} samples in some epoch, fewer than num_replicas")
         self.epoch = 0
         self.position = 0
         self._shard: torch.Tensor | None = None
         # A pass over the epoch reached its end in this process: another pass needs set_epoch (or a resume) first.
         self._iterated_to_end = False
+        self.loss_weights: torch.Tensor | None = None  # the planner's per-sample loss weights of this epoch
+        self.lr_scale = 1.0  # the planner's learning-rate factor of this epoch
 
     # ----------------------------------------------------------------- the schedule (pure functions of the epoch)
 
@@ -118,6 +129,8 @@ class EvolvedSampler(Sampler[int]):
 
     def epoch_size(self, epoch: int) -> int:
         """Ids in the whole plan of ``epoch`` (all ranks, before padding)."""
+        if self.planner is not None:
+            return self.planner.epoch_size(epoch)
         pruned = self.is_selecting(epoch) and self.prune_ratio > 0
         return self.kept_samples if pruned else self.state.num_samples
 
@@ -158,6 +171,7 @@ class EvolvedSampler(Sampler[int]):
         if epoch != self.epoch:
             self.epoch, self.position, self._shard = epoch, 0, None
             self._iterated_to_end = False
+            self.loss_weights, self.lr_scale = None, 1.0
         self.state.begin_epoch(epoch)  # the state refuses a second update of a sample within the epoch
 
     def _epoch_generator(self, device: torch.device, purpose: int) -> torch.Generator:
@@ -167,7 +181,13 @@ class EvolvedSampler(Sampler[int]):
 
     def _make_shard(self) -> torch.Tensor:
         size = self.epoch_size(self.epoch)
-        if size < self.state.num_samples:
+        if self.planner is not None:
+            planned = self.planner.plan_epoch(self.state, self.epoch, self._epoch_generator(torch.device("cpu"), 0))
+            if planned.ids.numel() != size:
+                count = planned.ids.numel()
+                raise RuntimeError(f"{self.planner!r} planned {count} ids in epoch {self.epoch}, not {size}")
+            plan, self.loss_weights, self.lr_scale = planned.ids.cpu(), planned.loss_weights, planned.lr_scale
+        elif size < self.state.num_samples:
             generator = self._epoch_generator(self.state.device, purpose=0)
             plan = evolved_prune(self.state, size, by=self.prune_by, generator=generator).cpu()
         else:
@@ -229,6 +249,9 @@ class EvolvedSampler(Sampler[int]):
             "seed": self.seed,
             "num_replicas": self.num_replicas,
             "rank": self.rank,
+            # The planner's weights and scale were drawn from the state at the epoch start, like the shard.
+            "loss_weights": self.loss_weights,
+            "lr_scale": self.lr_scale,
         }
 
     def load_state_dict(self, state_dict: dict[str, object]) -> None:
@@ -255,6 +278,14 @@ class EvolvedSampler(Sampler[int]):
             )
         high = self.shard_size(epoch)
         position = _checks.check_int("state_dict['position']", state_dict["position"], low=0, high=high)
+        weights = state_dict.get("loss_weights")
+        if weights is not None:
+            weights = _checks.check_tensor("state_dict['loss_weights']", weights)
+            if weights.shape != (self.state.num_samples,) or not weights.dtype.is_floating_point:
+                n = self.state.num_samples
+                raise ValueError(f"state_dict['loss_weights'] must be floating point of shape ({n},)")
         self.epoch, self.position = epoch, position
         self._shard = None if shard is None else shard.clone().to(torch.int64)
+        self.loss_weights = None if weights is None else weights.clone()
+        self.lr_scale = float(state_dict.get("lr_scale", 1.0))
         self._iterated_to_end = False  # a resume iterates what is left of its epoch (possibly nothing) once

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -87,6 +88,7 @@ class EvolvedState:
         self._visit_epoch: int | None = None
         self._visited: torch.Tensor | None = None
         self._unchecked_revisits: torch.Tensor | None = None
+        self._init_sample_buffers()
 
     @property
     def num_samples(self) -> int:
@@ -229,6 +231,7 @@ class EvolvedState:
             # Right after a merge the merge base is the state itself: loading the values alone restores it then.
             if not (torch.equal(merge_base[0], self.score) and torch.equal(merge_base[1], self.weight)):
                 saved["sync_snapshot"] = merge_base.clone()
+        saved.update(self._sample_buffers_state_dict())
         return saved
 
     def load_state_dict(self, state_dict: dict[str, object]) -> None:
@@ -260,9 +263,11 @@ class EvolvedState:
                     f"{snapshot.dtype} {tuple(snapshot.shape)}"
                 )
         visits = self._checked_visits(state_dict)
+        buffers = self._check_sample_buffers(state_dict)
         # Nothing is assigned before this line: a rejected dict leaves the state (betas included) as it was.
         self.beta1, self.beta2 = beta1, beta2
         self._load_visits(visits)
+        self._load_sample_buffers(*buffers)
         self.score.copy_(tensors["score"])
         self.weight.copy_(tensors["weight"])
         self._pristine = False
@@ -321,6 +326,7 @@ class EvolvedState:
             self.score.copy_(merge_base[0])
             self.weight.copy_(merge_base[1])
         self._sync_snapshot = merge_base
+        self._sync_sample_buffers(device)
 
     def sync_step(
         self, indices: torch.Tensor, losses: torch.Tensor, *, check_values: bool = True
@@ -367,3 +373,114 @@ class EvolvedState:
                 if other != rank and ids.numel() > 0:
                     ema_update_(self.score, self.weight, ids, values, self.beta1, self.beta2)
         return torch.cat(all_ids), torch.cat(all_losses)
+
+    # ----------------------------------------------------------------- extra per-sample buffers (selection policies)
+    # Policies other than ES keep their own per-sample quantities (InfoBatch's latest loss, UCB's loss EMAs,
+    # KAKURENBO's loss, correctness and confidence) as named fp32 buffers of length n. They are saved, resumed and
+    # merged across ranks exactly like score and weight: the same masked MAX merge against the agreed merge base.
+
+    def _init_sample_buffers(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+        self._buffer_initial: dict[str, float] = {}
+        self._buffer_snapshot: torch.Tensor | None = None  # (len(buffers), n) merge_base, like _sync_snapshot
+
+    def register_sample_buffer(self, name: str, initial: float) -> torch.Tensor:
+        """Add a named fp32 per-sample buffer filled with ``initial`` (not NaN, not -inf); returns it.
+
+        Register before training and before ``load_state_dict``; registering the same name twice raises.
+        """
+        if not isinstance(name, str) or not name or name in ("score", "weight"):
+            raise ValueError(f"name must be a new non-empty string other than 'score'/'weight', got {name!r}")
+        if name in self._buffers:
+            raise ValueError(f"sample buffer {name!r} is already registered")
+        initial = float(initial)
+        if math.isnan(initial) or initial == -math.inf:
+            raise ValueError(f"initial must not be NaN or -inf (the merge's 'unchanged' mark), got {initial}")
+        self._buffers[name] = torch.full((self.num_samples,), initial, dtype=torch.float32, device=self.device)
+        self._buffer_initial[name] = initial
+        self._buffer_snapshot = None
+        return self._buffers[name]
+
+    def sample_buffer(self, name: str) -> torch.Tensor:
+        """The registered per-sample buffer ``name`` (updated in place by its policy)."""
+        if name not in self._buffers:
+            raise KeyError(f"no sample buffer {name!r}; registered: {sorted(self._buffers)}")
+        return self._buffers[name]
+
+    @property
+    def sample_buffer_names(self) -> tuple[str, ...]:
+        return tuple(self._buffers)
+
+    def _stacked_buffers(self) -> torch.Tensor:
+        return torch.stack(list(self._buffers.values()))
+
+    def _buffer_merge_base(self) -> torch.Tensor:
+        if self._buffer_snapshot is not None:
+            return self._buffer_snapshot
+        if self._pristine:
+            initial = torch.tensor(list(self._buffer_initial.values()), dtype=torch.float32, device=self.device)
+            return initial.unsqueeze(1).expand(-1, self.num_samples).clone()
+        return self._stacked_buffers()
+
+    def _sample_buffers_state_dict(self) -> dict[str, object]:
+        if not self._buffers:
+            return {}
+        saved: dict[str, object] = {"sample_buffers": {k: v.detach().clone() for k, v in self._buffers.items()}}
+        if self.sync_mode == "epoch" and self._world_size() > 1:
+            merge_base = self._buffer_merge_base()
+            if not torch.equal(merge_base, self._stacked_buffers()):
+                saved["sample_buffers_snapshot"] = merge_base.clone()
+        return saved
+
+    def _check_sample_buffers(self, state_dict: dict[str, object]) -> tuple[dict, torch.Tensor | None]:
+        saved = state_dict.get("sample_buffers", {})
+        if not isinstance(saved, dict) or set(saved) != set(self._buffers):
+            names = sorted(saved) if isinstance(saved, dict) else saved
+            raise ValueError(
+                f"state_dict['sample_buffers'] holds {names} but this state has {sorted(self._buffers)}: was it "
+                "saved by another method?"
+            )
+        for name, value in saved.items():
+            value = _checks.check_tensor(f"state_dict['sample_buffers']['{name}']", value)
+            if value.shape != (self.num_samples,) or value.dtype != torch.float32:
+                raise ValueError(
+                    f"state_dict['sample_buffers']['{name}'] must be float32 of shape ({self.num_samples},), got "
+                    f"{value.dtype} {tuple(value.shape)}"
+                )
+            if bool(torch.isnan(value).any()) or bool((value == -math.inf).any()):
+                raise ValueError(f"state_dict['sample_buffers']['{name}'] holds NaN or -inf (a corrupted checkpoint?)")
+        snapshot = state_dict.get("sample_buffers_snapshot")
+        if snapshot is not None:
+            snapshot = _checks.check_tensor("state_dict['sample_buffers_snapshot']", snapshot)
+            if snapshot.shape != (len(self._buffers), self.num_samples) or snapshot.dtype != torch.float32:
+                raise ValueError(
+                    f"state_dict['sample_buffers_snapshot'] must be float32 of shape ({len(self._buffers)}, "
+                    f"{self.num_samples}), got {snapshot.dtype} {tuple(snapshot.shape)}"
+                )
+        return saved, snapshot
+
+    def _load_sample_buffers(self, saved: dict, snapshot: torch.Tensor | None) -> None:
+        for name, value in saved.items():
+            self._buffers[name].copy_(value)
+        if snapshot is not None:
+            self._buffer_snapshot = snapshot.to(self.device, copy=True)
+        elif self._buffers and self.sync_mode == "epoch" and self._world_size() > 1:
+            self._buffer_snapshot = self._stacked_buffers()
+        else:
+            self._buffer_snapshot = None
+
+    def _sync_sample_buffers(self, device: torch.device) -> None:
+        """The masked MAX merge of :meth:`sync_epoch`, for the registered buffers (same exactness argument)."""
+        if not self._buffers:
+            return
+        merge_base = self._buffer_merge_base()
+        with torch.no_grad():
+            moved = self._stacked_buffers()
+            moved.masked_fill_(moved == merge_base, -torch.inf)
+            shipped = moved.to(device)
+            dist.all_reduce(shipped, op=dist.ReduceOp.MAX, group=self.process_group)
+            moved = shipped.to(self.device)
+            torch.where(moved == -torch.inf, merge_base, moved, out=merge_base)
+            for row, buffer in enumerate(self._buffers.values()):
+                buffer.copy_(merge_base[row])
+        self._buffer_snapshot = merge_base

@@ -88,11 +88,13 @@ def train_one(method: str, data, args, seed: int, progress) -> dict[str, object]
         training.set_epoch(epoch)
         for indices, inputs, targets in loader:
             batch = training.select(model, indices, inputs, targets)
-            losses = F.cross_entropy(model(batch.inputs), batch.targets, reduction="none")
-            training.observe(batch, losses)
+            logits = model(batch.inputs)
+            losses = F.cross_entropy(logits, batch.targets, reduction="none")
+            training.observe(batch, losses, outputs=logits)
             optimizer.zero_grad(set_to_none=True)
-            losses.mean().backward()
-            optimizer.step()
+            batch.mean_loss(losses).backward()
+            with training.scaled_lr(optimizer):
+                optimizer.step()
             scheduler.step()
         elapsed = time.perf_counter() - start
         test_accuracy = accuracy(model, x_test, y_test)

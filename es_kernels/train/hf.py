@@ -31,6 +31,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICA
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from es_kernels import _checks
+from es_kernels.policies import make_policy
 from es_kernels.train.loop import METHODS, SCORING_MODES, EvolvedTraining
 
 logger = logging.getLogger(__name__)
@@ -75,6 +76,11 @@ class EvolvedConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {sorted(METHODS)}, got {self.method!r}")
+        if make_policy(self.method).own_plan:
+            raise ValueError(
+                f"method {self.method!r} (a set-level comparison method) is not supported by the Hugging Face "
+                "integration; use es_kernels.EvolvedTraining in a plain loop, or one of baseline, es, eswp, loss, order"
+            )
         select_ratio = _checks.check_fraction("select_ratio", self.select_ratio)
         if select_ratio == 0.0:
             raise ValueError(f"select_ratio must be in (0, 1], got {self.select_ratio}")
@@ -295,7 +301,7 @@ class EvolvedTrainerMixin:
         try:
             self.evolved_scoring = scoring_for(self.model, shift_labels=shift)
         except ValueError:
-            if METHODS[self.evolved_config.method].selects:
+            if make_policy(self.evolved_config.method).keeps_state:
                 raise
             self.evolved_scoring = Scoring("none", "not scored (baseline)", "the baseline never scores")
         if self.evolved_scoring.fused:

@@ -27,6 +27,7 @@ Misuse is loud: iterating an epoch again without ``set_epoch`` raises, updating 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
 from collections.abc import Callable
@@ -35,31 +36,13 @@ from typing import Any
 import torch
 
 from es_kernels import _checks, seeds
+from es_kernels.policies import POLICIES, SelectionPolicy, make_policy
 from es_kernels.sampler import EvolvedSampler
 from es_kernels.select import evolved_select
 from es_kernels.state import EvolvedState
 
-
-@dataclasses.dataclass(frozen=True)
-class MethodPreset:
-    selects: bool
-    beta1: float
-    beta2: float
-    prune_ratio: float
-    # True: keep the k largest losses of the meta-batch (deterministic, ties to the lower position) instead of the
-    # exponential race; the state is still updated with the same rule, so logs and pruning see the same s/w.
-    top_k: bool = False
-
-
-# Paper defaults (docs/architecture.md §3). "loss" is plain loss-proportional sampling, the ablation with
-# b1 = b2 = 0; "order" is the paper's "Order" baseline: the top-k losses of each meta-batch, no randomness.
-METHODS: dict[str, MethodPreset] = {
-    "baseline": MethodPreset(selects=False, beta1=0.2, beta2=0.9, prune_ratio=0.0),
-    "es": MethodPreset(selects=True, beta1=0.2, beta2=0.9, prune_ratio=0.0),
-    "eswp": MethodPreset(selects=True, beta1=0.2, beta2=0.8, prune_ratio=0.2),
-    "loss": MethodPreset(selects=True, beta1=0.0, beta2=0.0, prune_ratio=0.0),
-    "order": MethodPreset(selects=True, beta1=0.0, beta2=0.0, prune_ratio=0.0, top_k=True),
-}
+# The method registry: name -> policy factory (es_kernels.policies). Kept under its old name for the integrations.
+METHODS = POLICIES
 
 SCORING_MODES = ("eval", "train")
 
@@ -72,6 +55,14 @@ class SelectedBatch:
     inputs: Any
     targets: Any
     scored: bool  # the state already saw these rows' losses (selecting step): observe() does nothing
+    # Per-row loss weights of the epoch's plan (InfoBatch), None when every row weighs 1: see ``mean_loss``.
+    loss_weights: torch.Tensor | None = None
+
+    def mean_loss(self, losses: torch.Tensor) -> torch.Tensor:
+        """The loss to back-propagate: the mean of ``losses`` (B,), each row weighted by the plan's weight."""
+        if self.loss_weights is None:
+            return losses.mean()
+        return (losses * self.loss_weights.to(losses.device, losses.dtype)).mean()
 
 
 def take_rows(value: Any, rows: torch.Tensor) -> Any:
@@ -94,12 +85,16 @@ class EvolvedTraining:
     """State, epoch plan and per-step selection of one training run.
 
     Args:
-        method: ``"baseline"`` (every row trained, nothing selected), ``"es"``, ``"eswp"``, ``"loss"`` or
-            ``"order"`` (the k largest losses of each meta-batch, deterministic).
+        method: a name from :data:`METHODS` (``"baseline"``, ``"es"``, ``"eswp"``, ``"loss"``, ``"order"``,
+            ``"infobatch"``, ``"kakurenbo"``, ``"ucb"``) with the paper's defaults, or a
+            :class:`~es_kernels.policies.SelectionPolicy` built with other settings. Set-level methods weight the
+            loss (use ``batch.mean_loss(losses)``), scale the learning rate (step inside
+            ``training.scaled_lr(optimizer)``) and, for KAKURENBO, need ``observe(batch, losses, outputs=logits)``.
         num_samples: training-set size n.
         num_epochs: total epochs E.
         select_ratio: k/B, the fraction of each meta-batch back-propagated (paper: 0.25).
-        prune_ratio, beta1, beta2: override the method's defaults (ES: r=0, (0.2, 0.9); ESWP: r=0.2, (0.2, 0.8)).
+        prune_ratio, beta1, beta2: override the method's defaults (ES: r=0, (0.2, 0.9); ESWP: r=0.2, (0.2, 0.8);
+            InfoBatch r=0.5, KAKURENBO and UCB r=0.3); a method raises on settings it does not take.
         anneal_start, anneal_end: fractions of epochs without selection at the start and end (paper: 5% each).
         label_smoothing: used when ``select`` computes cross-entropy from logits.
         scoring_mode: ``"eval"`` (default: BatchNorm statistics frozen, dropout off during scoring) or ``"train"``;
@@ -122,7 +117,7 @@ class EvolvedTraining:
 
     def __init__(
         self,
-        method: str,
+        method: str | SelectionPolicy,
         num_samples: int,
         num_epochs: int,
         *,
@@ -144,12 +139,12 @@ class EvolvedTraining:
         check_values: bool = True,
         score_annealing: bool = False,
     ) -> None:
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
-        preset = METHODS[method]
-        self.method = method
-        self.selects = preset.selects
-        self.top_k = preset.top_k
+        policy = make_policy(method, prune_ratio=prune_ratio, beta1=beta1, beta2=beta2)
+        if policy.own_plan and sync == "step":
+            raise ValueError(f"sync='step' shares ES updates only; use sync='epoch' with {policy.name!r}")
+        self.policy = policy
+        self.method = policy.name
+        self.selects = policy.batch_choice != "all"
         self.check_values = bool(check_values)
         self.score_annealing = bool(score_annealing)
         self.select_ratio = _checks.check_fraction("select_ratio", select_ratio)
@@ -162,16 +157,18 @@ class EvolvedTraining:
         self.backend = backend
         self.state = EvolvedState(
             num_samples,
-            beta1=preset.beta1 if beta1 is None else beta1,
-            beta2=preset.beta2 if beta2 is None else beta2,
+            beta1=policy.beta1,
+            beta2=policy.beta2,
             device=device,
             sync=sync,
             process_group=process_group,
         )
+        policy.bind(self.state, num_epochs)
         self.sampler = EvolvedSampler(
             self.state,
             num_epochs,
-            prune_ratio=preset.prune_ratio if prune_ratio is None else prune_ratio,
+            planner=policy if policy.own_plan else None,
+            prune_ratio=policy.prune_ratio if not policy.own_plan else 0.0,
             anneal_start=anneal_start,
             anneal_end=anneal_end,
             seed=seed,
@@ -200,9 +197,31 @@ class EvolvedTraining:
         on every rank), so the sampler prunes from the same weights everywhere."""
         if epoch != self.sampler.epoch:
             self._check_epoch_steps()
-        if self.selects:  # the baseline never changes its state: nothing to merge
+        if self.policy.keeps_state:  # the baseline never changes its state: nothing to merge
             self.state.sync_epoch()
         self.sampler.set_epoch(epoch)
+
+    @property
+    def lr_scale(self) -> float:
+        """The current epoch's learning-rate factor (KAKURENBO's 1/(1-F); 1 otherwise), known once iteration began."""
+        return self.sampler.lr_scale
+
+    @contextlib.contextmanager
+    def scaled_lr(self, optimizer: torch.optim.Optimizer):
+        """Run the optimizer step inside this: every group's ``lr`` is multiplied by :attr:`lr_scale` and then put
+        back exactly, so any scheduler keeps its own schedule."""
+        scale = self.lr_scale
+        if scale == 1.0:
+            yield
+            return
+        saved = [group["lr"] for group in optimizer.param_groups]
+        for group in optimizer.param_groups:
+            group["lr"] = group["lr"] * scale
+        try:
+            yield
+        finally:
+            for group, lr in zip(optimizer.param_groups, saved, strict=True):
+                group["lr"] = lr
 
     def steps_per_epoch(self, batch_size: int, *, drop_last: bool = False) -> int:
         return self.sampler.steps_per_epoch(batch_size, drop_last=drop_last)
@@ -328,12 +347,15 @@ class EvolvedTraining:
         batch_size = indices.numel()
         if not self.selecting and not (self.selects and self.score_annealing):
             self.trained_samples += batch_size
-            return SelectedBatch(indices, inputs, targets, scored=False)
+            weights = self.sampler.loss_weights
+            weights = None if weights is None else weights.index_select(0, indices.cpu())
+            return SelectedBatch(indices, inputs, targets, scored=False, loss_weights=weights)
         outputs = self._scoring_forward(model, inputs)
         # Annealing epochs with score_annealing: the same scoring and update, all B rows kept.
         k = self.num_selected(batch_size) if self.selecting else batch_size
         # "order" scores and updates exactly like the race (same checks), then keeps the k largest losses itself.
-        draw = batch_size if self.top_k else k
+        top_k = self.policy.batch_choice == "top_k"
+        draw = batch_size if top_k else k
         common = dict(
             generator=self.generator, backend=self.backend, return_losses=True, check_values=self.check_values
         )
@@ -346,7 +368,7 @@ class EvolvedTraining:
             rows, losses = evolved_select(
                 self.state, indices, draw, losses=loss_fn(outputs, targets).detach(), **common
             )
-        if self.top_k:
+        if top_k:
             # A stable sort, not topk: topk's order among equal losses is unspecified, and "order" must be reproducible.
             rows = torch.sort(losses, descending=True, stable=True).indices[:k].sort().values
         self.state.sync_step(indices, losses, check_values=False)  # no-op unless sync="step" across ranks
@@ -354,12 +376,13 @@ class EvolvedTraining:
         self.trained_samples += k
         return SelectedBatch(take_rows(indices, rows), take_rows(inputs, rows), take_rows(targets, rows), scored=True)
 
-    def observe(self, batch: SelectedBatch, losses: torch.Tensor) -> None:
+    def observe(self, batch: SelectedBatch, losses: torch.Tensor, *, outputs: torch.Tensor | None = None) -> None:
         """Feed the training forward's per-sample losses to the state when ``select`` did not score the rows.
 
-        Only annealing epochs of ES/ESWP update here (unless ``score_annealing``); the baseline keeps no state.
-        Losses are detached. Their shape is checked in every epoch, also where they are not used, so a loop that
-        passes the wrong tensor fails in its first step, not when the schedule reaches an annealing epoch.
+        ES-family methods update here in annealing epochs only (unless ``score_annealing``), set-level methods at
+        every step (KAKURENBO also needs the training forward's ``outputs``); the baseline keeps no state. Losses are
+        detached. Their shape is checked in every epoch, also where they are not used, so a loop that passes the
+        wrong tensor fails in its first step, not when the schedule reaches an annealing epoch.
         """
         losses = _checks.check_tensor("losses", losses)
         if losses.shape != batch.indices.shape:
@@ -367,9 +390,13 @@ class EvolvedTraining:
                 f"losses must be per-sample losses of the batch's rows, shape {tuple(batch.indices.shape)}, got "
                 f"{tuple(losses.shape)} (pass reduction='none')"
             )
-        if batch.scored or not self.selects:
+        if batch.scored or not self.policy.keeps_state:
             return
         losses = losses.detach().to(self.state.device, torch.float32)
+        if self.policy.own_plan:
+            losses = _checks.check_losses("losses", losses, batch.indices.numel(), self.state.device, self.check_values)
+            self.policy.observe(self.state, batch.indices, losses, outputs, batch.targets)
+            return
         self.state.observe(batch.indices, losses, check_values=self.check_values)
         self.state.sync_step(batch.indices, losses, check_values=False)  # no-op unless sync="step" across ranks
 

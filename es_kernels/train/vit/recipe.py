@@ -365,9 +365,12 @@ class Run:
             with runtime.autocast():
                 logits = self.model(inputs)
             losses = per_sample_cross_entropy(logits, targets, smoothing)
-            training.observe(batch, losses)
+            training.observe(batch, losses, outputs=logits)
+            weighted = losses  # set-level plans may re-weight rows (InfoBatch); the log keeps the plain losses
+            if batch.loss_weights is not None:
+                weighted = losses * batch.loss_weights.to(losses.device, losses.dtype)
             # sum / count, not mean(): a rank whose rows were all sharding padding still joins DDP's reduction with 0
-            loss = losses.sum() / max(losses.numel(), 1)
+            loss = weighted.sum() / max(losses.numel(), 1)
             self.step(loss)
             loss_sum += losses.detach().sum()
             rows += losses.numel()
@@ -395,7 +398,8 @@ class Run:
         if self.args.clip_grad is not None:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.clip_grad)
-        self.scaler.step(self.optimizer)
+        with self.training.scaled_lr(self.optimizer):  # KAKURENBO's per-epoch factor; 1 for every other method
+            self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
 
@@ -466,7 +470,9 @@ def run_method(
         began = time.perf_counter()
         run.training.set_epoch(epoch)
         totals = run.train_epoch(epoch)
-        if run.training.selects:  # merge this epoch's updates now, so the checkpoint and log hold the agreed state
+        if (
+            run.training.policy.keeps_state
+        ):  # merge this epoch's updates now: the checkpoint and log hold the agreed state
             run.training.state.sync_epoch()
         record = run.record(epoch, totals, baseline)
         run.records.append(record)

@@ -1,0 +1,377 @@
+"""Selection policies: every method is a set-level plan per epoch plus a batch-level choice per step.
+
+The training helper, the sampler and the integrations talk to a :class:`SelectionPolicy` only, so none of them
+branches on a method's name:
+
+- **set level** (:meth:`SelectionPolicy.epoch_size`, :meth:`SelectionPolicy.plan_epoch`): which ids an epoch keeps,
+  with what per-sample loss weights, and by what factor the epoch scales the learning rate. ``epoch_size`` is a pure
+  function of the epoch, so ``total_steps`` is exact before training starts and OneCycle never overruns.
+- **batch level** (:attr:`SelectionPolicy.batch_choice`): which rows of a meta-batch are back-propagated: all of
+  them, ES's exponential race (``"race"``), or the k largest losses (``"top_k"``, Order).
+- **observation** (:meth:`SelectionPolicy.observe`): how the training forward's per-sample losses (and outputs)
+  update the policy's per-sample quantities, which live in the :class:`~es_kernels.state.EvolvedState` as named
+  buffers, so they are saved, resumed and merged across ranks exactly like ``s`` and ``w``.
+
+``POLICIES`` maps each method name to a factory taking the method's settings as keyword arguments, e.g.
+``POLICIES["infobatch"](prune_ratio=0.3)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from fractions import Fraction
+
+import torch
+
+from es_kernels import _checks
+from es_kernels.state import EvolvedState
+
+BATCH_CHOICES = ("all", "race", "top_k")
+
+
+def _round_half_up(value: Fraction) -> int:
+    return math.floor(value + Fraction(1, 2))
+
+
+def _as_written(fraction: float) -> Fraction:
+    # The decimal the user wrote: in binary floating point 0.35 * 90 is 31.4999..., which rounds the wrong way.
+    return Fraction(repr(float(fraction)))
+
+
+def _check_open_fraction(name: str, value: object) -> float:
+    """A float in (0, 1]."""
+    value = _checks.check_fraction(name, value)
+    if value == 0.0:
+        raise ValueError(f"{name} must be in (0, 1], got 0.0")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochPlan:
+    """One epoch's set-level plan (all ranks, before shuffling and sharding).
+
+    ``ids``: the kept dataset ids (int64, CPU), exactly ``policy.epoch_size(epoch)`` of them. ``loss_weights``:
+    per-sample loss weights of length n for this epoch (None: all 1). ``lr_scale``: the factor the epoch's learning
+    rate is multiplied by (KAKURENBO's 1/(1-F)).
+    """
+
+    ids: torch.Tensor
+    loss_weights: torch.Tensor | None = None
+    lr_scale: float = 1.0
+
+
+class SelectionPolicy:
+    """Base class: the plain baseline (every id every epoch, every row of every batch, no state).
+
+    Subclasses override what differs. ``bind`` is called once by the training helper with the state and the run's
+    length, before any other method.
+    """
+
+    name = "baseline"
+    batch_choice = "all"  # in selecting epochs: "all", "race" (ES) or "top_k" (Order)
+    # Arguments the sampler's built-in ES plan takes (pruning by the ES weights, annealing); set-level policies
+    # that draw their own plan return None from ``plan_epoch`` for no epoch and leave these at their defaults.
+    prune_ratio = 0.0
+    beta1 = 0.2
+    beta2 = 0.9
+    own_plan = False  # True: the sampler asks ``plan_epoch`` for every epoch instead of its ES plan
+    keeps_state = False  # whether the state moves during training (then ranks merge it each epoch)
+    needs_outputs = False  # whether ``observe`` needs the model's outputs and the targets
+
+    def __init__(self) -> None:
+        self.num_samples = 0
+        self.num_epochs = 0
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in self.settings().items())
+        return f"{type(self).__name__}({fields})"
+
+    def settings(self) -> dict[str, object]:
+        """The method's settings (for logs and checkpoints)."""
+        return {}
+
+    def buffers(self) -> dict[str, float]:
+        """Extra per-sample buffers this policy keeps in the state, with their initial value."""
+        return {}
+
+    def bind(self, state: EvolvedState, num_epochs: int) -> None:
+        self.num_samples = state.num_samples
+        self.num_epochs = _checks.check_int("num_epochs", num_epochs, low=1)
+        for name, initial in self.buffers().items():
+            state.register_sample_buffer(name, initial)
+
+    # ----------------------------------------------------------------- set level
+    def epoch_size(self, epoch: int) -> int:
+        """Ids in the plan of ``epoch`` (all ranks): a pure function of the epoch, so step counts are exact."""
+        return self.num_samples
+
+    def plan_epoch(self, state: EvolvedState, epoch: int, generator: torch.Generator) -> EpochPlan:
+        """The plan of ``epoch`` from the state as it is at the epoch start (identical on every rank)."""
+        return EpochPlan(torch.arange(self.num_samples))
+
+    # ----------------------------------------------------------------- per step
+    def observe(
+        self,
+        state: EvolvedState,
+        indices: torch.Tensor,
+        losses: torch.Tensor,
+        outputs: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
+    ) -> None:
+        """Update the policy's per-sample quantities from the trained rows' detached fp32 losses."""
+
+
+class EvolvedPolicy(SelectionPolicy):
+    """ES and its relatives: the ES state (b1, b2), ESWP pruning by the ES weights, and a batch-level choice.
+
+    ``es`` (race, r=0), ``eswp`` (race, r=0.2, b2=0.8), ``loss`` (race with b1=b2=0: loss-proportional sampling),
+    ``order`` (top-k losses of each meta-batch).
+    """
+
+    keeps_state = True
+
+    def __init__(
+        self, name: str, *, beta1: float, beta2: float, prune_ratio: float = 0.0, batch_choice: str = "race"
+    ) -> None:
+        super().__init__()
+        self.name = name
+        self.beta1 = _checks.check_fraction("beta1", beta1)
+        self.beta2 = _checks.check_fraction("beta2", beta2)
+        self.prune_ratio = _checks.check_fraction("prune_ratio", prune_ratio, upper_open=True)
+        if batch_choice not in ("race", "top_k"):
+            raise ValueError(f"batch_choice must be 'race' or 'top_k', got {batch_choice!r}")
+        self.batch_choice = batch_choice
+
+    def settings(self) -> dict[str, object]:
+        return {"beta1": self.beta1, "beta2": self.beta2, "prune_ratio": self.prune_ratio}
+
+
+class _OwnPlanPolicy(SelectionPolicy):
+    """Set-level methods: the whole meta-batch is trained, and the policy draws each epoch's plan itself.
+
+    Epoch 0 keeps every id: no sample has been seen yet, so no loss can rank it.
+    """
+
+    own_plan = True
+    keeps_state = True
+
+    def _ranking(self, state: EvolvedState, key: torch.Tensor, *, descending: bool) -> torch.Tensor:
+        # A stable sort over ids 0..n-1: equal keys keep ascending ids, so every rank and every resume agrees.
+        return torch.sort(key.detach().cpu(), descending=descending, stable=True).indices
+
+
+class InfoBatchPolicy(_OwnPlanPolicy):
+    """InfoBatch (Qin et al., ICLR 2024): prune a random fraction r of the well-learned samples, up-weight the rest.
+
+    A sample's score is its latest training loss. In pruning epochs (from epoch 1 until the last ``1 - delta`` of
+    the epochs, rounded half up, which keep everything) the candidates are the ``m = n // 2`` samples with the
+    lowest scores (ties: lower id first); ``P = round(r * m)`` of them, drawn uniformly, are left out, and the kept
+    candidates get loss weight ``m / (m - P)`` (= 1/(1-r) when r*m is whole), so the epoch's expected gradient is
+    the full one. InfoBatch itself takes the samples below the *mean* score as candidates; their count depends on
+    the losses, which would make the step count unknowable before training (see the README).
+    """
+
+    name = "infobatch"
+
+    def __init__(self, prune_ratio: float = 0.5, delta: float = 0.875) -> None:
+        super().__init__()
+        self.prune_ratio = _checks.check_fraction("prune_ratio", prune_ratio, upper_open=True)
+        self.delta = _check_open_fraction("delta", delta)
+
+    def settings(self) -> dict[str, object]:
+        return {"prune_ratio": self.prune_ratio, "delta": self.delta}
+
+    def buffers(self) -> dict[str, float]:
+        return {"infobatch_loss": math.inf}  # never seen: ranks above every loss, so never a candidate
+
+    def _pruned(self) -> tuple[int, int]:
+        candidates = self.num_samples // 2
+        pruned = _round_half_up(_as_written(self.prune_ratio) * candidates)
+        return candidates, min(pruned, max(candidates - 1, 0))  # at least one candidate stays to carry the weight
+
+    def prunes(self, epoch: int) -> bool:
+        full_epochs = _round_half_up((1 - _as_written(self.delta)) * self.num_epochs)
+        return 1 <= epoch < self.num_epochs - full_epochs
+
+    def epoch_size(self, epoch: int) -> int:
+        return self.num_samples - (self._pruned()[1] if self.prunes(epoch) else 0)
+
+    def plan_epoch(self, state: EvolvedState, epoch: int, generator: torch.Generator) -> EpochPlan:
+        candidates, pruned = self._pruned()
+        if not self.prunes(epoch) or pruned == 0:
+            return EpochPlan(torch.arange(self.num_samples))
+        order = self._ranking(state, state.sample_buffer("infobatch_loss"), descending=False)
+        lower = order[:candidates]
+        left_out = lower[torch.randperm(candidates, generator=generator, device=generator.device).cpu()[:pruned]]
+        keep = torch.ones(self.num_samples, dtype=torch.bool)
+        keep[left_out] = False
+        weights = torch.ones(self.num_samples, dtype=torch.float32)
+        weights[lower] = candidates / (candidates - pruned)
+        weights[left_out] = 0.0  # never trained this epoch; zero makes that visible
+        return EpochPlan(keep.nonzero().squeeze(1), weights)
+
+    def observe(self, state, indices, losses, outputs=None, targets=None) -> None:
+        state.sample_buffer("infobatch_loss").index_copy_(0, indices, losses)
+
+
+class KakurenboPolicy(_OwnPlanPolicy):
+    """KAKURENBO (Thao Nguyen et al., NeurIPS 2023): hide the easiest samples, keep the unsure ones.
+
+    From epoch 1, exactly ``q = round(r * n)`` samples are hidden: the lowest latest losses among the samples the
+    model last predicted correctly with confidence (max softmax probability) at least ``tau``; samples predicted
+    wrongly or less confidently are "moved back" (kept), and their hiding slots pass to the next-lowest eligible
+    losses (if fewer than q are eligible, the remaining slots take the lowest-loss others). The epoch's learning rate
+    is multiplied by ``1 / (1 - q/n)``. KAKURENBO lets the moved-back samples shrink the hidden fraction; a fixed
+    count keeps the step count exact (see the README).
+    """
+
+    name = "kakurenbo"
+    needs_outputs = True
+
+    def __init__(self, prune_ratio: float = 0.3, confidence: float = 0.7) -> None:
+        super().__init__()
+        self.prune_ratio = _checks.check_fraction("prune_ratio", prune_ratio, upper_open=True)
+        self.confidence = _check_open_fraction("confidence", confidence)
+
+    def settings(self) -> dict[str, object]:
+        return {"prune_ratio": self.prune_ratio, "confidence": self.confidence}
+
+    def buffers(self) -> dict[str, float]:
+        return {"kakurenbo_loss": math.inf, "kakurenbo_correct": 0.0, "kakurenbo_confidence": 0.0}
+
+    def _hidden(self, epoch: int) -> int:
+        if epoch == 0:
+            return 0
+        return min(_round_half_up(_as_written(self.prune_ratio) * self.num_samples), self.num_samples - 1)
+
+    def epoch_size(self, epoch: int) -> int:
+        return self.num_samples - self._hidden(epoch)
+
+    def plan_epoch(self, state: EvolvedState, epoch: int, generator: torch.Generator) -> EpochPlan:
+        hidden = self._hidden(epoch)
+        if hidden == 0:
+            return EpochPlan(torch.arange(self.num_samples))
+        loss = state.sample_buffer("kakurenbo_loss").detach().cpu()
+        eligible = (state.sample_buffer("kakurenbo_correct").cpu() > 0) & (
+            state.sample_buffer("kakurenbo_confidence").cpu() >= self.confidence
+        )
+        # Eligible samples first by loss, then the others by loss: one stable ranking, hide its head.
+        by_loss = torch.sort(loss, stable=True).indices
+        order = torch.cat([by_loss[eligible[by_loss]], by_loss[~eligible[by_loss]]])
+        keep = torch.ones(self.num_samples, dtype=torch.bool)
+        keep[order[:hidden]] = False
+        return EpochPlan(keep.nonzero().squeeze(1), lr_scale=self.num_samples / (self.num_samples - hidden))
+
+    def observe(self, state, indices, losses, outputs=None, targets=None) -> None:
+        if outputs is None or targets is None:
+            raise ValueError(
+                "kakurenbo needs the model's outputs and the class targets: call "
+                "training.observe(batch, losses, outputs=logits)"
+            )
+        targets = _checks.check_tensor("targets", targets)
+        if targets.dtype.is_floating_point or targets.dim() != 1:
+            raise TypeError("kakurenbo needs 1-D integer class targets (soft or mixed targets have no correctness)")
+        with torch.no_grad():
+            probabilities = torch.softmax(outputs.detach().float(), dim=1)
+            confidence, predicted = probabilities.max(dim=1)
+            device = state.device
+            correct = (predicted == targets.to(predicted.device)).to(device, torch.float32)
+            state.sample_buffer("kakurenbo_loss").index_copy_(0, indices, losses)
+            state.sample_buffer("kakurenbo_correct").index_copy_(0, indices, correct)
+            state.sample_buffer("kakurenbo_confidence").index_copy_(0, indices, confidence.to(device))
+
+
+class UCBPolicy(_OwnPlanPolicy):
+    """UCB (Raju et al. 2021): keep the samples with the largest upper confidence bound of the loss.
+
+    A visit with loss l updates ``d = beta*d + (1-beta)*|l - m|`` then ``m = beta*m + (1-beta)*l`` (the first visit
+    sets ``m = l, d = 0``). From epoch 1, the ``round((1-r) n)`` samples with the largest ``m + c*d`` are kept (ties:
+    lower id first); never-seen samples rank first.
+    """
+
+    name = "ucb"
+
+    def __init__(self, prune_ratio: float = 0.3, beta: float = 0.8, c: float = 1.0) -> None:
+        super().__init__()
+        self.prune_ratio = _checks.check_fraction("prune_ratio", prune_ratio, upper_open=True)
+        self.beta = _checks.check_fraction("beta", beta)
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c < 0:
+            raise ValueError(f"c must be a finite number >= 0, got {c!r}")
+        self.c = float(c)
+
+    def settings(self) -> dict[str, object]:
+        return {"prune_ratio": self.prune_ratio, "beta": self.beta, "c": self.c}
+
+    def buffers(self) -> dict[str, float]:
+        return {"ucb_mean": math.inf, "ucb_deviation": 0.0}
+
+    def epoch_size(self, epoch: int) -> int:
+        if epoch == 0:
+            return self.num_samples
+        return max(1, _round_half_up((1 - _as_written(self.prune_ratio)) * self.num_samples))
+
+    def plan_epoch(self, state: EvolvedState, epoch: int, generator: torch.Generator) -> EpochPlan:
+        size = self.epoch_size(epoch)
+        if size == self.num_samples:
+            return EpochPlan(torch.arange(self.num_samples))
+        mean = state.sample_buffer("ucb_mean").detach().cpu()
+        bound = mean + self.c * state.sample_buffer("ucb_deviation").detach().cpu()
+        bound = torch.where(torch.isinf(mean), torch.inf, bound)
+        kept = self._ranking(state, bound, descending=True)[:size]
+        return EpochPlan(kept.sort().values)
+
+    def observe(self, state, indices, losses, outputs=None, targets=None) -> None:
+        mean, deviation = state.sample_buffer("ucb_mean"), state.sample_buffer("ucb_deviation")
+        with torch.no_grad():
+            old = mean.index_select(0, indices)
+            first = torch.isinf(old)
+            beta = self.beta
+            new_deviation = beta * deviation.index_select(0, indices) + (1 - beta) * (losses - old).abs()
+            new_mean = beta * old + (1 - beta) * losses
+            deviation.index_copy_(0, indices, torch.where(first, torch.zeros_like(losses), new_deviation))
+            mean.index_copy_(0, indices, torch.where(first, losses, new_mean))
+
+
+def _evolved(name: str, beta1: float, beta2: float, prune_ratio: float, batch_choice: str = "race"):
+    def make(*, beta1: float = beta1, beta2: float = beta2, prune_ratio: float = prune_ratio) -> EvolvedPolicy:
+        return EvolvedPolicy(name, beta1=beta1, beta2=beta2, prune_ratio=prune_ratio, batch_choice=batch_choice)
+
+    return make
+
+
+def _baseline(*, beta1: float = 0.2, beta2: float = 0.9) -> SelectionPolicy:
+    # The baseline keeps no state; ES betas given for a whole comparison (--betas) are accepted and unused.
+    policy = SelectionPolicy()
+    policy.beta1 = _checks.check_fraction("beta1", beta1)
+    policy.beta2 = _checks.check_fraction("beta2", beta2)
+    return policy
+
+
+# Paper defaults (DESIGN §3 and §11, the paper's appendix D.7).
+POLICIES: dict[str, Callable[..., SelectionPolicy]] = {
+    "baseline": _baseline,
+    "es": _evolved("es", 0.2, 0.9, 0.0),
+    "eswp": _evolved("eswp", 0.2, 0.8, 0.2),
+    "loss": _evolved("loss", 0.0, 0.0, 0.0),
+    "order": _evolved("order", 0.0, 0.0, 0.0, batch_choice="top_k"),
+    "infobatch": InfoBatchPolicy,
+    "kakurenbo": KakurenboPolicy,
+    "ucb": UCBPolicy,
+}
+
+
+def make_policy(method: str | SelectionPolicy, **settings: object) -> SelectionPolicy:
+    """A policy from a registry name and its settings (None values mean "the default"), or a policy as given."""
+    if isinstance(method, SelectionPolicy):
+        if any(v is not None for v in settings.values()):
+            raise ValueError("pass the settings to the policy's constructor, not beside a policy object")
+        return method
+    if not isinstance(method, str) or method not in POLICIES:
+        raise ValueError(f"method must be one of {sorted(POLICIES)} or a SelectionPolicy, got {method!r}")
+    given = {k: v for k, v in settings.items() if v is not None}
+    try:
+        return POLICIES[method](**given)
+    except TypeError as error:
+        raise TypeError(f"method {method!r} does not take {sorted(given)}: {error}") from None
