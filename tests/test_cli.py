@@ -35,6 +35,10 @@ SHORT_RUNS = {
         "--model-kwargs", "img_size=32", "patch_size=8", "embed_dim=16", "depth=1", "num_heads=1",
     ],
     "es-sft": lambda out: ["--demo", "--quick", "--out", str(out)],
+    "es-compare": lambda out: [
+        "--methods", "baseline", "es", "--seeds", "0", "--epochs", "1", "--width", "2", "--pretrain-epochs", "0",
+        "--threads", "1", "--out", str(out), "--cache-dir", str(out / "cache"),
+    ],
 }  # fmt: skip
 
 # Every command line with a parser: (how the user runs it, the module whose main() builds the parser).
@@ -42,6 +46,7 @@ COMMANDS = {
     "python3 -m es_kernels.train.digits": "es_kernels.train.digits",
     "python3 -m es_kernels.train.vit": "es_kernels.train.vit.cli",
     "python3 -m es_kernels.train.sft": "es_kernels.train.sft",
+    "python3 -m es_kernels.train.compare": "es_kernels.train.compare",
     "python3 -m es_kernels.selfcheck": "es_kernels.selfcheck",
     "python3 -m es_kernels.triton.aot": "es_kernels.triton.aot",
     "python3 -m benchmarks.report": "benchmarks.report",

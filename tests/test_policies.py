@@ -290,23 +290,23 @@ def test_two_gloo_ranks_hold_the_single_process_state(tmp_path: Path, monkeypatc
 
 
 def test_compare_command_runs_a_tiny_configuration(tmp_path: Path, capsys):
-    from es_kernels.train import bench
+    from es_kernels.train import compare
 
     argv = ["--methods", "baseline", "es", "infobatch", "kakurenbo", "--seeds", "0", "--epochs", "2"]
     argv += ["--width", "2", "--pretrain-epochs", "0", "--no-progress", "--threads", "1"]
-    rows = bench.main([*argv, "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")])
+    rows = compare.run([*argv, "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")])
     printed = capsys.readouterr().out
-    assert "| " + " | ".join(bench.TABLE_COLUMNS) + " |" in printed
+    assert "| " + " | ".join(compare.TABLE_COLUMNS) + " |" in printed
     assert [row["method"] for row in rows] == ["baseline", "es", "infobatch", "kakurenbo"]
     assert rows[1]["backprop_samples"] < rows[0]["backprop_samples"]  # ES back-propagates k of B rows
     assert (tmp_path / "out" / "results.json").exists()
 
 
 def test_compare_help_lists_every_option_with_its_default(capsys):
-    from es_kernels.train import bench
+    from es_kernels.train import compare
 
     with pytest.raises(SystemExit) as exit_info:
-        bench.main(["--help"])
+        compare.run(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     for option in ("--methods", "--seeds", "--epochs", "--full", "--noise", "--no-progress", "--out", "--cache-dir"):

@@ -28,9 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from es_kernels.command import HelpFormatter, prog_name
 from es_kernels.policies import POLICIES
 from es_kernels.train.data import IndexedDataset, corrupt_labels
 from es_kernels.train.digits import NUM_CLASSES, load_digits_split, parse_noise
+from es_kernels.train.progress import add_progress_argument
 
 SIDE = 16  # the 8x8 digits upsampled: enough pixels for convolutions to dominate the step
 DEFAULT_EPOCHS, FULL_EPOCHS = 4, 8
@@ -261,19 +263,11 @@ def plot(runs: list[dict[str, object]], methods: list[str], path: Path, title: s
     plt.close(figure)
 
 
-def program_name() -> str:
-    """The command as typed: ``es-compare`` from the console script, ``python -m ...`` from the module."""
-    typed = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
-    if typed.endswith(".py") or typed in ("", "-c"):
-        return "python -m es_kernels.train.bench"
-    return typed
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=program_name(),
+        prog=prog_name("es_kernels.train.compare", "es-compare"),
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add = parser.add_argument
     add("--methods", nargs="+", default=list(POLICIES), choices=list(POLICIES), help="methods (default: all)")
@@ -292,11 +286,17 @@ def build_parser() -> argparse.ArgumentParser:
     add("--cache-dir", type=Path, default=cache, help="pre-trained weights cache (default: %(default)s)")
     out_help = "folder for results.json and curves.png (default: %(default)s)"
     add("--out", type=Path, default=Path("runs/compare"), help=out_help)
-    add("--no-progress", action="store_true", help="print only the table")
+    add_progress_argument(parser)
     return parser
 
 
-def main(argv: list[str] | None = None) -> list[dict[str, object]]:
+def main(argv: list[str] | None = None) -> None:
+    """The console script: a console script passes main's return value to sys.exit, so it returns nothing."""
+    run(argv)
+
+
+def run(argv: list[str] | None = None) -> list[dict[str, object]]:
+    """The command without exiting: returns the summary rows."""
     args = build_parser().parse_args(argv)
     if args.epochs is None:
         args.epochs = FULL_EPOCHS if args.full else DEFAULT_EPOCHS
