@@ -6,9 +6,9 @@ only place where methods differ. Under ``torchrun`` the model is wrapped in DDP 
 ranks by the library (``EvolvedTraining.set_epoch``), with one extra merge at each epoch end so the checkpoint and
 the log describe one agreed state.
 
-Mixup/cutmix mix the *selected* rows (the scores belong to the original images). In annealing epochs the state is
-fed the training forward's losses, which with mixup on are the mixed rows' losses: an approximation that saves a
-second forward pass (annealing epochs are few: 5% at each end by default).
+Mixup/cutmix mix the *selected* rows (the scores belong to the original images). With batch mixing on, annealing
+epochs score the unmixed rows too (``EvolvedTraining(score_annealing=True)``): the state must learn the samples'
+own losses, never the mixed rows'. That costs one no-grad forward per annealing step (5% of epochs at each end).
 """
 
 from __future__ import annotations
@@ -137,6 +137,7 @@ def make_training(args: argparse.Namespace, method: str, num_samples: int, runti
         sync=args.sync,
         num_replicas=runtime.world_size,
         rank=runtime.rank,
+        score_annealing=args.mixup > 0 or args.cutmix > 0,
     )
 
 
