@@ -166,6 +166,46 @@ def evolved_select(
     return (positions, batch_losses) if return_losses else positions
 
 
+def sequence_losses(
+    targets: torch.Tensor,
+    *,
+    logits: torch.Tensor | None = None,
+    hidden_states: torch.Tensor | None = None,
+    lm_head_weight: torch.Tensor | None = None,
+    lm_head_bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    sequence_reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    logit_scale: float = 1.0,
+    logit_softcap: float | None = None,
+    backend: str | Backend = "auto",
+    check_values: bool = True,
+) -> torch.Tensor:
+    """The scoring half of a token-level :func:`evolved_select`, with no state: fp32 (B,) per-sequence losses of
+    token ``logits`` (B, T, V), or of ``hidden_states`` (B, T, D) through ``lm_head_weight`` (V, D) without the
+    logits, by the same checks and backend ops. For callers that keep their own bookkeeping (the HF trainer)."""
+    source = hidden_states if hidden_states is not None else logits
+    name = "hidden_states" if hidden_states is not None else "logits"
+    device = _checks.check_tensor(name, source).device
+    chosen = resolve_backend(backend, device)
+    label_smoothing = _checks.check_fraction("label_smoothing", label_smoothing)
+    fields = _checks.check_sequence_call(
+        source.shape[0] if source.dim() > 0 else 0, device, check_values, logits=logits, targets=targets,
+        hidden_states=hidden_states, lm_head_weight=lm_head_weight, lm_head_bias=lm_head_bias,
+        ignore_index=ignore_index, sequence_reduction=sequence_reduction, label_smoothing=label_smoothing,
+        logit_scale=logit_scale, logit_softcap=logit_softcap,
+    )  # fmt: skip
+    unused = torch.empty(0, device=device)
+    call = SelectCall(
+        score=unused, weight=unused, indices=torch.arange(source.shape[0], device=device), k=1, beta1=0.0,
+        beta2=0.0, label_smoothing=label_smoothing, **fields,
+    )  # fmt: skip
+    with torch.no_grad():
+        losses = _backend_module(chosen).sequence_losses(call)
+    record_backend(chosen)
+    return losses
+
+
 def evolved_prune(
     state: EvolvedState,
     keep: int,

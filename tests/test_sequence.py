@@ -489,3 +489,21 @@ def test_compile_fullgraph_traces_the_hidden_state_path(backend):
     torch.testing.assert_close(traced[1], eager[1], rtol=1e-6, atol=1e-6)
     assert torch.equal(traced[0], eager[0])
     torch.testing.assert_close(compiled_state.weight, eager_state.weight, rtol=1e-6, atol=1e-6)
+
+
+def test_the_gpu_command_sequence_step_runs_its_checks_on_cpu():
+    # The prepared GPU command's sequence step (benchmarks/gpu_check.py) runs this check on CUDA; on CPU it must
+    # pass, and the report must render the benchmark rows, including a peer that is not installed.
+    from benchmarks import gpu_check
+
+    backends = ("torch", "extension") if extension_unavailable_reason() is None else ("torch",)
+    outcome = gpu_check.check_sequence(device="cpu", backends=backends, shapes=((2, 5, 50, 8),))
+    assert outcome["problems"] == [] and set(outcome["backends"]) == set(backends)
+    report = gpu_check.report({
+        "device": {"name": "test", "torch": "-", "cuda": "-"}, "steps": {},
+        "sequence_bench": {"shape": {"batch": 8, "time": 1024, "dim": 2048, "vocab": 32000, "dtype": "bfloat16"},
+                           "logits_mib": 500.0, "rows": [
+                               {"path": "fused", "status": "measured", "median_ms": 1.5, "peak_extra_mib": 20.0},
+                               {"path": "Cut Cross-Entropy (reduction='none')", "status": "not installed"}]},
+    })  # fmt: skip
+    assert "| fused | 1.50 ms | 20 MiB | measured |" in report and "| - | - | not installed |" in report
