@@ -14,7 +14,9 @@ import sys
 _previous = os.environ.get("TRITON_INTERPRET")
 if "triton" not in sys.modules:
     os.environ["TRITON_INTERPRET"] = "1"
-    import triton  # noqa: F401  (fixes interpreter mode for this process)
+    # Importing triton fixes interpreter mode for this process. Its gluon package, which triton otherwise imports
+    # lazily at the first launch, asserts the mode from the environment restored below: import it now too.
+    import triton.experimental.gluon  # noqa: F401
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -137,8 +139,10 @@ def test_unchecked_bad_targets_give_nan_and_empty_batches_give_zeros(kernels):
 
 @in_process
 @pytest.mark.parametrize("form", ["logits", "hidden"])
-def test_evolved_select_with_triton_matches_fp64_and_the_reference_state(form):
+def test_evolved_select_with_triton_matches_fp64_and_the_reference_state(form, monkeypatch):
     from test_sequence import lm_batch, select_sequence
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the backend's availability reads it (restored after import above)
 
     from es_kernels import EvolvedState, last_backend
     from es_kernels.reference import ema_update_
