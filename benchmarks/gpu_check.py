@@ -6,8 +6,11 @@
 Each step runs in its own process (a crash or hang of one cannot take the others down) with a time limit, and
 writes its log (and, for the checks run here, a JSON result) into OUT. Correctness steps: ``es_kernels.selfcheck``
 on CUDA, the launch count per ``evolved_select`` call (torch.profiler), CUDA-graph capture and replay of a training
-step that calls ``evolved_select``, and ``torch.compile(fullgraph=True)`` against eager. Benchmark steps: the select
-and prune tables (pytest-benchmark, CUDA rows, value checks off) and the ViT step benchmark on CUDA.
+step that calls ``evolved_select``, ``torch.compile(fullgraph=True)`` against eager, and the language-model
+sequence losses (token logits and hidden states, every backend, against fp64). Benchmark steps: the select and prune
+tables (pytest-benchmark, CUDA rows, value checks off), the ViT step benchmark on CUDA, and the language-model
+scoring path (time and peak memory of the fused hidden-state path against materialised logits, Liger-Kernel and
+Cut Cross-Entropy when installed).
 
 Any failed correctness step prints ``FAILED <step>: <reason>`` and makes the exit status 1; a failed benchmark is
 reported (``BENCHMARK FAILED``) and the run goes on. OUT/summary.json holds every step's outcome and figures;
@@ -43,14 +46,15 @@ class Step:
 
 
 def steps(out: Path) -> list[Step]:
-    """The run in order; the time limits add up to 8 minutes."""
+    """The run in order; the time limits add up to 8 minutes (the sequence steps' limits are estimates: unmeasured
+    on a GPU)."""
     python = sys.executable
     me = (python, "-m", "benchmarks.gpu_check")
     # B = 256 and 4096 at every C and dtype, value checks off (the kernels' own work), and every pruning size.
     rows = "cuda and not checkson and not B64 and not B1024"
     bench = (python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", rows)
     return [
-        Step("selfcheck", "correctness", (python, "-m", "es_kernels.selfcheck", "--device", "cuda", "--no-timing"), 90,
+        Step("selfcheck", "correctness", (python, "-m", "es_kernels.selfcheck", "--device", "cuda", "--no-timing"), 75,
              "es_kernels.selfcheck on CUDA: losses, exact state, sampling law, bad input, every backend"),
         Step("launches", "correctness", (*me, "--step", "launches", str(out)), 45,
              "kernel launches per evolved_select call (torch.profiler)"),
@@ -58,13 +62,17 @@ def steps(out: Path) -> list[Step]:
              "CUDA-graph capture and replay of a training step that calls evolved_select"),
         Step("compile", "correctness", (*me, "--step", "compile", str(out)), 60,
              "torch.compile(fullgraph=True) of a step calling evolved_select, against eager"),
+        Step("sequence", "correctness", (*me, "--step", "sequence", str(out)), 45,
+             "language-model per-sequence losses (token logits, hidden states) on CUDA, every backend, vs fp64"),
         Step("bench_select_prune", "benchmark",
              (*bench, "benchmarks/test_select.py", "benchmarks/test_prune.py",
-              f"--benchmark-json={out / 'bench.json'}"), 180,
+              f"--benchmark-json={out / 'bench.json'}"), 120,
              "select and prune tables, CUDA rows, triton / extension / torch, median per call"),
         Step("vit_step", "benchmark",
-             (python, "-m", "benchmarks.vit_step", "--device", "cuda", "--json", str(out / "vit_step.json")), 60,
+             (python, "-m", "benchmarks.vit_step", "--device", "cuda", "--json", str(out / "vit_step.json")), 45,
              "ViT step on CUDA: selection overhead, ES/baseline ratio against the analytic limit"),
+        Step("sequence_bench", "benchmark", (*me, "--step", "sequence_bench", str(out)), 45,
+             "LM scoring: fused hidden-state path vs materialised logits, Liger-Kernel, Cut Cross-Entropy"),
     ]  # fmt: skip
 
 
@@ -229,7 +237,187 @@ def check_compile(device: str = "cuda", backends=("triton",), compiler: str = "i
     return {"backends": result, "problems": problems}
 
 
-CHECKS = {"launches": check_launches, "cuda_graph": check_cuda_graph, "compile": check_compile}
+# ------------------------------------------------------------------------- language-model sequence losses (issue 12)
+
+
+def _lm_inputs(batch, time, vocab, dim, dtype, device, seed=0):
+    """Shifted views as a causal LM passes them (``hidden[:, :-1]``, ``labels[:, 1:]``), a third of the targets
+    ignored and, with B > 1, one sequence of only ignored targets."""
+    import torch
+
+    generator = torch.Generator(device=device).manual_seed(seed)
+    hidden = torch.randn(batch, time + 1, dim, device=device, generator=generator).to(dtype)[:, :-1]
+    weight = (torch.randn(vocab, dim, device=device, generator=generator) / dim**0.5 * 3).to(dtype)
+    labels = torch.randint(0, vocab, (batch, time + 1), device=device, generator=generator)
+    labels[torch.rand(batch, time + 1, device=device, generator=generator) < 0.3] = -100
+    if batch > 1:
+        labels[1] = -100
+    return hidden, weight, labels[:, 1:]
+
+
+def _fp64_sequence_losses(logits, targets, reduction="mean"):
+    import torch.nn.functional as F
+
+    vocab = logits.shape[2]
+    tokens = F.cross_entropy(logits.double().reshape(-1, vocab), targets.reshape(-1), reduction="none")
+    tokens = tokens.view(targets.shape)
+    counts = (targets != -100).sum(1).clamp(min=1)
+    return tokens.sum(1) if reduction == "sum" else tokens.sum(1) / counts
+
+
+def check_sequence(device: str = "cuda", backends=(*BACKENDS, "torch"), shapes=((3, 129, 32769, 96), (1, 7, 2, 8))):
+    """Per-sequence losses through ``evolved_select(return_losses=True)`` for both call forms (token logits, hidden
+    states), fp32 and bf16, each backend, against fp64 ``F.cross_entropy`` reduced per sequence; and the state
+    equal to the reference update of those losses."""
+    import torch
+
+    from es_kernels import EvolvedState, evolved_select, reference
+
+    tolerance = {torch.float32: 1e-5, torch.bfloat16: 1e-4}
+    result, problems = {}, []
+    for backend in backends:
+        if not _available(backend, problems, device):
+            continue
+        worst = {}
+        for (batch, length, vocab, dim), dtype, form, reduction in (
+            (shape, dtype, form, reduction) for shape in shapes for dtype in tolerance
+            for form in ("logits", "hidden") for reduction in ("mean", "sum")
+        ):  # fmt: skip
+            hidden, weight, targets = _lm_inputs(batch, length, vocab, dim, dtype, device)
+            state = EvolvedState(batch + 2, device=device)
+            indices = torch.arange(batch, device=device)
+            if form == "logits":
+                logits = (hidden.float() @ weight.float().t()).to(dtype)
+                given = {"logits": logits}
+            else:
+                logits = hidden.double() @ weight.double().t()
+                given = {"hidden_states": hidden, "lm_head_weight": weight}
+            _, losses = evolved_select(state, indices, 1, targets=targets, sequence_reduction=reduction,
+                                       backend=backend, return_losses=True, **given)  # fmt: skip
+            expected = _fp64_sequence_losses(logits, targets, reduction)
+            error = ((losses.double() - expected).abs() / (expected.abs() + 1)).max().item()
+            name = f"{form} {str(dtype).split('.')[-1]} {reduction} B={batch} T={length} V={vocab} D={dim}"
+            worst[name] = error
+            if not error <= tolerance[dtype]:
+                problems.append(f"{backend}: {name}: relative error {error:.2e} > {tolerance[dtype]:g}")
+            twin = EvolvedState(batch + 2, device=device)
+            reference.ema_update_(twin.score, twin.weight, indices, losses, twin.beta1, twin.beta2)
+            if not (torch.equal(twin.score, state.score) and torch.equal(twin.weight, state.weight)):
+                problems.append(f"{backend}: {name}: the state differs from the reference update of its losses")
+        result[backend] = {"max_relative_error": max(worst.values()), "cases": len(worst)}
+    return {"backends": result, "problems": problems}
+
+
+def _peak_and_time(function, repeats=5) -> dict:
+    """Median milliseconds per call (CUDA events) and peak memory the call adds on top of its inputs."""
+    import statistics
+
+    import torch
+
+    function()  # warm-up: compiles, cuBLAS workspaces
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(repeats):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        function()
+        stop.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(stop))
+    peak = torch.cuda.max_memory_allocated() - before
+    return {"median_ms": statistics.median(times), "peak_extra_mib": peak / 2**20}
+
+
+def _peer_paths(hidden, weight, targets) -> dict:
+    """Per-sequence losses by Liger-Kernel's and Cut Cross-Entropy's fused linear cross-entropy (reduction="none",
+    then the per-sequence reduction, which neither fuses), as callables; a string says why a peer is absent."""
+    from es_kernels.reference.sequence import reduce_per_sequence
+
+    flat_hidden, flat_targets, scored = hidden.reshape(-1, hidden.shape[2]), targets.reshape(-1), targets != -100
+
+    def per_sequence(token_losses):
+        return reduce_per_sequence(token_losses.float().view(targets.shape), scored, "mean")
+
+    peers = {}
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        liger = LigerFusedLinearCrossEntropyLoss(reduction="none")
+
+        def liger_path():
+            out = liger(weight, flat_hidden, flat_targets)
+            return per_sequence(out[0] if isinstance(out, tuple) else out)
+
+        peers["Liger-Kernel fused linear CE (reduction='none')"] = liger_path
+    except ImportError:
+        peers["Liger-Kernel fused linear CE (reduction='none')"] = "not installed"
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+
+        peers["Cut Cross-Entropy (reduction='none')"] = lambda: per_sequence(
+            linear_cross_entropy(flat_hidden, weight, flat_targets, reduction="none")
+        )
+    except ImportError:
+        peers["Cut Cross-Entropy (reduction='none')"] = "not installed"
+    return peers
+
+
+def bench_sequence(device: str = "cuda", shape=(8, 1024, 2048, 32000), dtype_name: str = "bfloat16") -> dict:
+    """The scoring path at a language-model shape: per call time and peak extra memory of the fused hidden-state
+    path (per-sequence losses, state update and draw in one evolved_select) per backend, against materialising
+    the logits, ``F.cross_entropy(reduction="none")`` and reducing, and the peers when installed."""
+    import torch
+    import torch.nn.functional as F
+
+    from es_kernels import EvolvedState, evolved_select
+    from es_kernels.reference.sequence import reduce_per_sequence
+
+    batch, length, dim, vocab = shape
+    dtype = getattr(torch, dtype_name)
+    hidden, weight, targets = _lm_inputs(batch, length, vocab, dim, dtype, device)
+    hidden = hidden.contiguous()
+    state = EvolvedState(batch, device=device)
+    indices = torch.arange(batch, device=device)
+    logits_bytes = batch * length * vocab * hidden.element_size()
+
+    def materialised():
+        logits = hidden @ weight.t()
+        tokens = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
+        return reduce_per_sequence(tokens.view_as(targets), targets != -100, "mean")
+
+    paths = {"materialised logits + F.cross_entropy(reduction='none')": materialised}
+    for backend in (*BACKENDS, "torch"):
+        if _available(backend, [], device):
+            paths[f"evolved_select hidden_states ({backend})"] = lambda backend=backend: evolved_select(
+                state, indices, batch // 4, hidden_states=hidden, lm_head_weight=weight, targets=targets,
+                backend=backend, check_values=False,
+            )  # fmt: skip
+    paths.update(_peer_paths(hidden, weight, targets))
+    rows, problems = [], []
+    for name, function in paths.items():
+        if isinstance(function, str):
+            rows.append({"path": name, "status": function})
+            continue
+        try:
+            rows.append({"path": name, "status": "measured", **_peak_and_time(function)})
+        except Exception as error:  # a peer's API drift or an out-of-memory is this row's result, not the run's
+            rows.append({"path": name, "status": f"failed: {type(error).__name__}: {error}"[:300]})
+            problems.append(f"{name}: {type(error).__name__}")
+    shape_text = {"batch": batch, "time": length, "dim": dim, "vocab": vocab, "dtype": dtype_name}
+    return {"shape": shape_text, "logits_mib": logits_bytes / 2**20, "rows": rows, "problems": problems}
+
+
+def run_sequence_bench() -> dict:
+    outcome = bench_sequence()
+    # A failed peer is reported in its row; only our own paths failing fails the step.
+    outcome["problems"] = [p for p in outcome["problems"] if p.startswith(("evolved_select", "materialised"))]
+    return outcome
+
+
+CHECKS = {"launches": check_launches, "cuda_graph": check_cuda_graph, "compile": check_compile,
+          "sequence": check_sequence, "sequence_bench": run_sequence_bench}  # fmt: skip
 
 
 def run_check(name: str, out: Path) -> int:
@@ -284,6 +472,9 @@ def run_steps(out: Path) -> dict:
     vit = out / "vit_step.json"
     if vit.exists():
         summary["vit_step"] = json.loads(vit.read_text())
+    sequence = out / "sequence_bench.json"
+    if sequence.exists():
+        summary["sequence_bench"] = json.loads(sequence.read_text())
     return summary
 
 
@@ -335,6 +526,22 @@ def _bench_table(rows: list[dict], peak: float | None) -> list[str]:
     return lines
 
 
+def _sequence_table(sequence: dict) -> list[str]:
+    shape = sequence["shape"]
+    lines = [
+        f"## Language-model scoring (CUDA): B={shape['batch']}, T={shape['time']}, D={shape['dim']}, "
+        f"V={shape['vocab']}, {shape['dtype']}; the logits alone are {sequence['logits_mib']:.0f} MiB",
+        "",
+        "| path | median per call | peak extra memory | status |",
+        "|---|---|---|---|",
+    ]
+    for row in sequence["rows"]:
+        time_text = f"{row['median_ms']:.2f} ms" if "median_ms" in row else "-"
+        memory = f"{row['peak_extra_mib']:.0f} MiB" if "peak_extra_mib" in row else "-"
+        lines.append(f"| {row['path']} | {time_text} | {memory} | {row['status']} |")
+    return [*lines, ""]
+
+
 def report(summary: dict) -> str:
     device = summary["device"]
     peak = device.get("peak_bandwidth_gbps")
@@ -364,6 +571,9 @@ def report(summary: dict) -> str:
     vit = summary.get("vit_step")
     if vit:
         lines += ["## ViT step (CUDA)", "", "```", json.dumps(vit, indent=1)[:3000], "```", ""]
+    sequence = summary.get("sequence_bench")
+    if sequence and sequence.get("rows"):
+        lines += _sequence_table(sequence)
     for line in correctness:
         lines.append(f"FAILED {line}")
     for line in benchmarks:

@@ -10,6 +10,16 @@ TORCH_LIBRARY(es_kernels_C, m) {
       "float beta2, Tensor? logits, Tensor? labels_a, Tensor? labels_b, Tensor? soft_targets, float lam, "
       "Tensor? losses, float label_smoothing, bool check_inputs, bool check_losses) -> (Tensor, Tensor, Tensor)");
   m.def("prune_select(Tensor values, Tensor seed, int keep) -> Tensor");
+  // Per-sequence losses of language models (issue 12; csrc/sequence_loss.h): evolved_select computes them, then
+  // calls fused_select with them as its losses. token_block and vocab_chunk only size the scratch chunk (defaults:
+  // kSequenceTokenBlock, kSequenceVocabChunk); tests make them small to exercise the merge across chunks.
+  m.def(
+      "token_sequence_losses(Tensor logits, Tensor targets, int ignore_index, str sequence_reduction, "
+      "float label_smoothing) -> Tensor");
+  m.def(
+      "hidden_sequence_losses(Tensor hidden_states, Tensor lm_head_weight, Tensor? lm_head_bias, Tensor targets, "
+      "int ignore_index, str sequence_reduction, float label_smoothing, float logit_scale, float? logit_softcap, "
+      "int token_block=1024, int vocab_chunk=4096) -> Tensor");
 }
 
 namespace {
@@ -25,6 +35,6 @@ bool built_with_cuda() {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "es_kernels C++/CUDA kernels, registered as torch.ops.es_kernels_C.{fused_select,prune_select}";
+  m.doc() = "es_kernels C++/CUDA kernels, registered as torch.ops.es_kernels_C.{fused_select,prune_select,token_sequence_losses,hidden_sequence_losses}";
   m.def("built_with_cuda", &built_with_cuda, "whether the CUDA kernels were compiled into this module");
 }

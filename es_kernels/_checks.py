@@ -12,6 +12,8 @@ import numbers
 
 import torch
 
+from es_kernels.reference import sequence
+
 
 def check_int(name: str, value: object, *, low: int, high: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -201,7 +203,7 @@ def check_logits(logits: object, batch: int, device: torch.device, check_values:
     return logits
 
 
-LOGITS_NOT_FINITE = "logits must be finite (found NaN or inf)"
+LOGITS_NOT_FINITE = losses_not_finite("logits")
 SOFT_TARGETS_BAD = "targets as soft labels must be finite and non-negative"
 
 
@@ -273,3 +275,65 @@ def value_check_message(code: int, value: int, *, num_samples: int, num_classes:
         ValueCheck.COMPUTED_LOSSES_NEGATIVE: lambda: losses_negative(COMPUTED_LOSSES),
     }
     return messages[code]()
+
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INT64_RANGE = (-(2**63), 2**63 - 1)
+
+
+def check_positive_real(name: str, value: object, *, optional: bool = False) -> float | None:
+    if optional and value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float{' or None' if optional else ''}, got {type(value).__name__}")
+    return float(value)  # its sign is checked with the other hidden-state arguments (reference.sequence)
+
+
+def check_sequence_call(
+    batch: int, device: torch.device, check_values: bool, *, logits: object, targets: object, hidden_states: object,
+    lm_head_weight: object, lm_head_bias: object, ignore_index: object, sequence_reduction: object,
+    label_smoothing: float, logit_scale: object, logit_softcap: object,
+) -> dict:  # fmt: skip
+    """The token-level arguments of ``evolved_select`` as ``SelectCall`` fields (the targets as ``labels_a``).
+
+    Either ``logits`` (B, T, V), or ``hidden_states`` (B, T, D) with ``lm_head_weight`` (V, D); int64 ``targets``
+    (B, T). The shape, dtype and range rules shared with the kernels are ``reference.sequence``'s checks."""
+    ignore_index = check_int("ignore_index", ignore_index, low=INT64_RANGE[0], high=INT64_RANGE[1])
+    fields = {"ignore_index": ignore_index, "sequence_reduction": sequence_reduction}
+    if hidden_states is not None:
+        if logits is not None:
+            raise ValueError("pass either logits or hidden_states with lm_head_weight, not both")
+        name, source = "hidden_states", check_tensor("hidden_states", hidden_states)
+        weight = check_tensor("lm_head_weight", lm_head_weight)
+        if lm_head_bias is not None:
+            check_tensor("lm_head_bias", lm_head_bias)
+        logit_scale = check_positive_real("logit_scale", logit_scale)
+        logit_softcap = check_positive_real("logit_softcap", logit_softcap, optional=True)
+        sequence.check_hidden_arguments(source, weight, lm_head_bias, targets, logit_scale, logit_softcap)
+        vocab = weight.shape[0]
+        fields.update(hidden_states=source.detach(), lm_head_weight=weight.detach(), logit_scale=logit_scale,
+                      logit_softcap=logit_softcap,
+                      lm_head_bias=None if lm_head_bias is None else lm_head_bias.detach())  # fmt: skip
+    else:
+        if lm_head_weight is not None or lm_head_bias is not None:
+            raise ValueError("lm_head_weight and lm_head_bias go with hidden_states (not with logits)")
+        name, source = "logits", check_tensor("logits", logits)
+        if source.dim() != 3:
+            raise ValueError(f"logits must have shape (B, T, V) for token-level targets, got {tuple(source.shape)}")
+        vocab = source.shape[2]
+        fields["logits"] = source.detach()
+    if source.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {source.dtype}")
+    if source.shape[0] != batch:
+        raise ValueError(f"{name} must have B = {batch} sequences to match indices, got shape {tuple(source.shape)}")
+    check_device(name, source, device)
+    targets = check_tensor("targets", targets)
+    check_device("targets", targets, device)
+    time = source.shape[1]
+    sequence.check_sequence_arguments(
+        targets, (batch, time), vocab, ignore_index, sequence_reduction, label_smoothing, values=check_values
+    )
+    if check_values and not all_finite(source):
+        raise ValueError(losses_not_finite(name))
+    fields["labels_a"] = targets
+    return fields

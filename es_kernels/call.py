@@ -11,9 +11,16 @@ Target encoding (exactly one of):
 * ``losses`` (B,) given per-sample losses, any float dtype; no logits, no labels;
 * ``logits`` (B, C) with ``labels_a`` (B,) int64 class ids; ``labels_b`` and ``lam`` add the mixup form
   ``lam * CE(labels_a) + (1 - lam) * CE(labels_b)`` (without ``labels_b``, ``lam`` is 1);
-* ``logits`` (B, C) with ``soft_targets`` (B, C), dense target weights.
+* ``logits`` (B, C) with ``soft_targets`` (B, C), dense target weights;
+* token level (``sequence_reduction`` set): ``labels_a`` holds int64 (B, T) token targets (``ignore_index`` marks
+  unscored positions) and either ``logits`` (B, T, V) or ``hidden_states`` (B, T, D) with ``lm_head_weight`` (V, D)
+  (``lm_head_bias``, ``logit_scale``, ``logit_softcap`` optional); the per-sample loss of a sequence is the mean or
+  sum of its scored tokens' cross-entropies (``es_kernels/reference/sequence.py``).
 
 ``label_smoothing`` applies to the logits forms, as in ``torch.nn.functional.cross_entropy``.
+
+Backends turn a token-level call into a per-sample one in two steps: their ``sequence_losses(call)`` gives the
+(B,) losses, then ``fused_select(call.with_losses(losses))`` runs the update and the draw (``select.py``).
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ class SelectCall:
     beta1: float
     beta2: float
     logits: torch.Tensor | None = None
-    labels_a: torch.Tensor | None = None  # int64 (B,)
+    labels_a: torch.Tensor | None = None  # int64 (B,); token level: int64 (B, T)
     labels_b: torch.Tensor | None = None  # int64 (B,), mixup only
     soft_targets: torch.Tensor | None = None  # float (B, C)
     lam: float = 1.0
@@ -52,8 +59,8 @@ class SelectCall:
     # ``check_inputs`` the input values (extension on CPU only), ``check_losses`` the losses computed from logits.
     check_inputs: bool = False
     check_losses: bool = False
-    # Token-level targets (issue 12: sequence losses of language models). None means "not used"; the backends
-    # refuse a call that sets one they do not implement (see ``token_fields_set``).
+    # Token-level targets (issue 12: sequence losses of language models). None means "not used". The fused ops take
+    # per-sample calls only: ``op_arguments`` refuses these fields (see ``with_losses``).
     ignore_index: int | None = None
     sequence_reduction: str | None = None
     hidden_states: torch.Tensor | None = None
@@ -71,10 +78,21 @@ class SelectCall:
         return [name for name in TOKEN_FIELDS if getattr(self, name) is not None]
 
     def refuse_token_fields(self, where: str) -> None:
-        """Raise if the call sets a token-level field that ``where`` does not implement yet."""
+        """Raise if the call sets a token-level field that ``where`` does not take (never ignore one silently)."""
         unsupported = self.token_fields_set()
         if unsupported:
-            raise NotImplementedError(f"{where} do not implement the token-level fields {unsupported} yet")
+            raise NotImplementedError(f"{where} do not take the token-level fields {unsupported}")
+
+    @property
+    def token_level(self) -> bool:
+        return self.sequence_reduction is not None
+
+    def with_losses(self, losses: torch.Tensor) -> SelectCall:
+        """The same call with the given per-sample losses as its only target encoding (token fields cleared)."""
+        cleared = dict.fromkeys(TOKEN_FIELDS)
+        return dataclasses.replace(
+            self, logits=None, labels_a=None, labels_b=None, soft_targets=None, lam=1.0, losses=losses, **cleared
+        )
 
     def op_arguments(self, seed: torch.Tensor) -> tuple:
         """The call as the ops' flat argument list (:data:`OP_ARGUMENTS`), with ``seed`` drawn by the caller."""

@@ -195,6 +195,19 @@ def fused_select(call: SelectCall) -> tuple[torch.Tensor, torch.Tensor]:
     return positions, losses
 
 
+def sequence_losses(call: SelectCall) -> torch.Tensor:
+    """Backend entry of a token-level ``evolved_select``: fp32 (B,) per-sequence losses, one dispatcher call
+    (CPU: at::mm per vocabulary chunk and a log-sum-exp merge; CUDA: cuBLAS per chunk and two kernels)."""
+    if call.hidden_states is None:
+        return _ops().token_sequence_losses(
+            call.logits, call.labels_a, call.ignore_index, call.sequence_reduction, call.label_smoothing
+        )
+    return _ops().hidden_sequence_losses(
+        call.hidden_states, call.lm_head_weight, call.lm_head_bias, call.labels_a, call.ignore_index,
+        call.sequence_reduction, call.label_smoothing, call.logit_scale, call.logit_softcap,
+    )  # fmt: skip
+
+
 def prune_select(values: torch.Tensor, keep: int, generator: torch.Generator | None) -> torch.Tensor:
     """Backend entry of ``evolved_prune``: ``keep`` ascending ids drawn without replacement ∝ values."""
     return _ops().prune_select(values, draw_seed(generator, values.device), int(keep))
@@ -224,3 +237,11 @@ def _register_fakes() -> None:
     @torch.library.register_fake("es_kernels_C::prune_select")
     def _prune_select_fake(values, seed, keep):
         return values.new_empty((keep,), dtype=torch.int64)
+
+    @torch.library.register_fake("es_kernels_C::token_sequence_losses")
+    def _token_sequence_losses_fake(logits, targets, *options):
+        return logits.new_empty((logits.shape[0],), dtype=torch.float32)
+
+    @torch.library.register_fake("es_kernels_C::hidden_sequence_losses")
+    def _hidden_sequence_losses_fake(hidden_states, *arguments):
+        return hidden_states.new_empty((hidden_states.shape[0],), dtype=torch.float32)

@@ -6,6 +6,8 @@ This is the only module that chooses between implementations. After the checks (
 * ``fused_select(call)`` returning ``(positions, losses)``: fp32 per-sample losses (from logits, or the given
   ones), the state update at ``call.indices``, and k ascending positions drawn without replacement ∝ the updated
   weights;
+* ``sequence_losses(call)`` returning the fp32 (B,) per-sequence losses of a token-level call (language models:
+  token logits, or hidden states and the LM head), which ``fused_select`` then takes as given losses;
 * ``prune_select(values, keep, generator)`` returning ``keep`` ascending ids drawn without replacement ∝ values.
 
 The backends: ``es_kernels.reference`` ("torch"), ``es_kernels.triton``, ``es_kernels.extension``. Arguments reach
@@ -15,7 +17,6 @@ losses), and, when value checks are on, finite logits and in-range targets (docs
 
 from __future__ import annotations
 
-import dataclasses
 from types import ModuleType
 
 import torch
@@ -50,6 +51,13 @@ def evolved_select(
     targets: Targets | None = None,
     losses: torch.Tensor | None = None,
     label_smoothing: float = 0.0,
+    hidden_states: torch.Tensor | None = None,
+    lm_head_weight: torch.Tensor | None = None,
+    lm_head_bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    sequence_reduction: str = "mean",
+    logit_scale: float = 1.0,
+    logit_softcap: float | None = None,
     generator: torch.Generator | None = None,
     backend: str | Backend = "auto",
     return_losses: bool = False,
@@ -62,9 +70,19 @@ def evolved_select(
         indices: (B,) dataset ids of the meta-batch rows, on the state's device, no repeats.
         k: how many rows to keep, 1 <= k <= B (paper: B // 4).
         logits: (B, C) outputs of the scoring forward (fp32/bf16/fp16); losses are cross-entropy against targets.
-        targets: with logits: int64 labels (B,), dense soft targets (B, C), or the mixup form ``(y_a, y_b, lam)``.
+            Language models: (B, T, V) token logits (any strides, e.g. ``logits[:, :-1]``) with (B, T) targets.
+        targets: with logits: int64 labels (B,), dense soft targets (B, C), or the mixup form ``(y_a, y_b, lam)``;
+            token level: int64 (B, T) (e.g. ``labels[:, 1:]``), ``ignore_index`` where a token is not scored.
         losses: (B,) per-sample losses of any task, instead of logits/targets.
-        label_smoothing: as in ``torch.nn.functional.cross_entropy``, in [0, 1].
+        label_smoothing: as in ``torch.nn.functional.cross_entropy``, in [0, 1] (per token at token level).
+        hidden_states, lm_head_weight, lm_head_bias: instead of token logits, the backbone's last hidden state
+            (B, T, D) and the LM head (V, D) (bias (V,) optional): the per-sequence losses of
+            ``H @ W.T + bias`` computed chunk by chunk over the vocabulary, never holding the (B·T, V) logits.
+        ignore_index: token targets equal to it are not scored.
+        sequence_reduction: a sequence's loss is the ``"mean"`` or ``"sum"`` of its scored tokens' cross-entropies
+            (0 for a sequence without one).
+        logit_scale, logit_softcap: with hidden states, logits are ``z * logit_scale``, then
+            ``c * tanh(z / c)`` with ``c = logit_softcap`` if given (Gemma).
         generator: source of the draw; ``None`` uses torch's default generator of the device (follows
             ``torch.manual_seed``). A given generator leaves the global RNG untouched.
         backend: ``"auto"``, ``"triton"``, ``"extension"`` or ``"torch"`` (the reference). A named backend that
@@ -93,7 +111,21 @@ def evolved_select(
     generator = _checks.check_generator(generator, device)
     labels_a = labels_b = soft_targets = None
     lam = 1.0
-    if losses is not None:
+    sequence_fields = {}
+    token_level = any(value is not None for value in (hidden_states, lm_head_weight, lm_head_bias)) or (
+        isinstance(logits, torch.Tensor) and logits.dim() == 3
+    )
+    if token_level:
+        if losses is not None:
+            raise ValueError("pass either losses, or token logits / hidden states with targets, not both")
+        sequence_fields = _checks.check_sequence_call(
+            batch, device, check_values, logits=logits, targets=targets, hidden_states=hidden_states,
+            lm_head_weight=lm_head_weight, lm_head_bias=lm_head_bias, ignore_index=ignore_index,
+            sequence_reduction=sequence_reduction, label_smoothing=label_smoothing, logit_scale=logit_scale,
+            logit_softcap=logit_softcap,
+        )  # fmt: skip
+        logits, labels_a = sequence_fields.pop("logits", None), sequence_fields.pop("labels_a")
+    elif losses is not None:
         if logits is not None or targets is not None:
             raise ValueError("pass either losses, or logits with targets, not both")
         losses = _checks.check_losses("losses", losses, batch, device, check_here).detach()
@@ -110,21 +142,68 @@ def evolved_select(
         label_smoothing=label_smoothing, generator=generator, check_inputs=check_inputs,
         # The extension checks the losses it computes between its loss and update passes (finite logits can still
         # overflow); Triton cannot without a host sync, so there the logits pre-check is the guard.
-        check_losses=check_values and chosen is Backend.EXTENSION and losses is None,
+        check_losses=check_values and chosen is Backend.EXTENSION and losses is None and not token_level,
+        **sequence_fields,
     )  # fmt: skip
     if check_values:
         state.check_unvisited(indices)  # a sample updated twice in one epoch (once an epoch was begun)
+    module = _backend_module(chosen)
     with torch.no_grad():
-        if check_values and losses is None and chosen is Backend.TORCH:
+        if token_level:
+            # Per-sequence losses first (the backend's sequence op), then the per-sample fused update and draw.
+            computed = module.sequence_losses(call)
+            if check_values:
+                _checks.check_loss_values(_checks.COMPUTED_LOSSES, computed)
+            call = call.with_losses(computed)
+        elif check_values and losses is None and chosen is Backend.TORCH:
             # The reference computes losses before touching the state, so an overflow to inf can still be refused.
             computed = reference.call_losses(call)
             _checks.check_loss_values(_checks.COMPUTED_LOSSES, computed)
-            call = dataclasses.replace(call, logits=None, labels_a=None, labels_b=None, soft_targets=None,
-                                       lam=1.0, losses=computed)  # fmt: skip
-        positions, batch_losses = _backend_module(chosen).fused_select(call)
+            call = call.with_losses(computed)
+        positions, batch_losses = module.fused_select(call)
     state.mark_visited(indices)
     record_backend(chosen)
     return (positions, batch_losses) if return_losses else positions
+
+
+def sequence_losses(
+    targets: torch.Tensor,
+    *,
+    logits: torch.Tensor | None = None,
+    hidden_states: torch.Tensor | None = None,
+    lm_head_weight: torch.Tensor | None = None,
+    lm_head_bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    sequence_reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    logit_scale: float = 1.0,
+    logit_softcap: float | None = None,
+    backend: str | Backend = "auto",
+    check_values: bool = True,
+) -> torch.Tensor:
+    """The scoring half of a token-level :func:`evolved_select`, with no state: fp32 (B,) per-sequence losses of
+    token ``logits`` (B, T, V), or of ``hidden_states`` (B, T, D) through ``lm_head_weight`` (V, D) without the
+    logits, by the same checks and backend ops. For callers that keep their own bookkeeping (the HF trainer)."""
+    source = hidden_states if hidden_states is not None else logits
+    name = "hidden_states" if hidden_states is not None else "logits"
+    device = _checks.check_tensor(name, source).device
+    chosen = resolve_backend(backend, device)
+    label_smoothing = _checks.check_fraction("label_smoothing", label_smoothing)
+    fields = _checks.check_sequence_call(
+        source.shape[0] if source.dim() > 0 else 0, device, check_values, logits=logits, targets=targets,
+        hidden_states=hidden_states, lm_head_weight=lm_head_weight, lm_head_bias=lm_head_bias,
+        ignore_index=ignore_index, sequence_reduction=sequence_reduction, label_smoothing=label_smoothing,
+        logit_scale=logit_scale, logit_softcap=logit_softcap,
+    )  # fmt: skip
+    unused = torch.empty(0, device=device)
+    call = SelectCall(
+        score=unused, weight=unused, indices=torch.arange(source.shape[0], device=device), k=1, beta1=0.0,
+        beta2=0.0, label_smoothing=label_smoothing, **fields,
+    )  # fmt: skip
+    with torch.no_grad():
+        losses = _backend_module(chosen).sequence_losses(call)
+    record_backend(chosen)
+    return losses
 
 
 def evolved_prune(

@@ -1,10 +1,9 @@
-"""Per-sequence losses for language models (issue 12): the reference and the C++ CPU entry points against a plain
-fp64 computation, ``F.cross_entropy(..., reduction="none", ignore_index=...)`` reduced per sequence.
+"""Per-sequence losses for language models (issue 12): the reference, the C++ CPU ops
+(``torch.ops.es_kernels_C.{token,hidden}_sequence_losses``) and ``evolved_select``'s token-level call forms against
+a plain fp64 computation, ``F.cross_entropy(..., reduction="none", ignore_index=...)`` reduced per sequence; the
+state update (Algorithm 1 on those losses), the selection law, bad input, and ``torch.compile``.
 
-The C++ functions are not registered with the dispatcher yet (issue 10 changes the bindings); a test-only pybind11
-harness (``csrc/testing/sequence_harness.cpp``) is built here with ``torch.utils.cpp_extension.load`` (about two
-minutes the first time, cached after). The Triton kernels are tested under the interpreter in
-``test_sequence_triton.py``.
+The Triton kernels are tested under the interpreter in ``test_sequence_triton.py``.
 """
 
 from __future__ import annotations
@@ -16,8 +15,15 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import LOSS_TOLERANCES
+from helpers import (
+    CHI_SQUARE_ALPHA,
+    LOSS_TOLERANCES,
+    extension_unavailable_reason,
+    subset_chi_square_pvalue,
+)
 
+from es_kernels import EvolvedState, evolved_select
+from es_kernels.reference import ema_update_
 from es_kernels.reference import sequence as reference
 
 IGNORE = -100
@@ -67,27 +73,23 @@ def assert_losses(actual, expected, dtype):
 SHAPES = [(b, t, v) for b in (1, 3) for t in (1, 7, 129) for v in (2, 1000, 32769)]
 
 
-# ----------------------------------------------------------------------------------------- C++ harness
+# ----------------------------------------------------------------------------------------- the C++ ops
 
 
 @pytest.fixture(scope="module")
-def harness():
-    """The C++ entry points, bound by a throwaway pybind11 module."""
-    from es_kernels._sequence_harness import load_sequence_harness
-
-    try:
-        return load_sequence_harness()
-    except Exception as error:  # no compiler or ninja here
-        if os.environ.get("ES_KERNELS_REQUIRE_EXTENSION") == "1":
-            raise
-        pytest.skip(f"cannot build the C++ test harness: {error}")
+def extension_ops():
+    """The dispatcher ops of the extension (their CPU kernels); skipped where it is not built (CI requires it)."""
+    reason = extension_unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"the extension is unavailable: {reason}")
+    return torch.ops.es_kernels_C
 
 
 @pytest.fixture(params=["reference", "cpp"])
 def token_losses(request):
     if request.param == "reference":
         return reference.token_sequence_losses
-    return request.getfixturevalue("harness").token_sequence_losses_cpu
+    return request.getfixturevalue("extension_ops").token_sequence_losses
 
 
 @pytest.fixture(params=["reference", "cpp"])
@@ -96,7 +98,7 @@ def hidden_losses(request):
     -> (B,), for either implementation."""
     if request.param == "reference":
         return reference.hidden_sequence_losses
-    return request.getfixturevalue("harness").hidden_sequence_losses_cpu
+    return request.getfixturevalue("extension_ops").hidden_sequence_losses
 
 
 # ----------------------------------------------------------------------------------------- token logits
@@ -284,14 +286,14 @@ def test_reference_refuses_targets_outside_the_vocabulary():
     assert reference.token_sequence_losses(logits, torch.tensor([[-1, 0]]), ignore_index=-1).isfinite().all()
 
 
-def test_cpp_gives_nan_not_garbage_for_unchecked_bad_targets(harness):
+def test_cpp_gives_nan_not_garbage_for_unchecked_bad_targets(extension_ops):
     # Value checks are the caller's; without them a bad target must never read memory or look like a small loss.
     logits = torch.zeros(2, 2, 5)
-    losses = harness.token_sequence_losses_cpu(logits, torch.tensor([[0, 9], [1, 2]]), IGNORE, "mean", 0.0)
+    losses = extension_ops.token_sequence_losses(logits, torch.tensor([[0, 9], [1, 2]]), IGNORE, "mean", 0.0)
     assert losses[0].isnan() and losses[1].isfinite()
     hidden, weight = torch.zeros(2, 2, 4), torch.zeros(5, 4)
-    losses = harness.hidden_sequence_losses_cpu(hidden, weight, None, torch.tensor([[0, 9], [1, 2]]), IGNORE, "mean",
-                                                0.0, 1.0, None, 3, 2)  # fmt: skip
+    losses = extension_ops.hidden_sequence_losses(hidden, weight, None, torch.tensor([[0, 9], [1, 2]]), IGNORE,
+                                                  "mean", 0.0, 1.0, None, 3, 2)  # fmt: skip
     assert losses[0].isnan() and losses[1].isfinite()
 
 
@@ -324,3 +326,184 @@ for name, kernel, args, kwargs in sk.aot_variants():
     environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+
+
+# ----------------------------------------------------------------------------------------- through evolved_select
+
+
+SELECT_BACKENDS = ["torch", "extension"]
+
+
+def require_backend(backend):
+    if backend == "extension":
+        reason = extension_unavailable_reason()
+        if reason is not None:
+            pytest.skip(f"the extension is unavailable: {reason}")
+
+
+def lm_batch(batch, time, vocab, dim, dtype, seed):
+    """Shifted views as a causal-LM caller passes them: ``hidden[:, :-1]``, ``labels[:, 1:]``."""
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(batch, time + 1, dim, generator=generator).to(dtype)[:, :-1]
+    weight = (torch.randn(vocab, dim, generator=generator) / dim**0.5 * 3).to(dtype)
+    bias = torch.randn(vocab, generator=generator)
+    return hidden, weight, bias, shifted_targets(batch, time, vocab, generator)
+
+
+def select_sequence(state, indices, k, form, hidden, weight, bias, targets, backend, **options):
+    if form == "logits":
+        # (B, T, V) logits with a stride that is not the contiguous one: a vocabulary slice of wider logits.
+        wide = torch.cat([(hidden @ weight.t()).float() + bias, torch.zeros(*hidden.shape[:2], 3)], dim=2)
+        options["logits"] = wide[:, :, : weight.shape[0]].to(hidden.dtype)
+    else:
+        options.update(hidden_states=hidden, lm_head_weight=weight, lm_head_bias=bias)
+    return evolved_select(state, indices, k, targets=targets, backend=backend, return_losses=True, **options)
+
+
+@pytest.mark.parametrize("backend", SELECT_BACKENDS)
+@pytest.mark.parametrize("form", ["logits", "hidden"])
+@pytest.mark.parametrize("reduction, smoothing", [("mean", 0.0), ("sum", 0.1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_evolved_select_sequence_losses_match_fp64_and_state_follows_algorithm_1(
+    backend, form, reduction, smoothing, dtype
+):
+    require_backend(backend)
+    hidden, weight, bias, targets = lm_batch(3, 129, 1000, 96, dtype, seed=21)
+    state = EvolvedState(10, beta1=0.3, beta2=0.8)
+    indices = torch.tensor([7, 2, 5])
+    positions, losses = select_sequence(
+        state, indices, 2, form, hidden, weight, bias, targets, backend, sequence_reduction=reduction,
+        label_smoothing=smoothing,
+    )  # fmt: skip
+    materialised = ((hidden @ weight.t()).float() + bias).to(dtype)  # what the logits form was given
+    logits = materialised if form == "logits" else fp64_logits(hidden, weight, bias)
+    assert_losses(losses, fp64_sequence_losses(logits, targets, IGNORE, reduction, smoothing), dtype)
+    assert losses[1] == 0.0  # the sequence of only ignore_index
+    # Algorithm 1 on the per-sequence losses, by the reference update: bit for bit, and only at the ids.
+    expected = EvolvedState(10, beta1=0.3, beta2=0.8)
+    ema_update_(expected.score, expected.weight, indices, losses, 0.3, 0.8)
+    assert torch.equal(state.score, expected.score) and torch.equal(state.weight, expected.weight)
+    assert positions.dtype == torch.int64 and positions.tolist() == sorted(set(positions.tolist()))
+    assert len(positions) == 2 and 1 not in positions.tolist()  # a zero weight is never preferred
+
+
+@pytest.mark.parametrize("backend", SELECT_BACKENDS)
+def test_hidden_and_token_forms_agree_with_softcap_and_scale(backend):
+    require_backend(backend)
+    hidden, weight, bias, targets = lm_batch(2, 9, 70, 8, torch.float32, seed=3)
+    logits = 20.0 * torch.tanh((hidden @ weight.t() + bias) * 0.5 / 20.0)
+    _, fused = select_sequence(EvolvedState(4), torch.arange(2), 1, "hidden", hidden, weight, bias, targets, backend,
+                               logit_scale=0.5, logit_softcap=20.0)  # fmt: skip
+    _, materialised = evolved_select(EvolvedState(4), torch.arange(2), 1, logits=logits, targets=targets,
+                                     backend=backend, return_losses=True)  # fmt: skip
+    torch.testing.assert_close(fused, materialised, rtol=1e-5, atol=1e-5)
+    assert_losses(fused, fp64_sequence_losses(logits.double(), targets), torch.float32)
+
+
+@pytest.mark.parametrize("backend", SELECT_BACKENDS)
+@pytest.mark.parametrize("form", ["logits", "hidden"])
+def test_selection_law_on_sequence_losses_is_exact_successive_sampling(backend, form):
+    require_backend(backend)
+    hidden, weight, bias, _ = lm_batch(5, 6, 40, 8, torch.float32, seed=11)
+    targets = torch.randint(0, 40, (5, 6), generator=torch.Generator().manual_seed(1))
+    # beta1 = 0: a visit sets w to the sequence's loss, so the law is successive sampling ∝ the losses.
+    state = EvolvedState(5, beta1=0.0, beta2=0.5)
+    generator = torch.Generator().manual_seed(7)
+    _, losses = select_sequence(state, torch.arange(5), 2, form, hidden, weight, bias, targets, backend)
+
+    def draw():
+        return select_sequence(state, torch.arange(5), 2, form, hidden, weight, bias, targets, backend,
+                               generator=generator, check_values=False)[0]  # fmt: skip
+
+    assert subset_chi_square_pvalue(draw, losses.tolist(), 2, draws=6_000) > CHI_SQUARE_ALPHA
+
+
+def bad_sequence_calls():
+    """(what, arguments of evolved_select, error type, the argument the message names) for every listed case."""
+    hidden, weight, bias, targets = lm_batch(3, 5, 11, 4, torch.float32, seed=5)
+    logits = hidden @ weight.t()
+    nan_hidden = hidden.clone()
+    nan_hidden[2, 1, 0] = float("nan")
+    out_of_range = targets.clone()
+    out_of_range[0, 0] = 11
+    negative = targets.clone()
+    negative[2, 4] = -1
+    nan_logits = logits.masked_fill((negative < 0).unsqueeze(2), float("nan"))
+    h = {"hidden_states": hidden, "lm_head_weight": weight}
+    return [
+        ("B disagrees", {"logits": logits[:2], "targets": targets}, ValueError, "logits"),
+        ("B disagrees (H)", {**h, "hidden_states": hidden[:2], "targets": targets}, ValueError, "hidden_states"),
+        ("T disagrees", {"logits": logits, "targets": targets[:, :4]}, ValueError, "targets"),
+        ("T disagrees (H)", {**h, "targets": targets[:, :4]}, ValueError, "targets"),
+        ("D disagrees", {**h, "lm_head_weight": weight[:, :3], "targets": targets}, ValueError, "lm_head_weight"),
+        ("V disagrees", {**h, "lm_head_bias": bias[:10], "targets": targets}, ValueError, "lm_head_bias"),
+        ("target >= V", {"logits": logits, "targets": out_of_range}, ValueError, "targets"),
+        ("target >= V (H)", {**h, "targets": out_of_range}, ValueError, "targets"),
+        ("negative target", {**h, "targets": negative}, ValueError, "targets"),
+        ("float targets", {"logits": logits, "targets": targets.float()}, TypeError, "targets"),
+        ("int32 targets", {**h, "targets": targets.int()}, TypeError, "targets"),
+        ("reduction", {"logits": logits, "targets": targets, "sequence_reduction": "max"}, ValueError,
+         "sequence_reduction"),
+        ("W dtype", {**h, "lm_head_weight": weight.double(), "targets": targets}, ValueError, "lm_head_weight"),
+        ("W device", {**h, "lm_head_weight": weight.to("meta"), "targets": targets}, ValueError, "lm_head_weight"),
+        ("NaN hidden", {**h, "hidden_states": nan_hidden, "targets": targets}, ValueError, "hidden_states"),
+        ("NaN logits", {"logits": nan_logits, "targets": targets}, ValueError, "logits"),
+        ("logits and H", {**h, "logits": logits, "targets": targets}, ValueError, "logits"),
+        ("W without H", {"logits": logits, "lm_head_weight": weight, "targets": targets}, ValueError,
+         "lm_head_weight"),
+        ("losses and H", {**h, "targets": targets, "losses": torch.ones(3)}, ValueError, "losses"),
+        ("softcap", {**h, "targets": targets, "logit_softcap": -1.0}, ValueError, "logit_softcap"),
+        ("ignore_index", {**h, "targets": targets, "ignore_index": 1.5}, TypeError, "ignore_index"),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", SELECT_BACKENDS)
+def test_bad_sequence_input_names_the_argument_and_leaves_the_state_untouched(backend):
+    require_backend(backend)
+    state = EvolvedState(6)
+    score, weight = state.score.clone(), state.weight.clone()
+    for what, arguments, error, name in bad_sequence_calls():
+        with pytest.raises(error, match=name):
+            evolved_select(state, torch.tensor([4, 0, 2]), 2, backend=backend, **arguments)
+        assert torch.equal(state.score, score) and torch.equal(state.weight, weight), what
+
+
+@pytest.mark.parametrize("backend", SELECT_BACKENDS)
+def test_compile_fullgraph_traces_the_hidden_state_path(backend):
+    require_backend(backend)
+    hidden, weight, bias, targets = lm_batch(3, 5, 50, 8, torch.float32, seed=8)
+    indices = torch.tensor([1, 4, 0])
+
+    # The default generator (the reference's draw cannot trace a torch.Generator argument), seeded before each call.
+    def select(state):
+        return evolved_select(state, indices, 2, hidden_states=hidden, lm_head_weight=weight, lm_head_bias=bias,
+                              targets=targets, backend=backend, return_losses=True, check_values=False)  # fmt: skip
+
+    torch._dynamo.reset()
+    compiled = torch.compile(select, fullgraph=True)
+    eager_state, compiled_state = EvolvedState(6), EvolvedState(6)
+    torch.manual_seed(3)
+    eager = select(eager_state)
+    torch.manual_seed(3)
+    traced = compiled(compiled_state)
+    torch.testing.assert_close(traced[1], eager[1], rtol=1e-6, atol=1e-6)
+    assert torch.equal(traced[0], eager[0])
+    torch.testing.assert_close(compiled_state.weight, eager_state.weight, rtol=1e-6, atol=1e-6)
+
+
+def test_the_gpu_command_sequence_step_runs_its_checks_on_cpu():
+    # The prepared GPU command's sequence step (benchmarks/gpu_check.py) runs this check on CUDA; on CPU it must
+    # pass, and the report must render the benchmark rows, including a peer that is not installed.
+    from benchmarks import gpu_check
+
+    backends = ("torch", "extension") if extension_unavailable_reason() is None else ("torch",)
+    outcome = gpu_check.check_sequence(device="cpu", backends=backends, shapes=((2, 5, 50, 8),))
+    assert outcome["problems"] == [] and set(outcome["backends"]) == set(backends)
+    report = gpu_check.report({
+        "device": {"name": "test", "torch": "-", "cuda": "-"}, "steps": {},
+        "sequence_bench": {"shape": {"batch": 8, "time": 1024, "dim": 2048, "vocab": 32000, "dtype": "bfloat16"},
+                           "logits_mib": 500.0, "rows": [
+                               {"path": "fused", "status": "measured", "median_ms": 1.5, "peak_extra_mib": 20.0},
+                               {"path": "Cut Cross-Entropy (reduction='none')", "status": "not installed"}]},
+    })  # fmt: skip
+    assert "| fused | 1.50 ms | 20 MiB | measured |" in report and "| - | - | not installed |" in report

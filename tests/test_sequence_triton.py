@@ -14,7 +14,9 @@ import sys
 _previous = os.environ.get("TRITON_INTERPRET")
 if "triton" not in sys.modules:
     os.environ["TRITON_INTERPRET"] = "1"
-    import triton  # noqa: F401  (fixes interpreter mode for this process)
+    # Importing triton fixes interpreter mode for this process. Its gluon package, which triton otherwise imports
+    # lazily at the first launch, asserts the mode from the environment restored below: import it now too.
+    import triton.experimental.gluon  # noqa: F401
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -133,3 +135,27 @@ def test_unchecked_bad_targets_give_nan_and_empty_batches_give_zeros(kernels):
     assert losses[0].isnan() and losses[1].isfinite()
     empty = kernels.token_sequence_losses(torch.zeros(3, 0, 5), torch.zeros(3, 0, dtype=torch.int64))
     assert torch.equal(empty, torch.zeros(3))
+
+
+@in_process
+@pytest.mark.parametrize("form", ["logits", "hidden"])
+def test_evolved_select_with_triton_matches_fp64_and_the_reference_state(form, monkeypatch):
+    from test_sequence import lm_batch, select_sequence
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the backend's availability reads it (restored after import above)
+
+    from es_kernels import EvolvedState, last_backend
+    from es_kernels.reference import ema_update_
+
+    hidden, weight, bias, targets = lm_batch(3, 7, 70, 8, torch.float32, seed=4)
+    indices = torch.tensor([6, 0, 3])
+    state = EvolvedState(8, beta1=0.3, beta2=0.8)
+    positions, losses = select_sequence(state, indices, 2, form, hidden, weight, bias, targets, "triton",
+                                        sequence_reduction="sum", label_smoothing=0.1)  # fmt: skip
+    assert last_backend() == "triton"
+    logits = fp64_logits(hidden, weight, bias)
+    assert_losses(losses, fp64_sequence_losses(logits, targets, IGNORE, "sum", 0.1), torch.float32)
+    expected = EvolvedState(8, beta1=0.3, beta2=0.8)
+    ema_update_(expected.score, expected.weight, indices, losses, 0.3, 0.8)
+    assert torch.equal(state.score, expected.score) and torch.equal(state.weight, expected.weight)
+    assert len(positions) == 2 and 1 not in positions.tolist()  # the all-ignored sequence has weight 0

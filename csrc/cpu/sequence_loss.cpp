@@ -7,6 +7,8 @@
 // the chunk (kernels/sequence.cuh), so peak extra memory is one chunk however large V is.
 #include "sequence_loss.h"
 
+#include <torch/library.h>
+
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -214,3 +216,8 @@ at::Tensor hidden_sequence_losses_cpu(const at::Tensor& hidden, const at::Tensor
 }
 
 }  // namespace es_kernels
+
+TORCH_LIBRARY_IMPL(es_kernels_C, CPU, m) {
+  m.impl("token_sequence_losses", &es_kernels::token_sequence_losses_cpu);
+  m.impl("hidden_sequence_losses", &es_kernels::hidden_sequence_losses_cpu);
+}

@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
 
 #include "checks.h"
 #include "cuda/sequence_launch.h"
@@ -140,3 +141,8 @@ at::Tensor hidden_sequence_losses_cuda(const at::Tensor& hidden, const at::Tenso
 }
 
 }  // namespace es_kernels
+
+TORCH_LIBRARY_IMPL(es_kernels_C, CUDA, m) {
+  m.impl("token_sequence_losses", &es_kernels::token_sequence_losses_cuda);
+  m.impl("hidden_sequence_losses", &es_kernels::hidden_sequence_losses_cuda);
+}

@@ -1,11 +1,11 @@
 """Pure-PyTorch reference ("torch" backend): every other backend is tested against these functions.
 
-As a backend it provides ``fused_select(call)`` and ``prune_select(values, keep, generator)``, the contract of
-``es_kernels/select.py``.
+As a backend it provides ``fused_select(call)``, ``sequence_losses(call)`` and
+``prune_select(values, keep, generator)``, the contract of ``es_kernels/select.py``.
 """
 
 from es_kernels.reference.losses import MixupTargets, per_sample_cross_entropy
-from es_kernels.reference.pipeline import call_losses, fused_select
+from es_kernels.reference.pipeline import call_losses, fused_select, sequence_losses
 from es_kernels.reference.sampling import prune_select, race_keys, race_select
 from es_kernels.reference.update import ema_update_
 
@@ -18,4 +18,5 @@ __all__ = [
     "prune_select",
     "race_keys",
     "race_select",
+    "sequence_losses",
 ]

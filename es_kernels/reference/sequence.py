@@ -113,12 +113,14 @@ def token_sequence_losses(
     ignore_index: int = -100,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
+    check_values: bool = True,
 ) -> torch.Tensor:
-    """fp32 (B,) per-sequence losses from ``(B, T, V)`` logits of any float dtype and strides."""
+    """fp32 (B,) per-sequence losses from ``(B, T, V)`` logits of any float dtype and strides. ``check_values=False``
+    skips the targets' range check (callers that checked already; nothing here then reads a value)."""
     if not isinstance(logits, torch.Tensor) or not logits.is_floating_point() or logits.dim() != 3:
         raise TypeError("logits must be a floating-point tensor of shape (B, T, V)")
     batch, time, vocab = logits.shape
-    check_sequence_arguments(targets, (batch, time), vocab, ignore_index, reduction, label_smoothing)
+    check_sequence_arguments(targets, (batch, time), vocab, ignore_index, reduction, label_smoothing, check_values)
     scored = targets != ignore_index
     local = torch.where(scored, targets, -1)
     token_losses = torch.empty(batch, time, dtype=torch.float32, device=logits.device)
@@ -157,14 +159,16 @@ def hidden_sequence_losses(
     logit_softcap: float | None = None,
     token_block: int = TOKEN_BLOCK,
     vocab_chunk: int = VOCAB_CHUNK,
+    check_values: bool = True,
 ) -> torch.Tensor:
     """fp32 (B,) per-sequence losses of ``(hidden @ weight.T + bias) * logit_scale`` (soft-capped if asked),
     without materialising the (B·T, V) logits: peak extra memory is one ``token_block x vocab_chunk`` fp32
-    chunk (plus fp32 copies of one block of H and one chunk of W for fp16/bf16 inputs)."""
+    chunk (plus fp32 copies of one block of H and one chunk of W for fp16/bf16 inputs). ``check_values`` as for
+    :func:`token_sequence_losses`."""
     check_hidden_arguments(hidden, weight, bias, targets, logit_scale, logit_softcap)
     batch, time, _ = hidden.shape
     vocab = weight.shape[0]
-    check_sequence_arguments(targets, (batch, time), vocab, ignore_index, reduction, label_smoothing)
+    check_sequence_arguments(targets, (batch, time), vocab, ignore_index, reduction, label_smoothing, check_values)
     if token_block < 1 or vocab_chunk < 1:
         raise ValueError(f"token_block and vocab_chunk must be positive, got {token_block}, {vocab_chunk}")
     scored = targets != ignore_index

@@ -32,6 +32,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from es_kernels import _checks
 from es_kernels.policies import make_policy
+from es_kernels.select import sequence_losses
 from es_kernels.train.loop import METHODS, SCORING_MODES, EvolvedTraining
 
 logger = logging.getLogger(__name__)
@@ -151,33 +152,14 @@ def scoring_for(model: torch.nn.Module, *, shift_labels: bool) -> Scoring:
     )
 
 
-def _token_losses_from_hidden(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor) -> torch.Tensor:
-    """fp32 cross-entropy of rows ``hidden`` (N, D) against ``targets`` (N,) through ``head``, with an online
-    log-sum-exp over vocabulary chunks, so at most (N, chunk) logits exist at once (never (N, V))."""
-    weight, bias = head.weight, head.bias
-    rows, vocab = hidden.shape[0], weight.shape[0]
-    chunk = max(1, min(vocab, (1 << 22) // max(rows, 1)))  # about 16 MB of fp32 logits per chunk
-    target_logits = (hidden * weight[targets]).sum(-1).float()
-    if bias is not None:
-        target_logits += bias[targets].float()
-    running_max = torch.full((rows,), -math.inf, device=hidden.device)
-    running_sum = torch.zeros(rows, device=hidden.device)
-    for start in range(0, vocab, chunk):
-        block = F.linear(hidden, weight[start : start + chunk], None if bias is None else bias[start : start + chunk])
-        block = block.float()
-        new_max = torch.maximum(running_max, block.max(-1).values)
-        running_sum = running_sum * torch.exp(running_max - new_max) + torch.exp(block - new_max[:, None]).sum(-1)
-        running_max = new_max
-    return running_max + torch.log(running_sum) - target_logits
-
-
 def per_sequence_losses(
     model: torch.nn.Module, inputs: dict[str, Any], scoring: Scoring, *, ignore_index: int, reduction: str
 ) -> torch.Tensor:
     """(B,) fp32 losses of the batch ``inputs`` (the same keyword inputs training uses), without gradients.
 
-    The one place per-sequence losses are computed: when the sequence-level op of ``evolved_select``
-    (``hidden_states=, lm_head_weight=``) lands, the fused branch below becomes that call.
+    The one place per-sequence losses are computed. The fused branch is the sequence-level op of
+    ``evolved_select`` (``es_kernels.select.sequence_losses`` with ``hidden_states=, lm_head_weight=``): the
+    backbone's last hidden state through the lm_head, chunk by chunk over the vocabulary, never the (B·T, V) logits.
     """
     labels = inputs.get("labels")
     if labels is None:
@@ -193,22 +175,20 @@ def per_sequence_losses(
             targets, shift = labels, scoring.shift
         if shift:
             targets = targets[:, 1:]
-        valid = targets != ignore_index
+        options = {"ignore_index": ignore_index, "sequence_reduction": reduction}
         if scoring.fused:
             backbone = getattr(model, model.base_model_prefix)
             hidden = backbone(**forward_inputs)[0]
             hidden = hidden[:, :-1] if shift else hidden
-            token_losses = _token_losses_from_hidden(hidden[valid], model.get_output_embeddings(), targets[valid])
-        else:
-            logits = model(**forward_inputs).logits
-            logits = logits[:, :-1] if shift else logits
-            token_losses = F.cross_entropy(logits[valid].float(), targets[valid], reduction="none")
-        rows = valid.nonzero()[:, 0]
-        sums = torch.zeros(targets.shape[0], device=token_losses.device).index_add_(0, rows, token_losses)
-        if reduction == "sum":
-            return sums
-        counts = valid.sum(1).to(sums.device)
-        return torch.where(counts > 0, sums / counts.clamp(min=1), torch.zeros_like(sums))
+            head = model.get_output_embeddings()
+            # Under autocast the backbone may return another dtype than the head's weight; the op wants one.
+            return sequence_losses(
+                targets.to(hidden.device), hidden_states=hidden.to(head.weight.dtype), lm_head_weight=head.weight,
+                lm_head_bias=head.bias, **options,
+            )  # fmt: skip
+        logits = model(**forward_inputs).logits
+        logits = logits[:, :-1] if shift else logits  # a view: the op takes any strides
+        return sequence_losses(targets.to(logits.device), logits=logits, **options)
 
 
 class _Scorer:

@@ -1,4 +1,5 @@
-"""The Triton backend: one fused launch per ``evolved_select`` call, and a key kernel for pruning.
+"""The Triton backend: one fused launch per ``evolved_select`` call (three for a token-level call: the sequence
+kernels' two, then the fused one with the losses), and a key kernel for pruning.
 
 Where it runs:
 
@@ -37,6 +38,7 @@ __all__ = [
     "fused_select",
     "interpreter_requested",
     "prune_select",
+    "sequence_losses",
     "triton_version_problem",
     "unavailable_reason",
 ]
@@ -48,6 +50,21 @@ def fused_select(call: SelectCall) -> tuple[torch.Tensor, torch.Tensor]:
 
     seed = draw_seed(call.generator, call.indices.device)
     return ops.fused_select(*call.op_arguments(seed))
+
+
+def sequence_losses(call: SelectCall) -> torch.Tensor:
+    """Backend entry of a token-level ``evolved_select``: the per-sequence losses in two launches (the per-token
+    kernel — over token logits, or the fused H @ W.T tile kernel — then the per-sequence reduction)."""
+    from es_kernels.triton import ops
+
+    if call.hidden_states is None:
+        return ops.token_sequence_losses(
+            call.logits, call.labels_a, call.ignore_index, call.sequence_reduction, call.label_smoothing
+        )
+    return ops.hidden_sequence_losses(
+        call.hidden_states, call.lm_head_weight, call.lm_head_bias, call.labels_a, call.ignore_index,
+        call.sequence_reduction, call.label_smoothing, call.logit_scale, call.logit_softcap,
+    )  # fmt: skip
 
 
 def prune_select(values: torch.Tensor, keep: int, generator: torch.Generator | None) -> torch.Tensor:

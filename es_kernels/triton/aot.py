@@ -3,7 +3,8 @@
 Run ``python -m es_kernels.triton.aot`` (``--help`` for options). For each variant and target (sm_80, sm_90) it
 prints registers, spilled bytes, shared memory and vector global loads, and exits non-zero on any compile error,
 any spill in a default configuration, a fused multiply-add in the state update, or an aligned variant (and the
-pruning kernel) whose PTX has no vector load.
+pruning kernel) whose PTX has no vector load (``ld.global.v2/v4``, or an 8/16-byte ``cp.async`` for ``tl.dot``
+operands).
 
 Coverage: the kernel is built so Triton can only specialise on its constexprs and one layout class (see
 ``kernels.py``); before compiling, the gate binds a grid of user-like launches (odd sizes, offset views, transposes,
@@ -103,6 +104,12 @@ def variants() -> Iterator[Variant]:
                 yield fused(name, layout_name == "aligned", logits=logits, soft_targets=soft)
     args, kwargs, _ = launch.prune_keys_arguments(torch.zeros(n), seed)
     yield Variant("prune_keys values=fp32", kernels.prune_keys_kernel, args, kwargs, vectorised=True)
+    # Language-model sequence losses (issue 12). Their aligned forms are specialised for the same layout class as
+    # the fused kernel's (unit last stride, 16-element strides, 16-byte data), so they must vectorise too.
+    from es_kernels.triton import sequence_kernels
+
+    for name, kernel, args, kwargs in sequence_kernels.aot_variants():
+        yield Variant(name, kernel, args, kwargs, vectorised=" aligned" in name)
 
 
 def _bind(kernel, args: tuple, kwargs: dict, backend) -> tuple:
@@ -167,6 +174,9 @@ def probe_launches() -> Iterator[tuple[str, object, tuple, dict]]:
                         yield (name, *arguments[:3])
     prune_args, prune_kwargs, _ = launch.prune_keys_arguments(torch.zeros(10**6), seed)
     yield "prune keys n=10**6", kernels.prune_keys_kernel, prune_args, prune_kwargs
+    from es_kernels.triton import sequence_kernels
+
+    yield from sequence_kernels.probe_launches()
 
 
 def uncovered_launches(arch: int = TARGETS[0]) -> tuple[list[str], int]:
@@ -210,8 +220,16 @@ def _update_instructions(ptx: str, lines: set[int]) -> tuple[int, int]:
 
 
 def vector_loads(ptx: str) -> int:
-    """Number of vector global loads (``ld.global[.qualifiers].v2/.v4``) in ``ptx``."""
-    return len(re.findall(r"^\s*(?:@!?%\w+\s+)?ld\.global(?:\.[\w:]+)*?\.v[248]\.", ptx, flags=re.MULTILINE))
+    """Number of vector global loads in ``ptx``: ``ld.global[.qualifiers].v2/.v4``, and asynchronous copies of 8 or
+    16 bytes (``cp.async.c[ag].shared.global [..], [..], 0x8|0x10``), the form in which Triton pipelines the
+    ``tl.dot`` operands through shared memory on sm_80+ (those loads never appear as ``ld.global``)."""
+    plain = re.findall(r"^\s*(?:@!?%\w+\s+)?ld\.global(?:\.[\w:]+)*?\.v[248]\.", ptx, flags=re.MULTILINE)
+    copies = re.findall(
+        r"^\s*(?:@!?%\w+\s+)?cp\.async\.c[ag]\.shared\.global\s*\[[^\]]*\],\s*\[[^\]]*\],\s*0x(?:8|10)\b",
+        ptx,
+        flags=re.MULTILINE,
+    )
+    return len(plain) + len(copies)
 
 
 def _ptxas_numbers(log: str) -> tuple[int | None, int | None]:

@@ -1,5 +1,7 @@
 """The Triton backend's ``torch.library`` custom ops, with fake implementations for tracing.
 
+``es_kernels::{token,hidden}_sequence_losses`` (issue 12) return the per-sequence losses of a token-level call in
+two launches each (``sequence_kernels.py``); ``es_kernels::fused_select`` then takes them as ``losses``.
 ``es_kernels::fused_select`` mutates exactly ``score`` and ``weight`` (declared in ``mutates_args``, so autograd
 version counters are bumped and ``torch.compile`` functionalises the call); ``es_kernels::prune_select`` mutates
 nothing. Randomness enters as a one-element int64 seed tensor drawn by the caller from its generator: a
@@ -143,3 +145,69 @@ def _prune_select_cpu(values, seed, keep):
 @prune_select.register_fake
 def _prune_select_fake(values, seed, keep):
     return values.new_empty((keep,), dtype=torch.int64)
+
+
+def _sequence_launchers(device: torch.device):
+    if device.type == "cpu":
+        _require_interpreter(device)
+    from es_kernels.triton import sequence_kernels  # imports triton: only once a kernel runs
+
+    return sequence_kernels
+
+
+def _check_sequence_op(source: Tensor, targets: Tensor, vocab: int, ignore_index: int, reduction: str, smoothing):
+    """What the kernels rely on (no value is read): the targets' shape and dtype against (B, T) of the source."""
+    from es_kernels.reference.sequence import check_sequence_arguments
+
+    check_sequence_arguments(targets, tuple(source.shape[:2]), vocab, ignore_index, reduction, smoothing, False)
+    if targets.device != source.device:
+        raise ValueError(f"targets must be on {source.device}, got {targets.device}")
+
+
+@torch.library.custom_op("es_kernels::token_sequence_losses", mutates_args=(), device_types=("cuda", "cpu"))
+def token_sequence_losses(
+    logits: Tensor, targets: Tensor, ignore_index: int, sequence_reduction: str, label_smoothing: float
+) -> Tensor:
+    """fp32 (B,) per-sequence losses of (B, T, V) token logits (any strides): per-token launch, then reduction."""
+    if logits.dim() != 3:
+        raise ValueError(f"logits must have shape (B, T, V), got {tuple(logits.shape)}")
+    _check_sequence_op(logits, targets, logits.shape[2], ignore_index, sequence_reduction, label_smoothing)
+    return _sequence_launchers(logits.device).token_sequence_losses(
+        logits, targets, ignore_index, sequence_reduction, label_smoothing
+    )
+
+
+@token_sequence_losses.register_fake
+def _token_sequence_losses_fake(logits, targets, *options):
+    return logits.new_empty((logits.shape[0],), dtype=torch.float32)
+
+
+@torch.library.custom_op("es_kernels::hidden_sequence_losses", mutates_args=(), device_types=("cuda", "cpu"))
+def hidden_sequence_losses(
+    hidden_states: Tensor,
+    lm_head_weight: Tensor,
+    lm_head_bias: Tensor | None,
+    targets: Tensor,
+    ignore_index: int,
+    sequence_reduction: str,
+    label_smoothing: float,
+    logit_scale: float,
+    logit_softcap: float | None,
+) -> Tensor:
+    """fp32 (B,) per-sequence losses of ``H @ W.T (+ bias)``, scaled and soft-capped: the fused tile kernel (an
+    online log-sum-exp over vocabulary tiles, never the logits), then the reduction."""
+    from es_kernels.reference.sequence import check_hidden_arguments
+
+    check_hidden_arguments(hidden_states, lm_head_weight, lm_head_bias, targets, logit_scale, logit_softcap)
+    _check_sequence_op(
+        hidden_states, targets, lm_head_weight.shape[0], ignore_index, sequence_reduction, label_smoothing
+    )
+    return _sequence_launchers(hidden_states.device).hidden_sequence_losses(
+        hidden_states, lm_head_weight, lm_head_bias, targets, ignore_index, sequence_reduction, label_smoothing,
+        logit_scale, logit_softcap,
+    )  # fmt: skip
+
+
+@hidden_sequence_losses.register_fake
+def _hidden_sequence_losses_fake(hidden_states, *arguments):
+    return hidden_states.new_empty((hidden_states.shape[0],), dtype=torch.float32)

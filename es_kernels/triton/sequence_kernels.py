@@ -60,6 +60,19 @@ def _token_loss(log_sum, shifted_target, shifted_sum, vocab, label_smoothing, on
     return loss
 
 
+@_jit
+def _absorb_block(z, inside, start, row_max, exp_sum, shifted_sum):
+    """Fold one block of a token's fp32 logits (-inf outside ``inside``) into its running statistics; ``start``
+    columns were seen before it."""
+    new_max = tl.maximum(row_max, tl.max(z, 0))
+    # A row of -inf logits so far must not turn the rescaling into exp(-inf + inf) = NaN.
+    anchor = tl.where(new_max == float("-inf"), 0.0, new_max)
+    shift = tl.where(row_max == float("-inf"), 0.0, row_max - anchor)
+    exp_sum = exp_sum * tl.exp2(shift * LOG2E) + tl.sum(tl.exp2((z - anchor) * LOG2E), 0)
+    shifted_sum += start * shift + tl.sum(tl.where(inside, z - anchor, 0.0), 0)
+    return new_max, exp_sum, shifted_sum
+
+
 def token_loss_kernel(
     logits_ptr,
     logits_batch_stride,
@@ -87,20 +100,18 @@ def token_loss_kernel(
     row_max = tl.full([], float("-inf"), tl.float32)
     exp_sum = tl.zeros([], tl.float32)
     shifted_sum = tl.zeros([], tl.float32)
-    # An ignored token reads no logits at all.
+    # An ignored token reads no logits at all. Full blocks load without a mask, so the aligned form's loads
+    # vectorise (vocab is not specialised: a mask `columns < vocab` would hide the alignment); the partial last
+    # block is loaded masked, apart.
     columns_to_read = tl.where(scored, vocab, 0)
-    for start in range(0, columns_to_read, BLOCK_V):
-        columns = start + offsets
-        inside = columns < vocab
-        z = tl.load(row + columns.to(tl.int64) * logits_vocab_stride, mask=inside, other=float("-inf"))
-        z = z.to(tl.float32)
-        new_max = tl.maximum(row_max, tl.max(z, 0))
-        # A row of -inf logits so far must not turn the rescaling into exp(-inf + inf) = NaN.
-        anchor = tl.where(new_max == float("-inf"), 0.0, new_max)
-        shift = tl.where(row_max == float("-inf"), 0.0, row_max - anchor)
-        exp_sum = exp_sum * tl.exp2(shift * LOG2E) + tl.sum(tl.exp2((z - anchor) * LOG2E), 0)
-        shifted_sum += start * shift + tl.sum(tl.where(inside, z - anchor, 0.0), 0)
-        row_max = new_max
+    full_end = columns_to_read - columns_to_read % BLOCK_V
+    for start in range(0, full_end, BLOCK_V):
+        z = tl.load(row + (start + offsets).to(tl.int64) * logits_vocab_stride).to(tl.float32)
+        row_max, exp_sum, shifted_sum = _absorb_block(z, offsets < BLOCK_V, start, row_max, exp_sum, shifted_sum)
+    if full_end < columns_to_read:
+        inside = full_end + offsets < vocab
+        z = tl.load(row + (full_end + offsets).to(tl.int64) * logits_vocab_stride, mask=inside, other=float("-inf"))
+        row_max, exp_sum, shifted_sum = _absorb_block(z.to(tl.float32), inside, full_end, row_max, exp_sum, shifted_sum)
     # Targets outside [0, V) (possible only with value checks off) read nothing and give a NaN loss.
     valid = scored & (target >= 0) & (target < vocab)
     z_target = tl.load(row + target * logits_vocab_stride, mask=valid, other=float("nan")).to(tl.float32)
@@ -116,6 +127,17 @@ def _soft_cap(z, cap):
     e = tl.exp2(tl.abs(x) * (-2.0 * LOG2E))
     magnitude = (1.0 - e) / (1.0 + e)
     return cap * tl.where(x < 0.0, -magnitude, magnitude)
+
+
+@_jit
+def _dot_block(hidden_rows, hidden_dim_stride, weight_columns, weight_dim_stride, ks, h_mask, w_mask, logits):
+    """``logits += H[rows, ks] @ W[columns, ks].T`` for one K block, in fp32."""
+    h = tl.load(hidden_rows[:, None] + ks[None, :].to(tl.int64) * hidden_dim_stride, mask=h_mask, other=0.0)
+    w = tl.load(weight_columns[None, :] + ks[:, None].to(tl.int64) * weight_dim_stride, mask=w_mask, other=0.0)
+    if _INTERPRETED:
+        h, w = h.to(tl.float32), w.to(tl.float32)
+    # fp32 inputs stay fp32 (no TF32): the losses are compared with fp64 at fp32 tolerances.
+    return tl.dot(h, w, logits, input_precision="ieee")
 
 
 def hidden_loss_kernel(
@@ -161,22 +183,23 @@ def hidden_loss_kernel(
     exp_sum = tl.zeros([BLOCK_M], tl.float32)
     shifted_sum = tl.zeros([BLOCK_M], tl.float32)
     shifted_target = tl.zeros([BLOCK_M], tl.float32)
+    full_dim = dim - dim % BLOCK_K
     for start in range(0, vocab, BLOCK_N):
         columns = start + n_offsets
         column_inside = columns < vocab
         weight_columns = weight_ptr + columns.to(tl.int64) * weight_vocab_stride
         logits = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for k in range(0, dim, BLOCK_K):
-            ks = k + k_offsets
+        # Full K blocks carry no mask along K, so the aligned form's loads vectorise (dim is not specialised);
+        # the partial last block is masked, apart.
+        for k in range(0, full_dim, BLOCK_K):
+            logits = _dot_block(hidden_rows, hidden_dim_stride, weight_columns, weight_dim_stride, k + k_offsets,
+                                row_inside[:, None], column_inside[None, :], logits)  # fmt: skip
+        if full_dim < dim:
+            ks = full_dim + k_offsets
             k_inside = ks < dim
-            h = tl.load(hidden_rows[:, None] + ks[None, :].to(tl.int64) * hidden_dim_stride,
-                        mask=row_inside[:, None] & k_inside[None, :], other=0.0)  # fmt: skip
-            w = tl.load(weight_columns[None, :] + ks[:, None].to(tl.int64) * weight_dim_stride,
-                        mask=k_inside[:, None] & column_inside[None, :], other=0.0)  # fmt: skip
-            if _INTERPRETED:
-                h, w = h.to(tl.float32), w.to(tl.float32)
-            # fp32 inputs stay fp32 (no TF32): the losses are compared with fp64 at fp32 tolerances.
-            logits = tl.dot(h, w, logits, input_precision="ieee")
+            logits = _dot_block(hidden_rows, hidden_dim_stride, weight_columns, weight_dim_stride, ks,
+                                row_inside[:, None] & k_inside[None, :], k_inside[:, None] & column_inside[None, :],
+                                logits)  # fmt: skip
         if HAS_BIAS:
             logits += tl.load(bias_ptr + columns, mask=column_inside, other=0.0)[None, :]
         logits = logits * logit_scale
