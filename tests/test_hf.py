@@ -523,7 +523,8 @@ def test_logs_report_backpropagated_fractions_and_time_saved(tmp_path):
     assert "es_time_saved_seconds" in last and stats["scored_sequences"] == 32 and stats["trained_sequences"] == 8
 
 
-def test_sequence_classification_model_trains_k_of_b(tmp_path):
+@pytest.mark.parametrize("method", ["es", "infobatch"])
+def test_sequence_classification_model_trains(tmp_path, method):
     torch.manual_seed(0)
     config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=32, num_labels=3)  # fmt: skip
@@ -535,12 +536,16 @@ def test_sequence_classification_model_trains_k_of_b(tmp_path):
             item = super().__getitem__(i)
             return {"input_ids": item["input_ids"], "attention_mask": item["attention_mask"], "labels": i % 3}
 
-    trainer = make_trainer(tmp_path, EvolvedConfig("es", **NO_ANNEAL), model=model, dataset=Labelled(16),
-                           num_train_epochs=1)  # fmt: skip
+    trainer = make_trainer(tmp_path, EvolvedConfig(method, **NO_ANNEAL), model=model, dataset=Labelled(16),
+                           num_train_epochs=1 if method == "es" else 2)  # fmt: skip
     assert trainer.evolved_scoring.kind == "classification"
     trainer.train()
-    assert rows == [2, 2]
-    assert trainer.evolved.state.weight.ne(1 / 16).all()
+    if method == "es":
+        assert rows == [2, 2]
+        assert trainer.evolved.state.weight.ne(1 / 16).all()
+    else:  # epoch 1 leaves 4 of the 8 lowest-loss rows out: 12 rows in batches of 8 and 4
+        assert rows == [8, 8, 8, 4]
+        assert torch.isfinite(trainer.evolved.state.sample_buffer("infobatch_loss")).all()
 
 
 @pytest.mark.parametrize(
@@ -602,7 +607,8 @@ def char_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
 
 
-def test_mixin_works_with_trl_sft_trainer(tmp_path):
+@pytest.mark.parametrize("method", ["eswp", "kakurenbo"])
+def test_mixin_works_with_trl_sft_trainer(tmp_path, method):
     trl = pytest.importorskip("trl")
     datasets = pytest.importorskip("datasets")
 
@@ -623,13 +629,18 @@ def test_mixin_works_with_trl_sft_trainer(tmp_path):
     )  # fmt: skip
     trainer = EvolvedSFTTrainer(
         model=model, args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=char_tokenizer(),
-        evolved=EvolvedConfig("eswp", prune_ratio=0.25, **NO_ANNEAL),
+        evolved=EvolvedConfig(method, prune_ratio=0.25, **NO_ANNEAL),
     )  # fmt: skip
     trainer.train()
-    # Each epoch keeps 12 of 16 ids: meta-batches of 8 and 4, k = 2 and 1.
-    assert trained == [2, 1, 2, 1]
     assert trainer.state.global_step == 4 and trainer.lr_scheduler.get_last_lr()[0] == 0.0
-    assert trainer.evolved.state.weight.ne(1 / 16).sum() >= 12
+    if method == "eswp":
+        # Each epoch keeps 12 of 16 ids: meta-batches of 8 and 4, k = 2 and 1.
+        assert trained == [2, 1, 2, 1]
+        assert trainer.evolved.state.weight.ne(1 / 16).sum() >= 12
+    else:  # epoch 1 hides round(0.25 * 16) = 4 ids, trains the other 12 whole
+        assert trained == [8, 8, 8, 4]
+        assert torch.isfinite(trainer.evolved.state.sample_buffer("kakurenbo_loss")).all()
+        assert trainer.evolved.sampler.lr_scale == 16 / 12
 
 
 @pytest.mark.slow

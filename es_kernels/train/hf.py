@@ -335,24 +335,6 @@ class _IndexCollator:
         return batch
 
 
-def _reweighted(loss: torch.Tensor, sums: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``loss`` with each sequence's share multiplied by its weight: ``c * sum_i w_i S_i``.
-
-    The Trainer's loss is the token-loss sum of the batch times one normaliser ``c``: ``1/num_items_in_batch``
-    (the selected tokens of the whole accumulated step, times the device count with
-    ``average_tokens_across_devices``) for a causal LM, ``1/tokens`` or ``1/B`` without it. Taking ``c`` from the
-    Trainer's own loss (``loss / sum_i S_i``, a constant) keeps every one of those normalisations, and a weight
-    applies to the *sum* of a sequence's token losses: InfoBatch's 1/(1-r) up-weights a kept sample, not each of
-    its tokens against the others, and a step's kept tokens still count once in the denominator, as in the
-    unweighted token mean.
-    """
-    total = sums.detach().double().sum()
-    if total == 0:
-        return loss  # no token carries a loss: nothing to weight
-    normaliser = (loss.detach().double() / total).to(sums.dtype)
-    return normaliser * (sums * weights.to(sums.device, sums.dtype)).sum()
-
-
 # ------------------------------------------------------------------------------------------ the trainer
 
 
@@ -397,10 +379,15 @@ class EvolvedTrainerMixin:
                 f"train_dataset: method {method!r} keeps a score per sample and plans each epoch over the whole set, "
                 "so the dataset needs __len__ (a map-style dataset); an IterableDataset cannot be used"
             )
-        if make_policy(method).own_plan and (self.label_smoother is not None or self.compute_loss_func is not None):
+        if make_policy(method).own_plan and (
+            self.label_smoother is not None
+            or self.compute_loss_func is not None
+            or getattr(args, "loss_type", "nll") != "nll"
+        ):
             raise ValueError(
-                f"method {method!r} weights and observes each sequence's token cross-entropy sum; label smoothing "
-                "(label_smoothing_factor) or a compute_loss_func changes the loss, so leave them unset"
+                f"method {method!r} trains on each sequence's token cross-entropy sum (weighted by InfoBatch); "
+                "label smoothing (label_smoothing_factor), a compute_loss_func or a loss_type other than 'nll' "
+                "would be ignored, so leave them unset"
             )
         epochs = float(args.num_train_epochs)
         if epochs != int(epochs) or epochs < 1:
@@ -613,17 +600,41 @@ class EvolvedTrainerMixin:
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
         targets, shift = self._aligned_targets(inputs)
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[1]
-        if shift:
-            logits = logits[:, :-1]
-        sequences = sequence_losses(logits, targets, ignore_index=self.evolved_config.ignore_index)
+        forward_inputs = {key: value for key, value in inputs.items() if key not in ("labels", "shift_labels")}
+        if getattr(getattr(self.model, "config", None), "use_cache", False):
+            forward_inputs["use_cache"] = False  # a training forward keeps no key/value cache
+        outputs = model(**forward_inputs)
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        sequences = sequence_losses(
+            logits[:, :-1] if shift else logits, targets, ignore_index=self.evolved_config.ignore_index
+        )
         needs = self.evolved.policy.needs_outputs
         losses = sequences.per_sequence(self.evolved_config.sequence_reduction)
         self.evolved.observe(batch, losses, outputs=sequences.predictions if needs else None)
-        if batch.loss_weights is not None:
-            loss = _reweighted(loss, sequences.sums, batch.loss_weights)
+        loss = self._set_level_loss(sequences, batch.loss_weights, num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
+
+    def _set_level_loss(
+        self, sequences: SequenceLosses, weights: torch.Tensor | None, num_items_in_batch: Any
+    ) -> torch.Tensor:
+        """The training loss of a set-level method's micro-batch: ``sum_i w_i S_i / N``.
+
+        ``S_i`` is sequence i's token cross-entropy sum (one row's loss for classification) and ``w_i`` its
+        InfoBatch weight (1 for every other method and epoch). ``N`` is the Trainer's own normaliser:
+        ``num_items_in_batch``, the loss-bearing tokens of the whole accumulated step (times the device count with
+        ``average_tokens_across_devices``, as ``Trainer.compute_loss`` and ``SFTTrainer`` scale it), or, when the
+        Trainer counts none, this micro-batch's tokens (the Trainer then divides by the accumulation steps itself).
+        With all weights 1 this is the Trainer's token mean; a weight multiplies a sequence's *sum*, so InfoBatch's
+        1/(1-r) up-weights a kept sample as a whole and a step's tokens still count once in ``N``.
+        """
+        sums = sequences.sums
+        total = sums.sum() if weights is None else (sums * weights.to(sums.device, sums.dtype)).sum()
+        if num_items_in_batch is None:
+            return total / sequences.counts.sum().clamp(min=1)
+        loss = total / torch.as_tensor(num_items_in_batch, device=sums.device).clamp(min=1)
+        if self.args.average_tokens_across_devices:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        return loss
 
     def _aligned_targets(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, bool]:
         """The training batch's targets as the model's loss sees them, and whether the logits must be shifted to
