@@ -323,7 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--epochs", type=int, default=None, help="default: 3 (demo), 1 (--quick)")
     parser.add_argument("--batch-size", type=int, default=16, help="k: sequences back-propagated per step")
-    parser.add_argument("--select-ratio", type=float, default=0.25, help="k/B; ES scores B = k / ratio per step")
+    parser.add_argument(
+        "--select-ratio", type=float, default=0.25, help="k/B; ES-family methods score B = k / ratio per step"
+    )
     parser.add_argument("--length", type=int, default=64, help="tokens per sequence")
     parser.add_argument("--train-size", type=int, default=3072, help="demo training sequences (128 more held out)")
     parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (linear decay to 0)")
