@@ -367,7 +367,7 @@ def test_sequence_correctness_and_confidence_by_hand():
         )
     )
     targets = torch.tensor([[0, 2, -100], [1, 1, -100]])
-    result = sequence_losses(logits, targets, ignore_index=-100)
+    result = sequence_losses(logits, targets, ignore_index=-100, predictions=True)
     assert result.counts.tolist() == [2.0, 2.0]
     assert result.predictions.correct.tolist() == [True, False]  # 1 of 2 tokens right counts; 0 of 2 does not
     assert result.predictions.confidence.tolist() == pytest.approx([0.75, 0.6])

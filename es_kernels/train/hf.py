@@ -236,11 +236,11 @@ def _given_losses(losses: torch.Tensor, _targets: Any) -> torch.Tensor:
 class SequenceLosses:
     """Per-sequence results of one training forward (set-level methods): ``sums`` (B,) of the token losses, with
     gradients; ``counts`` (B,) of the loss-bearing tokens (1 per row for classification); ``predictions``, the
-    per-sequence correctness and confidence KAKURENBO needs."""
+    per-sequence correctness and confidence KAKURENBO needs (None unless asked for)."""
 
     sums: torch.Tensor
     counts: torch.Tensor
-    predictions: SamplePredictions
+    predictions: SamplePredictions | None = None
 
     def per_sequence(self, reduction: str) -> torch.Tensor:
         """(B,) detached fp32 losses, reduced as the scoring forward reduces them (so a policy sees one scale)."""
@@ -250,33 +250,46 @@ class SequenceLosses:
         return torch.where(self.counts > 0, sums / self.counts.clamp(min=1), torch.zeros_like(sums))
 
 
-def sequence_losses(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: int) -> SequenceLosses:
+def _top_predictions(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Argmax and its softmax probability along the last dimension, as exp(max - logsumexp): no probability
+    tensor of the logits' size is built."""
+    with torch.no_grad():
+        logits = logits.detach()
+        top, predicted = logits.max(dim=-1)
+        return predicted, torch.exp(top.float() - torch.logsumexp(logits.float(), dim=-1))
+
+
+def sequence_losses(
+    logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: int, predictions: bool = False
+) -> SequenceLosses:
     """Token cross-entropies of ``logits`` (B, T, V) against ``targets`` (B, T) (already aligned: shift first)
     summed per sequence in fp32, or of classification ``logits`` (B, C) against ``targets`` (B,).
 
-    A language-model sequence counts as predicted correctly when the argmax matches at least half of its
-    loss-bearing tokens, and its confidence is the mean, over those tokens, of the largest softmax probability:
-    the classification definitions of KAKURENBO, taken per token and averaged over the sequence.
+    With ``predictions``, also each sequence's correctness and confidence. A language-model sequence counts as
+    predicted correctly when the argmax matches at least half of its loss-bearing tokens, and its confidence is the
+    mean, over those tokens, of the largest softmax probability: the classification definitions of KAKURENBO,
+    taken per token and averaged over the sequence.
     """
-    if logits.dim() == 2:
-        targets = targets.to(logits.device)
-        losses = F.cross_entropy(logits.float(), targets, reduction="none")
-        with torch.no_grad():
-            confidence, predicted = torch.softmax(logits.detach().float(), dim=-1).max(dim=-1)
-        counts = torch.ones_like(losses)
-        return SequenceLosses(losses, counts, SamplePredictions(predicted == targets, confidence))
     targets = targets.to(logits.device)
+    if logits.dim() == 2:
+        losses = F.cross_entropy(logits.float(), targets, reduction="none")
+        counts = torch.ones_like(losses)
+        if not predictions:
+            return SequenceLosses(losses, counts)
+        predicted, confidence = _top_predictions(logits)
+        return SequenceLosses(losses, counts, SamplePredictions(predicted == targets, confidence))
     valid = targets != ignore_index
     token_losses = F.cross_entropy(
         logits.float().flatten(0, 1), targets.flatten(), ignore_index=ignore_index, reduction="none"
     ).view(targets.shape)
     counts = valid.sum(1).float()
-    with torch.no_grad():
-        confidence, predicted = torch.softmax(logits.detach().float(), dim=-1).max(dim=-1)
-        hits = ((predicted == targets) & valid).sum(1).float()
-        confidence = (confidence * valid).sum(1) / counts.clamp(min=1)
-    predictions = SamplePredictions((counts > 0) & (2 * hits >= counts), confidence)
-    return SequenceLosses(token_losses.sum(1), counts, predictions)
+    if not predictions:
+        return SequenceLosses(token_losses.sum(1), counts)
+    predicted, confidence = _top_predictions(logits)
+    hits = ((predicted == targets) & valid).sum(1).float()
+    confidence = (confidence * valid).sum(1) / counts.clamp(min=1)
+    correct = (counts > 0) & (2 * hits >= counts)
+    return SequenceLosses(token_losses.sum(1), counts, SamplePredictions(correct, confidence))
 
 
 class _ScaledLearningRate(TrainerCallback):
@@ -606,11 +619,13 @@ class EvolvedTrainerMixin:
         outputs = model(**forward_inputs)
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
         sequences = sequence_losses(
-            logits[:, :-1] if shift else logits, targets, ignore_index=self.evolved_config.ignore_index
+            logits[:, :-1] if shift else logits,
+            targets,
+            ignore_index=self.evolved_config.ignore_index,
+            predictions=self.evolved.policy.needs_outputs,
         )
-        needs = self.evolved.policy.needs_outputs
         losses = sequences.per_sequence(self.evolved_config.sequence_reduction)
-        self.evolved.observe(batch, losses, outputs=sequences.predictions if needs else None)
+        self.evolved.observe(batch, losses, outputs=sequences.predictions)
         loss = self._set_level_loss(sequences, batch.loss_weights, num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
 
@@ -712,4 +727,5 @@ __all__ = [
     "Scoring",
     "per_sequence_losses",
     "scoring_for",
+    "sequence_losses",
 ]
