@@ -62,6 +62,18 @@ class EpochPlan:
     lr_scale: float = 1.0
 
 
+@dataclasses.dataclass(frozen=True)
+class SamplePredictions:
+    """Per-sample prediction quality, for models whose outputs are not one class distribution per sample.
+
+    ``correct`` (B,) bool and ``confidence`` (B,) in [0, 1]; pass as ``observe(batch, losses, outputs=...)`` in
+    place of (B, C) logits. The Hugging Face integration builds them for language models from token predictions.
+    """
+
+    correct: torch.Tensor
+    confidence: torch.Tensor
+
+
 class SelectionPolicy:
     """Base class: the plain baseline (every id every epoch, every row of every batch, no state).
 
@@ -265,6 +277,9 @@ class KakurenboPolicy(_OwnPlanPolicy):
         return EpochPlan(keep.nonzero().squeeze(1), lr_scale=self.num_samples / (self.num_samples - hidden))
 
     def observe(self, state, indices, losses, outputs=None, targets=None) -> None:
+        if isinstance(outputs, SamplePredictions):
+            self._record(state, indices, losses, outputs.correct, outputs.confidence)
+            return
         if outputs is None or targets is None:
             raise ValueError(
                 "kakurenbo needs the model's outputs and the class targets: call "
@@ -276,11 +291,20 @@ class KakurenboPolicy(_OwnPlanPolicy):
         with torch.no_grad():
             probabilities = torch.softmax(outputs.detach().float(), dim=1)
             confidence, predicted = probabilities.max(dim=1)
-            device = state.device
-            correct = (predicted == targets.to(predicted.device)).to(device, torch.float32)
+        self._record(state, indices, losses, predicted == targets.to(predicted.device), confidence)
+
+    @staticmethod
+    def _record(state, indices, losses, correct, confidence) -> None:
+        if correct.shape != indices.shape or confidence.shape != indices.shape:
+            raise ValueError(
+                f"kakurenbo: correct and confidence must have shape {tuple(indices.shape)}, got "
+                f"{tuple(correct.shape)} and {tuple(confidence.shape)}"
+            )
+        device = state.device
+        with torch.no_grad():
             state.sample_buffer("kakurenbo_loss").index_copy_(0, indices, losses)
-            state.sample_buffer("kakurenbo_correct").index_copy_(0, indices, correct)
-            state.sample_buffer("kakurenbo_confidence").index_copy_(0, indices, confidence.to(device))
+            state.sample_buffer("kakurenbo_correct").index_copy_(0, indices, correct.to(device, torch.float32))
+            state.sample_buffer("kakurenbo_confidence").index_copy_(0, indices, confidence.detach().to(device).float())
 
 
 class UCBPolicy(_OwnPlanPolicy):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -32,6 +33,7 @@ from es_kernels.train.hf import (  # noqa: E402
     EvolvedTrainerMixin,
     per_sequence_losses,
     scoring_for,
+    training_sequence_losses,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,7 +121,7 @@ class Recording(EvolvedTrainer):
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
-        self.steps.append(([{k: v.clone() for k, v in b.items()} for b in batches], num_items))
+        self.steps.append(([{k: v.clone() for k, v in b.items() if torch.is_tensor(v)} for b in batches], num_items))
         return batches, num_items
 
 
@@ -252,7 +254,7 @@ def test_eswp_scheduler_reaches_its_last_step_exactly_at_the_end(tmp_path, accum
     trainer.add_callback(steps)
     trainer.train()
     planned = sum(per_epoch)
-    assert trainer.evolved_optimizer_steps() == per_epoch
+    assert trainer.evolved_total_steps() == planned
     assert trainer.state.max_steps == planned and trainer.state.global_step == planned
     assert trainer.lr_scheduler.last_epoch == planned
     assert trainer.lr_scheduler.get_last_lr()[0] == 0.0
@@ -263,6 +265,148 @@ def test_max_steps_that_disagrees_with_the_plan_fails_before_training(tmp_path):
     trainer = make_trainer(tmp_path, EvolvedConfig("eswp", **NO_ANNEAL), max_steps=5)  # the plan has 2 x 4 steps
     with pytest.raises(ValueError, match="max_steps=5"):
         trainer.train()
+
+
+# n = 37, B = 4, 4 epochs, accumulation 3: a full epoch is 10 batches = 4 steps (3 + 3 + 3 + 1 batches). InfoBatch
+# prunes epochs 1 and 2 (the last round(0.125 * 4) = 1 keeps all): 9 of the 18 lowest-loss ids left out, 28 kept =
+# 7 batches = 3 steps. KAKURENBO hides round(0.3 * 37) = 11 ids from epoch 1: 26 = 7 batches; UCB keeps
+# round(0.7 * 37) = 26 from epoch 1.
+SET_LEVEL_STEPS = {"infobatch": [4, 3, 3, 4], "kakurenbo": [4, 3, 3, 3], "ucb": [4, 3, 3, 3]}
+
+
+@pytest.mark.parametrize("method", sorted(SET_LEVEL_STEPS))
+def test_set_level_method_scheduler_step_count_is_exact(tmp_path, method):
+    per_epoch = SET_LEVEL_STEPS[method]
+    trainer = make_trainer(
+        tmp_path, EvolvedConfig(method), n=37, num_train_epochs=4, per_device_train_batch_size=4,
+        gradient_accumulation_steps=3, logging_steps=100,
+    )  # fmt: skip
+    steps = EpochSteps()
+    trainer.add_callback(steps)
+    trainer.train()
+    planned = sum(per_epoch)
+    assert trainer.evolved_total_steps() == planned
+    assert trainer.state.max_steps == planned and trainer.state.global_step == planned
+    assert trainer.lr_scheduler.last_epoch == planned
+    assert trainer.lr_scheduler.get_last_lr()[0] == 0.0
+    assert [b - a for a, b in zip([0, *steps.ends], steps.ends, strict=False)] == per_epoch
+    sampler = trainer.evolved.sampler  # every row of the plan is trained
+    assert sum(map(len, trainer.selected_ids)) == sum(sampler.epoch_size(e) for e in range(4))
+    for name in trainer.evolved.state.sample_buffer_names:  # every id was observed from its training forward
+        assert torch.isfinite(trainer.evolved.state.sample_buffer(name)).all(), name
+
+
+def test_infobatch_weights_each_sequence_token_loss_sum(tmp_path):
+    # n = 16, 2 epochs: epoch 1 prunes 4 of the 8 lowest-loss ids and weights the other 4 by 8 / (8 - 4) = 2.
+    seen = []
+
+    class Checking(Recording):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            batch = inputs[INDEX_KEY]
+            loss = super().compute_loss(model, dict(inputs), return_outputs, num_items_in_batch)
+            labels = inputs["labels"][:, 1:]
+            with torch.no_grad():
+                logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+                token = F.cross_entropy(
+                    logits[:, :-1].double().reshape(-1, VOCAB), labels.reshape(-1), ignore_index=-100, reduction="none"
+                )
+            sums = token.view(labels.shape).sum(1)
+            weights = torch.ones_like(sums) if batch.loss_weights is None else batch.loss_weights.double()
+            seen.append((loss.detach().double(), sums, weights, int(num_items_in_batch)))
+            return loss
+
+    trainer = make_trainer(
+        tmp_path, EvolvedConfig("infobatch"), cls=Checking, n=16, per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+    )  # fmt: skip
+    trainer.train()
+    assert trainer.state.global_step == 2 + 2  # 4 batches, then 12 kept ids = 3 batches: 2 steps each
+    weighted = [w for *_, w, _ in seen[4:]]
+    assert sorted(torch.cat(weighted).tolist()) == [1.0] * 8 + [2.0] * 4  # the kept candidates count twice
+    assert all(torch.equal(w, torch.ones_like(w)) for *_, w, _ in seen[:4])  # epoch 0 prunes nothing
+    for loss, sums, weights, items in seen:
+        # The Trainer's token normalisation is kept: the step's selected tokens, each sequence's sum weighted.
+        assert loss.item() == pytest.approx((weights * sums).sum().item() / items, rel=1e-5)
+    unweighted = [(sums.sum() / items).item() for _, sums, _, items in seen[4:]]
+    assert any(loss.item() != pytest.approx(u, rel=1e-3) for (loss, *_), u in zip(seen[4:], unweighted, strict=True))
+
+
+def test_kakurenbo_scales_the_optimizer_step_learning_rate_and_restores_it(tmp_path):
+    # n = 20, B = 4: epoch 0 hides nothing, epochs 1 and 2 hide round(0.3 * 20) = 6 ids: lr x 20 / 14.
+    stepped = []
+
+    class Watch(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+            stepped.append((optimizer.param_groups[0]["lr"], lr_scheduler.get_last_lr()[0], state.global_step))
+
+        def on_step_end(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+            assert optimizer.param_groups[0]["lr"] == lr_scheduler.get_last_lr()[0]  # restored exactly
+
+    config = EvolvedConfig("kakurenbo")
+    trainer = make_trainer(tmp_path, config, n=20, per_device_train_batch_size=4, num_train_epochs=3)
+    trainer.add_callback(Watch())
+    trainer.train()
+    assert trainer.state.global_step == 5 + 4 + 4
+    for lr, scheduled, step in stepped:
+        factor = 1.0 if step < 5 else 20 / 14
+        assert lr == pytest.approx(scheduled * factor, rel=1e-12)
+    # Every id got a correctness and a confidence from its training forward, as the definitions say.
+    state = trainer.evolved.state
+    assert set(state.sample_buffer("kakurenbo_correct").unique().tolist()) <= {0.0, 1.0}
+    confidence = state.sample_buffer("kakurenbo_confidence")
+    assert ((confidence > 0) & (confidence <= 1)).all()
+
+
+def test_sequence_correctness_and_confidence_by_hand():
+    logits = torch.log(
+        torch.tensor(
+            [
+                [[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.5, 0.25, 0.25]],  # argmax 0, 1, 0
+                [[0.2, 0.2, 0.6], [0.6, 0.3, 0.1], [0.4, 0.4, 0.2]],  # argmax 2, 0, (tie)
+            ]
+        )
+    )
+    targets = torch.tensor([[0, 2, -100], [1, 1, -100]])
+    result = training_sequence_losses(logits, targets, ignore_index=-100, predictions=True)
+    assert result.counts.tolist() == [2.0, 2.0]
+    assert result.predictions.correct.tolist() == [True, False]  # 1 of 2 tokens right counts; 0 of 2 does not
+    assert result.predictions.confidence.tolist() == pytest.approx([0.75, 0.6])
+    expected = [-(math.log(0.7) + math.log(0.1)), -(math.log(0.2) + math.log(0.3))]
+    assert result.sums.tolist() == pytest.approx(expected, rel=1e-6)
+    assert result.per_sequence("mean").tolist() == pytest.approx([e / 2 for e in expected], rel=1e-6)
+
+
+@pytest.mark.parametrize("method", sorted(SET_LEVEL_STEPS))
+def test_set_level_method_resumes_exactly_from_a_mid_epoch_checkpoint(tmp_path, method):
+    # n = 24, B = 4, accumulation 2, 3 epochs: epoch 0 trains 24 ids (6 batches, 3 steps); epochs 1 and 2 keep 18
+    # (InfoBatch: 6 of the 12 lowest left out) or 17 (KAKURENBO, UCB) ids: 5 batches, 3 steps. Checkpoint at step 4
+    # is 2 batches into epoch 1, so 3 + 5 batches follow it.
+    common = dict(
+        n=24, num_train_epochs=3, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+        save_strategy="steps", save_steps=2,
+    )  # fmt: skip
+    whole = make_trainer(tmp_path / "whole", EvolvedConfig(method), **common)
+    whole.train()
+    assert whole.state.global_step == 9
+    folder = tmp_path / "whole" / "out" / "checkpoint-4"
+    saved = torch.load(folder / "evolved_sampling_rank0.pt", weights_only=True)["training"]
+    assert saved["sampler"]["epoch"] == 1 and saved["sampler"]["position"] == 8
+    assert set(saved["state"]["sample_buffers"]) == set(whole.evolved.state.sample_buffer_names)
+    if method == "infobatch":
+        assert saved["sampler"]["loss_weights"] is not None and saved["sampler"]["loss_weights"].max() == 2.0
+    if method == "kakurenbo":
+        assert saved["sampler"]["lr_scale"] == 24 / 17
+
+    resumed = make_trainer(tmp_path / "resumed", EvolvedConfig(method), **common)
+    resumed.train(resume_from_checkpoint=str(folder))
+    assert len(whole.selected_ids) == 16 and resumed.selected_ids == whole.selected_ids[-8:]
+    for name in whole.evolved.state.sample_buffer_names:
+        assert torch.equal(resumed.evolved.state.sample_buffer(name), whole.evolved.state.sample_buffer(name)), name
+    final_whole, final_resumed = _final_params(whole.model), _final_params(resumed.model)
+    assert all(torch.equal(final_whole[k], final_resumed[k]) for k in final_whole)
+    losses = [entry["loss"] for entry in whole.state.log_history if "loss" in entry]
+    resumed_losses = [entry["loss"] for entry in resumed.state.log_history if "loss" in entry]
+    assert resumed_losses[-5:] == losses[4:]
 
 
 def _final_params(model):
@@ -379,7 +523,8 @@ def test_logs_report_backpropagated_fractions_and_time_saved(tmp_path):
     assert "es_time_saved_seconds" in last and stats["scored_sequences"] == 32 and stats["trained_sequences"] == 8
 
 
-def test_sequence_classification_model_trains_k_of_b(tmp_path):
+@pytest.mark.parametrize("method", ["es", "infobatch"])
+def test_sequence_classification_model_trains(tmp_path, method):
     torch.manual_seed(0)
     config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=32, num_labels=3)  # fmt: skip
@@ -391,12 +536,16 @@ def test_sequence_classification_model_trains_k_of_b(tmp_path):
             item = super().__getitem__(i)
             return {"input_ids": item["input_ids"], "attention_mask": item["attention_mask"], "labels": i % 3}
 
-    trainer = make_trainer(tmp_path, EvolvedConfig("es", **NO_ANNEAL), model=model, dataset=Labelled(16),
-                           num_train_epochs=1)  # fmt: skip
+    trainer = make_trainer(tmp_path, EvolvedConfig(method, **NO_ANNEAL), model=model, dataset=Labelled(16),
+                           num_train_epochs=1 if method == "es" else 2)  # fmt: skip
     assert trainer.evolved_scoring.kind == "classification"
     trainer.train()
-    assert rows == [2, 2]
-    assert trainer.evolved.state.weight.ne(1 / 16).all()
+    if method == "es":
+        assert rows == [2, 2]
+        assert trainer.evolved.state.weight.ne(1 / 16).all()
+    else:  # epoch 1 leaves 4 of the 8 lowest-loss rows out: 12 rows in batches of 8 and 4
+        assert rows == [8, 8, 8, 4]
+        assert torch.isfinite(trainer.evolved.state.sample_buffer("infobatch_loss")).all()
 
 
 @pytest.mark.parametrize(
@@ -414,6 +563,11 @@ def test_sequence_classification_model_trains_k_of_b(tmp_path):
 def test_bad_settings_fail_when_built_naming_the_setting(settings, match):
     with pytest.raises(ValueError, match=match):
         EvolvedConfig(**settings)
+
+
+def test_set_level_methods_refuse_a_loss_they_cannot_weight(tmp_path):
+    with pytest.raises(ValueError, match="label_smoothing_factor"):
+        make_trainer(tmp_path, EvolvedConfig("infobatch"), label_smoothing_factor=0.1)
 
 
 def test_bad_setups_fail_before_training(tmp_path):
@@ -453,7 +607,8 @@ def char_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
 
 
-def test_mixin_works_with_trl_sft_trainer(tmp_path):
+@pytest.mark.parametrize("method", ["eswp", "kakurenbo"])
+def test_mixin_works_with_trl_sft_trainer(tmp_path, method):
     trl = pytest.importorskip("trl")
     datasets = pytest.importorskip("datasets")
 
@@ -474,13 +629,18 @@ def test_mixin_works_with_trl_sft_trainer(tmp_path):
     )  # fmt: skip
     trainer = EvolvedSFTTrainer(
         model=model, args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=char_tokenizer(),
-        evolved=EvolvedConfig("eswp", prune_ratio=0.25, **NO_ANNEAL),
+        evolved=EvolvedConfig(method, prune_ratio=0.25, **NO_ANNEAL),
     )  # fmt: skip
     trainer.train()
-    # Each epoch keeps 12 of 16 ids: meta-batches of 8 and 4, k = 2 and 1.
-    assert trained == [2, 1, 2, 1]
     assert trainer.state.global_step == 4 and trainer.lr_scheduler.get_last_lr()[0] == 0.0
-    assert trainer.evolved.state.weight.ne(1 / 16).sum() >= 12
+    if method == "eswp":
+        # Each epoch keeps 12 of 16 ids: meta-batches of 8 and 4, k = 2 and 1.
+        assert trained == [2, 1, 2, 1]
+        assert trainer.evolved.state.weight.ne(1 / 16).sum() >= 12
+    else:  # epoch 1 hides round(0.25 * 16) = 4 ids, trains the other 12 whole
+        assert trained == [8, 8, 8, 4]
+        assert torch.isfinite(trainer.evolved.state.sample_buffer("kakurenbo_loss")).all()
+        assert trainer.evolved.sampler.lr_scale == 16 / 12
 
 
 @pytest.mark.slow

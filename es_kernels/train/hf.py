@@ -15,6 +15,7 @@ only one that imports ``transformers``; ``import es_kernels`` never loads it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -26,14 +27,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from es_kernels import _checks
-from es_kernels.policies import make_policy
+from es_kernels.policies import SamplePredictions, make_policy
 from es_kernels.select import sequence_losses
-from es_kernels.train.loop import METHODS, SCORING_MODES, EvolvedTraining
+from es_kernels.train.loop import METHODS, SCORING_MODES, EvolvedTraining, SelectedBatch
 
 logger = logging.getLogger(__name__)
 
@@ -49,9 +50,12 @@ class EvolvedConfig:
     """Settings of Evolved Sampling in a Trainer; checked when built, so a bad one fails before training starts.
 
     Args:
-        method: ``"baseline"``, ``"es"``, ``"eswp"``, ``"loss"`` or ``"order"`` (see :data:`METHODS`).
+        method: ``"baseline"``, ``"es"``, ``"eswp"``, ``"loss"``, ``"order"``, or a set-level comparison method
+            ``"infobatch"``, ``"kakurenbo"``, ``"ucb"`` (see :data:`METHODS`): these train every row of the epoch's
+            plan, weight each sequence's token-loss sum by its InfoBatch loss weight, scale the learning rate of the
+            epoch's optimizer steps by KAKURENBO's factor, and learn from the training forward's per-sequence losses.
         select_ratio: k/B in (0, 1], the fraction of each micro-batch back-propagated (paper: 0.25).
-        prune_ratio: r in [0, 1) for ESWP (default: the method's, 0.2 for ESWP, 0 otherwise).
+        prune_ratio: r in [0, 1) (default: the method's: ESWP 0.2, InfoBatch 0.5, KAKURENBO and UCB 0.3, else 0).
         beta1, beta2: EMA factors (default: the method's).
         anneal_start, anneal_end: fractions of epochs without selection at the start and end (paper: 5% each).
         ignore_index: label value of tokens that carry no loss (prompt, padding).
@@ -77,11 +81,6 @@ class EvolvedConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {sorted(METHODS)}, got {self.method!r}")
-        if make_policy(self.method).own_plan:
-            raise ValueError(
-                f"method {self.method!r} (a set-level comparison method) is not supported by the Hugging Face "
-                "integration; use es_kernels.EvolvedTraining in a plain loop, or one of baseline, es, eswp, loss, order"
-            )
         select_ratio = _checks.check_fraction("select_ratio", self.select_ratio)
         if select_ratio == 0.0:
             raise ValueError(f"select_ratio must be in (0, 1], got {self.select_ratio}")
@@ -213,6 +212,87 @@ def _given_losses(losses: torch.Tensor, _targets: Any) -> torch.Tensor:
     return losses
 
 
+@dataclasses.dataclass(frozen=True)
+class SequenceLosses:
+    """Per-sequence results of one training forward (set-level methods): ``sums`` (B,) of the token losses, with
+    gradients; ``counts`` (B,) of the loss-bearing tokens (1 per row for classification); ``predictions``, the
+    per-sequence correctness and confidence KAKURENBO needs (None unless asked for)."""
+
+    sums: torch.Tensor
+    counts: torch.Tensor
+    predictions: SamplePredictions | None = None
+
+    def per_sequence(self, reduction: str) -> torch.Tensor:
+        """(B,) detached fp32 losses, reduced as the scoring forward reduces them (so a policy sees one scale)."""
+        sums = self.sums.detach().float()
+        if reduction == "sum":
+            return sums
+        return torch.where(self.counts > 0, sums / self.counts.clamp(min=1), torch.zeros_like(sums))
+
+
+def _top_predictions(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Argmax and its softmax probability along the last dimension, as exp(max - logsumexp): no probability
+    tensor of the logits' size is built."""
+    with torch.no_grad():
+        logits = logits.detach()
+        top, predicted = logits.max(dim=-1)
+        return predicted, torch.exp(top.float() - torch.logsumexp(logits.float(), dim=-1))
+
+
+def training_sequence_losses(
+    logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: int, predictions: bool = False
+) -> SequenceLosses:
+    """Token cross-entropies of ``logits`` (B, T, V) against ``targets`` (B, T) (already aligned: shift first)
+    summed per sequence in fp32, or of classification ``logits`` (B, C) against ``targets`` (B,).
+
+    With ``predictions``, also each sequence's correctness and confidence. A language-model sequence counts as
+    predicted correctly when the argmax matches at least half of its loss-bearing tokens, and its confidence is the
+    mean, over those tokens, of the largest softmax probability: the classification definitions of KAKURENBO,
+    taken per token and averaged over the sequence.
+    """
+    targets = targets.to(logits.device)
+    if logits.dim() == 2:
+        losses = F.cross_entropy(logits.float(), targets, reduction="none")
+        counts = torch.ones_like(losses)
+        if not predictions:
+            return SequenceLosses(losses, counts)
+        predicted, confidence = _top_predictions(logits)
+        return SequenceLosses(losses, counts, SamplePredictions(predicted == targets, confidence))
+    valid = targets != ignore_index
+    token_losses = F.cross_entropy(
+        logits.float().flatten(0, 1), targets.flatten(), ignore_index=ignore_index, reduction="none"
+    ).view(targets.shape)
+    counts = valid.sum(1).float()
+    if not predictions:
+        return SequenceLosses(token_losses.sum(1), counts)
+    predicted, confidence = _top_predictions(logits)
+    hits = ((predicted == targets) & valid).sum(1).float()
+    confidence = (confidence * valid).sum(1) / counts.clamp(min=1)
+    correct = (counts > 0) & (2 * hits >= counts)
+    return SequenceLosses(token_losses.sum(1), counts, SamplePredictions(correct, confidence))
+
+
+class _ScaledLearningRate(TrainerCallback):
+    """Multiplies every parameter group's learning rate by the epoch's factor (KAKURENBO's 1/(1-F)) for the
+    optimizer step only, through :meth:`EvolvedTraining.scaled_lr`: the scheduler steps after the exact restore,
+    so its schedule, and the logged learning rate, are the Trainer's own."""
+
+    def __init__(self, trainer: EvolvedTrainerMixin) -> None:
+        self.trainer = trainer
+        self.scaled: contextlib.ExitStack | None = None
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        evolved = self.trainer.evolved
+        if evolved is not None and evolved.lr_scale != 1.0:
+            self.scaled = contextlib.ExitStack()
+            self.scaled.enter_context(evolved.scaled_lr(self.trainer.optimizer))
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        if self.scaled is not None:
+            scaled, self.scaled = self.scaled, None
+            scaled.close()
+
+
 # ------------------------------------------------------------------------------------------ ids through the loader
 
 
@@ -248,15 +328,6 @@ class _IndexCollator:
         return batch
 
 
-def optimizer_steps(training: EvolvedTraining, batch_size: int, *, drop_last: bool, accumulation: int) -> list[int]:
-    """Optimizer steps of each epoch: an epoch's last, partial accumulation is stepped, never carried over."""
-    sampler = training.sampler
-    return [
-        math.ceil(sampler.steps_per_epoch(batch_size, drop_last=drop_last, epoch=e) / accumulation)
-        for e in range(sampler.num_epochs)
-    ]
-
-
 # ------------------------------------------------------------------------------------------ the trainer
 
 
@@ -277,6 +348,7 @@ class EvolvedTrainerMixin:
         )
         self.evolved_times = {"scoring_s": 0.0, "training_s": 0.0}
         self._check_evolved_settings()
+        self.add_callback(_ScaledLearningRate(self))
         shift = bool(getattr(self, "_loss_shifts_labels", False))
         try:
             self.evolved_scoring = scoring_for(self.model, shift_labels=shift)
@@ -299,6 +371,16 @@ class EvolvedTrainerMixin:
             raise ValueError(
                 f"train_dataset: method {method!r} keeps a score per sample and plans each epoch over the whole set, "
                 "so the dataset needs __len__ (a map-style dataset); an IterableDataset cannot be used"
+            )
+        if make_policy(method).own_plan and (
+            self.label_smoother is not None
+            or self.compute_loss_func is not None
+            or getattr(args, "loss_type", "nll") != "nll"
+        ):
+            raise ValueError(
+                f"method {method!r} trains on each sequence's token cross-entropy sum (weighted by InfoBatch); "
+                "label smoothing (label_smoothing_factor), a compute_loss_func or a loss_type other than 'nll' "
+                "would be ignored, so leave them unset"
             )
         epochs = float(args.num_train_epochs)
         if epochs != int(epochs) or epochs < 1:
@@ -372,21 +454,21 @@ class EvolvedTrainerMixin:
 
     # ---------------------------------------------------------------- step counts from the plan
 
-    def evolved_optimizer_steps(self) -> list[int]:
-        """Optimizer steps of each epoch of the plan (the scheduler is built for their sum)."""
+    def evolved_total_steps(self) -> int:
+        """Optimizer steps of the whole plan, the scheduler's length: :meth:`EvolvedTraining.total_steps` (each
+        epoch's last, partial accumulation is stepped within the epoch, as the Trainer does, never carried over)."""
         if self.evolved is None:
             self.evolved = self._build_evolved()
-        return optimizer_steps(
-            self.evolved,
+        args = self.args
+        return self.evolved.total_steps(
             self._train_batch_size,
-            drop_last=self.args.dataloader_drop_last,
-            accumulation=self.args.gradient_accumulation_steps,
+            drop_last=args.dataloader_drop_last,
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
         )
 
     def set_initial_training_values(self, args, dataloader):
         values = list(super().set_initial_training_values(args, dataloader))
-        per_epoch = self.evolved_optimizer_steps()
-        planned = sum(per_epoch)
+        planned = self.evolved_total_steps()
         if args.max_steps > 0 and args.max_steps != planned:
             raise ValueError(
                 f"max_steps={args.max_steps}, but {self.evolved.sampler.num_epochs} epochs of the ES plan take "
@@ -396,7 +478,8 @@ class EvolvedTrainerMixin:
         sampler = self.evolved.sampler
         batches = sampler.steps_per_epoch(self._train_batch_size, drop_last=args.dataloader_drop_last, epoch=0)
         # (num_train_epochs, num_update_steps_per_epoch, num_examples, num_train_samples, total_batch, steps, max)
-        values[0], values[1], values[5], values[6] = sampler.num_epochs, per_epoch[0], batches, planned
+        first_epoch_steps = math.ceil(batches / args.gradient_accumulation_steps)
+        values[0], values[1], values[5], values[6] = sampler.num_epochs, first_epoch_steps, batches, planned
         values[2] = len(self.train_dataset)
         values[3] = sum(sampler.epoch_size(e) for e in range(sampler.num_epochs))
         return tuple(values)
@@ -481,7 +564,7 @@ class EvolvedTrainerMixin:
         selected = evolved.select(scorer, indices.to(evolved.state.device), inputs, (), loss_fn=_given_losses)
         if not selected.scored and evolved.selects:
             # Annealing epochs train every row but still move the state: score them the same way.
-            evolved.observe(selected, evolved._scoring_forward(scorer, selected.inputs))
+            evolved.observe(selected, evolved.scoring_forward(scorer, selected.inputs))
         if evolved.selects:
             self.evolved_times["scoring_s"] += time.perf_counter() - start
         stats = self.evolved_stats
@@ -489,7 +572,10 @@ class EvolvedTrainerMixin:
         stats["scored_tokens"] += self._tokens(inputs)
         stats["trained_sequences"] += selected.indices.numel()
         stats["trained_tokens"] += self._tokens(selected.inputs)
-        return dict(selected.inputs)
+        rows_to_train = dict(selected.inputs)
+        if evolved.policy.own_plan and not selected.scored:
+            rows_to_train[INDEX_KEY] = selected  # compute_loss weights and observes this batch's training forward
+        return rows_to_train
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         start = time.perf_counter()
@@ -498,10 +584,63 @@ class EvolvedTrainerMixin:
         return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        # Only the training loader adds ids, and selection removes them; an evaluation set that happens to carry the
-        # column is evaluated plainly, and the id never reaches the model.
-        inputs.pop(INDEX_KEY, None)
-        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        # Only the training loader adds ids, and selection removes them (set-level methods put their SelectedBatch
+        # back under the key); an evaluation set that happens to carry the column is evaluated plainly, and the id
+        # never reaches the model.
+        batch = inputs.pop(INDEX_KEY, None)
+        if not isinstance(batch, SelectedBatch):
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+        targets, shift = self._aligned_targets(inputs)
+        forward_inputs = {key: value for key, value in inputs.items() if key not in ("labels", "shift_labels")}
+        if getattr(getattr(self.model, "config", None), "use_cache", False):
+            forward_inputs["use_cache"] = False  # a training forward keeps no key/value cache
+        outputs = model(**forward_inputs)
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        sequences = training_sequence_losses(
+            logits[:, :-1] if shift else logits,
+            targets,
+            ignore_index=self.evolved_config.ignore_index,
+            predictions=self.evolved.policy.needs_outputs,
+        )
+        losses = sequences.per_sequence(self.evolved_config.sequence_reduction)
+        self.evolved.observe(batch, losses, outputs=sequences.predictions)
+        loss = self._set_level_loss(sequences, batch.loss_weights, num_items_in_batch)
+        return (loss, outputs) if return_outputs else loss
+
+    def _set_level_loss(
+        self, sequences: SequenceLosses, weights: torch.Tensor | None, num_items_in_batch: Any
+    ) -> torch.Tensor:
+        """The training loss of a set-level method's micro-batch: ``sum_i w_i S_i / N``.
+
+        ``S_i`` is sequence i's token cross-entropy sum (one row's loss for classification) and ``w_i`` its
+        InfoBatch weight (1 for every other method and epoch). ``N`` is the Trainer's own normaliser:
+        ``num_items_in_batch``, the loss-bearing tokens of the whole accumulated step (times the device count with
+        ``average_tokens_across_devices``, as ``Trainer.compute_loss`` and ``SFTTrainer`` scale it), or, when the
+        Trainer counts none, this micro-batch's tokens (the Trainer then divides by the accumulation steps itself).
+        With all weights 1 this is the Trainer's token mean; a weight multiplies a sequence's *sum*, so InfoBatch's
+        1/(1-r) up-weights a kept sample as a whole and a step's tokens still count once in ``N``.
+        """
+        sums = sequences.sums
+        total = sums.sum() if weights is None else (sums * weights.to(sums.device, sums.dtype)).sum()
+        if num_items_in_batch is None:
+            return total / sequences.counts.sum().clamp(min=1)
+        loss = total / torch.as_tensor(num_items_in_batch, device=sums.device).clamp(min=1)
+        if self.args.average_tokens_across_devices:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        return loss
+
+    def _aligned_targets(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, bool]:
+        """The training batch's targets as the model's loss sees them, and whether the logits must be shifted to
+        align with them (a causal LM whose collator did not shift the labels itself)."""
+        if "shift_labels" in inputs:
+            return inputs["shift_labels"], False
+        labels = inputs.get("labels")
+        if labels is None:
+            raise ValueError("inputs: the training batches carry no 'labels', so no per-sequence loss exists")
+        shift = self.evolved_scoring.shift
+        return (labels[:, 1:] if shift else labels), shift
 
     # ---------------------------------------------------------------- logs
 
@@ -566,7 +705,7 @@ __all__ = [
     "EvolvedTrainer",
     "EvolvedTrainerMixin",
     "Scoring",
-    "optimizer_steps",
     "per_sequence_losses",
     "scoring_for",
+    "training_sequence_losses",
 ]

@@ -350,7 +350,7 @@ class EvolvedTraining:
             weights = self.sampler.loss_weights
             weights = None if weights is None else weights.index_select(0, indices.cpu())
             return SelectedBatch(indices, inputs, targets, scored=False, loss_weights=weights)
-        outputs = self._scoring_forward(model, inputs)
+        outputs = self.scoring_forward(model, inputs)
         # Annealing epochs with score_annealing: the same scoring and update, all B rows kept.
         k = self.num_selected(batch_size) if self.selecting else batch_size
         # "order" scores and updates exactly like the race (same checks), then keeps the k largest losses itself.
@@ -400,7 +400,9 @@ class EvolvedTraining:
         self.state.observe(batch.indices, losses, check_values=self.check_values)
         self.state.sync_step(batch.indices, losses, check_values=False)  # no-op unless sync="step" across ranks
 
-    def _scoring_forward(self, model: torch.nn.Module, inputs: Any) -> Any:
+    def scoring_forward(self, model: torch.nn.Module, inputs: Any) -> Any:
+        """``model(inputs)`` under ``torch.no_grad()`` in :attr:`scoring_mode`, the model's own mode restored: the
+        forward ``select`` scores with (integrations that score outside ``select`` use it too)."""
         was_training = model.training
         model.train(self.scoring_mode == "train")
         try:

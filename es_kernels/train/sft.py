@@ -29,11 +29,12 @@ from typing import Any
 import torch
 
 from es_kernels.command import HelpFormatter, prog_name
+from es_kernels.policies import POLICIES
 from es_kernels.train.progress import add_progress_argument, shows_progress
 
 BOS, EOS, PAD = 256, 257, 258
 DEMO_VOCAB = 259
-METHOD_CHOICES = ("baseline", "es", "eswp", "loss", "order")
+METHOD_CHOICES = tuple(POLICIES)  # every method of es_kernels.policies
 
 
 # ------------------------------------------------------------------------------------------ demo data
@@ -104,7 +105,8 @@ def run_method(method: str, model, train, held_out, options: argparse.Namespace)
 
     from es_kernels.train.hf import EvolvedConfig, EvolvedTrainer
 
-    selects = method != "baseline"
+    # Batch-level selectors score B = b / select_ratio rows and train b; every other method trains its b rows.
+    selects = POLICIES[method]().batch_choice != "all"
     batch = options.batch_size if not selects else round(options.batch_size / options.select_ratio)
     args = TrainingArguments(
         output_dir=str(Path(options.out) / "runs" / method),
@@ -321,7 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--epochs", type=int, default=None, help="default: 3 (demo), 1 (--quick)")
     parser.add_argument("--batch-size", type=int, default=16, help="k: sequences back-propagated per step")
-    parser.add_argument("--select-ratio", type=float, default=0.25, help="k/B; ES scores B = k / ratio per step")
+    parser.add_argument(
+        "--select-ratio", type=float, default=0.25, help="k/B; ES-family methods score B = k / ratio per step"
+    )
     parser.add_argument("--length", type=int, default=64, help="tokens per sequence")
     parser.add_argument("--train-size", type=int, default=3072, help="demo training sequences (128 more held out)")
     parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (linear decay to 0)")
