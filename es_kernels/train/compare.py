@@ -1,6 +1,6 @@
 """Every method on a compute-bound task: a small CNN fine-tuned on scikit-learn's digits, 3 seeds.
 
-    es-compare                       # default: 221 s of CPU time measured (README), so under 5 minutes idle
+    es-compare                       # default: 193 s on an idle 2-core machine, pre-training included (README)
     es-compare --full                # twice the epochs: about twice that
     es-compare --noise uniform:0.4   # with label noise
 
