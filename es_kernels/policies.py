@@ -373,7 +373,7 @@ def _baseline(*, beta1: float = 0.2, beta2: float = 0.9) -> SelectionPolicy:
     return policy
 
 
-# Paper defaults (DESIGN §3 and §11, the paper's appendix D.7).
+# Paper defaults (docs/architecture.md §3, "Methods"; the paper's appendix D.7).
 POLICIES: dict[str, Callable[..., SelectionPolicy]] = {
     "baseline": _baseline,
     "es": _evolved("es", 0.2, 0.9, 0.0),

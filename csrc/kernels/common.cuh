@@ -36,7 +36,7 @@ struct LossParams {
 
 // Per-row sufficient statistics, all relative to the row maximum m so large logits lose nothing to cancellation:
 // log_sum = log(sum exp(x - m)), shifted_sum = sum (x - m), target_sum = sum t, target_dot = sum t * (x - m).
-// The loss is then closed-form (DESIGN §4: label smoothing folded into the same pass):
+// The loss is then closed-form (docs/architecture.md §3; label smoothing folded into the same pass):
 //   hard:  log_sum - keep * (x_y - m) - (eps / C) * shifted_sum
 //   soft:  keep * (T * log_sum - D) + eps * log_sum - (eps / C) * shifted_sum
 ES_HD float hard_label_loss(const LossParams& p, float log_sum, float shifted_label, float shifted_sum) {

@@ -1,5 +1,5 @@
-// Per-token log-sum-exp statistics of the sequence-level losses (DESIGN §9), shared by the CPU (.cpp) and CUDA
-// (.cu) builds. No torch headers: nvcc compiles the CUDA kernels below without ATen.
+// Per-token log-sum-exp statistics of the sequence-level losses (docs/architecture.md §3, token level), shared by
+// the CPU (.cpp) and CUDA (.cu) builds. No torch headers: nvcc compiles the CUDA kernels below without ATen.
 //
 // A token's statistics over the vocabulary columns seen so far are kept relative to their maximum m, so a large
 // common offset of the logits cancels nothing away: exp_sum = sum exp(z - m), shifted_sum = sum (z - m), count =
