@@ -90,6 +90,9 @@ PreparedSelect prepare_select(const SelectArgs& args);
 uint64_t host_seed(const at::Tensor& seed);
 void check_seed(const at::Tensor& seed, const at::Tensor& like);
 
+// Shared by both devices: checks the arguments of prune_select and returns the values contiguous.
+at::Tensor prepare_prune(const at::Tensor& values, const at::Tensor& seed, int64_t keep);
+
 struct LossParams;
 LossParams make_loss_params(const PreparedSelect& p, double label_smoothing, double lam);
 
