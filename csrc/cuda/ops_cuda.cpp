@@ -61,18 +61,7 @@ SelectResult fused_select_cuda(const SelectArgs& args) {
   if (params.kind == TargetKind::kNone) {
     launch.given_losses = p.losses.data_ptr<float>();
   } else {
-    launch.logits = p.logits.data_ptr();
-    launch.logits_row_stride = p.logits.stride(0);
-    const auto dtype = p.logits.scalar_type();
-    launch.logits_type = dtype == at::kHalf       ? LogitsType::kFloat16
-                         : dtype == at::kBFloat16 ? LogitsType::kBFloat16
-                                                  : LogitsType::kFloat32;
-    if (params.kind == TargetKind::kSoft) {
-      launch.soft_targets = p.target.data_ptr<float>();
-    } else {
-      launch.labels = p.target.data_ptr<int64_t>();
-      if (params.kind == TargetKind::kMixup) launch.labels_b = p.target_b.data_ptr<int64_t>();
-    }
+    point_at_loss_inputs(launch, p);
   }
   launch.losses_out = losses.data_ptr<float>();
   at::Tensor positions = at::empty({args.k}, at::TensorOptions().dtype(at::kLong).device(device));
