@@ -8,6 +8,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include "kernels/common.cuh"
+
 namespace es_kernels {
 
 // One call, as es_kernels.call.SelectCall: targets are `labels_a` (int64 class ids; with `labels_b` and `lam` the
@@ -86,11 +88,32 @@ struct PreparedSelect {
 };
 PreparedSelect prepare_select(const SelectArgs& args);
 
+// Points a kernel's loss inputs at the prepared logits and targets: cpu::RowLossArgs and cuda::FusedSelectLaunch
+// carry the same six fields (logits, logits_row_stride, logits_type, labels, labels_b, soft_targets).
+template <typename KernelArgs>
+void point_at_loss_inputs(KernelArgs& args, const PreparedSelect& p) {
+  const auto dtype = p.logits.scalar_type();
+  args.logits = p.logits.data_ptr();
+  args.logits_row_stride = p.logits.stride(0);
+  args.logits_type = dtype == at::kHalf       ? LogitsType::kFloat16
+                     : dtype == at::kBFloat16 ? LogitsType::kBFloat16
+                                              : LogitsType::kFloat32;
+  const auto kind = static_cast<TargetKind>(p.kind);
+  if (kind == TargetKind::kSoft) {
+    args.soft_targets = p.target.data_ptr<float>();
+  } else {
+    args.labels = p.target.data_ptr<int64_t>();
+    if (kind == TargetKind::kMixup) args.labels_b = p.target_b.data_ptr<int64_t>();
+  }
+}
+
 // The seed the caller drew, read on the host (CPU tensors only).
 uint64_t host_seed(const at::Tensor& seed);
 void check_seed(const at::Tensor& seed, const at::Tensor& like);
 
-struct LossParams;
+// Shared by both devices: checks the arguments of prune_select and returns the values contiguous.
+at::Tensor prepare_prune(const at::Tensor& values, const at::Tensor& seed, int64_t keep);
+
 LossParams make_loss_params(const PreparedSelect& p, double label_smoothing, double lam);
 
 }  // namespace es_kernels

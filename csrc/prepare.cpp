@@ -37,6 +37,15 @@ void check_seed(const at::Tensor& seed, const at::Tensor& like) {
 
 uint64_t host_seed(const at::Tensor& seed) { return static_cast<uint64_t>(*seed.data_ptr<int64_t>()); }
 
+at::Tensor prepare_prune(const at::Tensor& values, const at::Tensor& seed, int64_t keep) {
+  CHECK_DEFINED("values", values);
+  CHECK_DTYPE("values", values, at::kFloat);
+  CHECK_DIM("values", values, 1);
+  CHECK_RANGE("keep", keep, int64_t{0}, values.numel());
+  check_seed(seed, values);
+  return values.contiguous();
+}
+
 at::Tensor check_status(CheckResult result) {
   return at::tensor({static_cast<int64_t>(result.code), result.value}, at::TensorOptions().dtype(at::kLong));
 }

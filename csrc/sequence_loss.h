@@ -48,11 +48,12 @@ at::Tensor hidden_sequence_losses_cuda(const at::Tensor& hidden, const at::Tenso
 #endif
 
 namespace detail {
-// Host-side argument checks shared by both devices (ValueError/TypeError naming the argument); returns whether the
-// reduction is the mean.
-bool check_sequence_arguments(const at::Tensor& targets, int64_t batch, int64_t time, int64_t vocab,
-                              c10::string_view reduction, double label_smoothing);
-void check_hidden_arguments(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+// Host-side argument checks shared by both devices (ValueError/TypeError naming the argument); each returns whether
+// the reduction is the mean. The device check stays with each device's entry point.
+bool check_token_arguments(const at::Tensor& logits, const at::Tensor& targets, c10::string_view reduction,
+                           double label_smoothing);
+bool check_hidden_arguments(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                            const at::Tensor& targets, c10::string_view reduction, double label_smoothing,
                             double logit_scale, std::optional<double> logit_softcap, int64_t token_block,
                             int64_t vocab_chunk);
 }  // namespace detail

@@ -24,25 +24,22 @@ class BackendUnavailableError(RuntimeError):
     """A backend the user named explicitly cannot run here; the message says why."""
 
 
-def _triton_reason(device: torch.device) -> str | None:
-    try:
-        module = importlib.import_module("es_kernels.triton")
-    except ImportError as error:
-        return f"es_kernels.triton cannot be imported ({error})"
-    return module.unavailable_reason(device)
+def _module_reason(name: str) -> Callable[[torch.device], str | None]:
+    """The reason of a backend module, imported only when asked (it may import triton or load the extension)."""
 
+    def reason(device: torch.device) -> str | None:
+        try:
+            module = importlib.import_module(name)
+        except ImportError as error:
+            return f"{name} cannot be imported ({error})"
+        return module.unavailable_reason(device)
 
-def _extension_reason(device: torch.device) -> str | None:
-    try:
-        module = importlib.import_module("es_kernels.extension")
-    except ImportError as error:
-        return f"es_kernels.extension cannot be imported ({error})"
-    return module.unavailable_reason(device)
+    return reason
 
 
 _REASONS: dict[Backend, Callable[[torch.device], str | None]] = {
-    Backend.TRITON: _triton_reason,
-    Backend.EXTENSION: _extension_reason,
+    Backend.TRITON: _module_reason("es_kernels.triton"),
+    Backend.EXTENSION: _module_reason("es_kernels.extension"),
     Backend.TORCH: lambda device: None,
 }
 

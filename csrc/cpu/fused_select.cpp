@@ -27,18 +27,7 @@ constexpr int64_t kLossGrainElements = 16384;
 
 void compute_losses(const PreparedSelect& p, const LossParams& params, float* out, uint8_t* finite_rows) {
   cpu::RowLossArgs args{};
-  const auto dtype = p.logits.scalar_type();
-  args.logits = p.logits.data_ptr();
-  args.logits_row_stride = p.logits.stride(0);
-  args.logits_type = dtype == at::kHalf       ? LogitsType::kFloat16
-                     : dtype == at::kBFloat16 ? LogitsType::kBFloat16
-                                              : LogitsType::kFloat32;
-  if (params.kind == TargetKind::kSoft) {
-    args.soft_targets = p.target.data_ptr<float>();
-  } else {
-    args.labels = p.target.data_ptr<int64_t>();
-    if (params.kind == TargetKind::kMixup) args.labels_b = p.target_b.data_ptr<int64_t>();
-  }
+  point_at_loss_inputs(args, p);
   args.params = params;
   args.out = out;
   args.finite_rows = finite_rows;

@@ -8,7 +8,6 @@
 #include <algorithm>
 #include <vector>
 
-#include "checks.h"
 #include "kernels/philox.cuh"
 #include "kernels/race.cuh"
 #include "ops.h"
@@ -23,14 +22,9 @@ constexpr int64_t kTile = int64_t{1} << 16;
 }  // namespace
 
 at::Tensor prune_select_cpu(const at::Tensor& values_in, const at::Tensor& seed_tensor, int64_t keep) {
-  CHECK_DEFINED("values", values_in);
-  CHECK_DTYPE("values", values_in, at::kFloat);
-  CHECK_DIM("values", values_in, 1);
-  const at::Tensor values = values_in.contiguous();
+  const at::Tensor values = prepare_prune(values_in, seed_tensor, keep);
   const int64_t n = values.numel();
-  CHECK_RANGE("keep", keep, int64_t{0}, n);
   const auto long_options = at::TensorOptions().dtype(at::kLong);
-  check_seed(seed_tensor, values_in);
   const uint64_t seed = host_seed(seed_tensor);
   if (keep == 0) return at::empty({0}, long_options);
   if (keep == n) return at::arange(n, long_options);

@@ -29,6 +29,9 @@ namespace es_kernels {
 
 namespace detail {
 
+namespace {
+
+// What both call forms share once their own tensors are checked.
 bool check_sequence_arguments(const at::Tensor& targets, int64_t batch, int64_t time, int64_t vocab,
                               c10::string_view reduction, double label_smoothing) {
   CHECK_DEFINED("targets", targets);
@@ -42,7 +45,17 @@ bool check_sequence_arguments(const at::Tensor& targets, int64_t batch, int64_t 
   return reduction == "mean";
 }
 
-void check_hidden_arguments(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+}  // namespace
+
+bool check_token_arguments(const at::Tensor& logits, const at::Tensor& targets, c10::string_view reduction,
+                           double label_smoothing) {
+  CHECK_DEFINED("logits", logits);
+  CHECK_DIM("logits", logits, 3);
+  return check_sequence_arguments(targets, logits.size(0), logits.size(1), logits.size(2), reduction, label_smoothing);
+}
+
+bool check_hidden_arguments(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                            const at::Tensor& targets, c10::string_view reduction, double label_smoothing,
                             double logit_scale, std::optional<double> logit_softcap, int64_t token_block,
                             int64_t vocab_chunk) {
   CHECK_DEFINED("hidden_states", hidden);
@@ -65,6 +78,8 @@ void check_hidden_arguments(const at::Tensor& hidden, const at::Tensor& weight, 
   TORCH_CHECK_VALUE(logit_scale > 0.0, "logit_scale must be positive, got ", logit_scale);
   TORCH_CHECK_VALUE(!logit_softcap.has_value() || *logit_softcap > 0.0, "logit_softcap must be positive or None");
   TORCH_CHECK_VALUE(token_block >= 1 && vocab_chunk >= 1, "token_block and vocab_chunk must be positive");
+  return check_sequence_arguments(targets, hidden.size(0), hidden.size(1), weight.size(0), reduction,
+                                  label_smoothing);
 }
 
 }  // namespace detail
@@ -127,12 +142,9 @@ void token_losses_rows(const at::Tensor& logits, const at::Tensor& targets, cons
 
 at::Tensor token_sequence_losses_cpu(const at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index,
                                      c10::string_view reduction, double label_smoothing) {
-  CHECK_DEFINED("logits", logits);
-  CHECK_DIM("logits", logits, 3);
+  const bool mean = detail::check_token_arguments(logits, targets, reduction, label_smoothing);
   TORCH_CHECK_TYPE(at::isFloatingType(logits.scalar_type()), "logits must be a floating-point tensor, got ",
                    logits.scalar_type());
-  const bool mean = detail::check_sequence_arguments(targets, logits.size(0), logits.size(1), logits.size(2),
-                                                     reduction, label_smoothing);
   TORCH_CHECK_VALUE(logits.device().is_cpu() && targets.device().is_cpu(), "logits and targets must be CPU tensors");
   const SequenceLossParams p = make_params(logits.size(2), ignore_index, label_smoothing);
   std::vector<float> token_losses(static_cast<size_t>(logits.size(0) * logits.size(1)));
@@ -146,9 +158,9 @@ at::Tensor hidden_sequence_losses_cpu(const at::Tensor& hidden, const at::Tensor
                                       int64_t ignore_index, c10::string_view reduction, double label_smoothing,
                                       double logit_scale, std::optional<double> logit_softcap, int64_t token_block,
                                       int64_t vocab_chunk) {
-  detail::check_hidden_arguments(hidden, weight, bias, logit_scale, logit_softcap, token_block, vocab_chunk);
+  const bool mean = detail::check_hidden_arguments(hidden, weight, bias, targets, reduction, label_smoothing,
+                                                    logit_scale, logit_softcap, token_block, vocab_chunk);
   const int64_t batch = hidden.size(0), time = hidden.size(1), dim = hidden.size(2), vocab = weight.size(0);
-  const bool mean = detail::check_sequence_arguments(targets, batch, time, vocab, reduction, label_smoothing);
   TORCH_CHECK_VALUE(hidden.device().is_cpu() && targets.device().is_cpu(),
                     "hidden_states and targets must be CPU tensors");
   const SequenceLossParams p = make_params(vocab, ignore_index, label_smoothing);

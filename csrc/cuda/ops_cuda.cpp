@@ -61,18 +61,7 @@ SelectResult fused_select_cuda(const SelectArgs& args) {
   if (params.kind == TargetKind::kNone) {
     launch.given_losses = p.losses.data_ptr<float>();
   } else {
-    launch.logits = p.logits.data_ptr();
-    launch.logits_row_stride = p.logits.stride(0);
-    const auto dtype = p.logits.scalar_type();
-    launch.logits_type = dtype == at::kHalf       ? LogitsType::kFloat16
-                         : dtype == at::kBFloat16 ? LogitsType::kBFloat16
-                                                  : LogitsType::kFloat32;
-    if (params.kind == TargetKind::kSoft) {
-      launch.soft_targets = p.target.data_ptr<float>();
-    } else {
-      launch.labels = p.target.data_ptr<int64_t>();
-      if (params.kind == TargetKind::kMixup) launch.labels_b = p.target_b.data_ptr<int64_t>();
-    }
+    point_at_loss_inputs(launch, p);
   }
   launch.losses_out = losses.data_ptr<float>();
   at::Tensor positions = at::empty({args.k}, at::TensorOptions().dtype(at::kLong).device(device));
@@ -109,16 +98,11 @@ SelectResult fused_select_cuda(const SelectArgs& args) {
 }
 
 at::Tensor prune_select_cuda(const at::Tensor& values_in, const at::Tensor& seed, int64_t keep) {
-  CHECK_DEFINED("values", values_in);
-  CHECK_DTYPE("values", values_in, at::kFloat);
-  CHECK_DIM("values", values_in, 1);
-  const at::Tensor values = values_in.contiguous();
+  const at::Tensor values = prepare_prune(values_in, seed, keep);
   const int64_t n = values.numel();
-  CHECK_RANGE("keep", keep, int64_t{0}, n);
   const at::Device device = values.device();
   const c10::cuda::CUDAGuard guard(device);
   const auto long_options = at::TensorOptions().dtype(at::kLong).device(device);
-  check_seed(seed, values_in);
   if (keep == 0) return at::empty({0}, long_options);
   if (keep == n) return at::arange(n, long_options);
   at::Tensor kept = at::empty({keep}, long_options);

@@ -67,10 +67,7 @@ at::Tensor reduce(TokenState& state, const at::Tensor& targets, const SequenceLo
 
 at::Tensor token_sequence_losses_cuda(const at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index,
                                       c10::string_view reduction, double label_smoothing) {
-  CHECK_DEFINED("logits", logits);
-  CHECK_DIM("logits", logits, 3);
-  const bool mean = detail::check_sequence_arguments(targets, logits.size(0), logits.size(1), logits.size(2),
-                                                     reduction, label_smoothing);
+  const bool mean = detail::check_token_arguments(logits, targets, reduction, label_smoothing);
   TORCH_CHECK_VALUE(logits.is_cuda() && targets.device() == logits.device(),
                     "logits and targets must be on the same CUDA device");
   const cuda::SequenceDtype dtype = sequence_dtype(logits.scalar_type());
@@ -93,9 +90,9 @@ at::Tensor hidden_sequence_losses_cuda(const at::Tensor& hidden, const at::Tenso
                                        int64_t ignore_index, c10::string_view reduction, double label_smoothing,
                                        double logit_scale, std::optional<double> logit_softcap, int64_t token_block,
                                        int64_t vocab_chunk) {
-  detail::check_hidden_arguments(hidden, weight, bias, logit_scale, logit_softcap, token_block, vocab_chunk);
+  const bool mean = detail::check_hidden_arguments(hidden, weight, bias, targets, reduction, label_smoothing,
+                                                    logit_scale, logit_softcap, token_block, vocab_chunk);
   const int64_t batch = hidden.size(0), time = hidden.size(1), dim = hidden.size(2), vocab = weight.size(0);
-  const bool mean = detail::check_sequence_arguments(targets, batch, time, vocab, reduction, label_smoothing);
   TORCH_CHECK_VALUE(hidden.is_cuda() && targets.device() == hidden.device(),
                     "hidden_states and targets must be on the same CUDA device");
   const c10::cuda::CUDAGuard guard(hidden.device());

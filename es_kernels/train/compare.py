@@ -26,12 +26,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
 
 from es_kernels.command import HelpFormatter, prog_name
 from es_kernels.policies import POLICIES
-from es_kernels.train.data import IndexedDataset, corrupt_labels
-from es_kernels.train.digits import NUM_CLASSES, load_digits_split, parse_noise
+from es_kernels.train.data import corrupt_labels
+from es_kernels.train.digits import NUM_CLASSES, ClassifierRun, load_digits_split, parse_noise, summary_row
 from es_kernels.train.progress import add_progress_argument
 
 # The 8x8 digits upsampled to 24x24: measured (interleaved, 1 thread) at 16x16 an ES step cost 0.67 of a baseline
@@ -120,35 +119,16 @@ def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def train_one(method: str, data, features, args, seed: int, progress) -> dict[str, object]:
-    from es_kernels.train.loop import EvolvedTraining
-
     x_train, y_train, x_test, y_test = data
     torch.manual_seed(seed)  # the new head's initialisation; selection draws come from the helper's generators
     model = SmallCNN(NUM_CLASSES, args.width)
     model.features.load_state_dict(features)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    training = EvolvedTraining(method, len(x_train), args.epochs, select_ratio=args.select_ratio, seed=seed)
-    loader = DataLoader(
-        IndexedDataset(TensorDataset(x_train, y_train)), batch_size=args.batch_size, sampler=training.sampler
-    )
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, args.lr, total_steps=training.total_steps(args.batch_size)
-    )
+    run = ClassifierRun(method, model, x_train, y_train, args, seed)
     curve = [{"epoch": -1, "seconds": 0.0, "backprop_samples": 0, "test_accuracy": accuracy(model, x_test, y_test)}]
     seconds = cpu_seconds = 0.0
     for epoch in range(args.epochs):
         began, cpu_began = time.perf_counter(), time.process_time()
-        training.set_epoch(epoch)
-        for indices, inputs, targets in loader:
-            batch = training.select(model, indices, inputs, targets)
-            logits = model(batch.inputs)
-            losses = F.cross_entropy(logits, batch.targets, reduction="none")
-            training.observe(batch, losses, outputs=logits)
-            optimizer.zero_grad(set_to_none=True)
-            batch.mean_loss(losses).backward()
-            with training.scaled_lr(optimizer):
-                optimizer.step()
-            scheduler.step()
+        run.train_epoch(epoch)
         seconds += time.perf_counter() - began
         cpu_seconds += time.process_time() - cpu_began
         test_accuracy = accuracy(model, x_test, y_test)
@@ -156,7 +136,7 @@ def train_one(method: str, data, features, args, seed: int, progress) -> dict[st
             {
                 "epoch": epoch,
                 "seconds": seconds,
-                "backprop_samples": training.trained_samples,
+                "backprop_samples": run.training.trained_samples,
                 "test_accuracy": test_accuracy,
             }
         )
@@ -167,8 +147,7 @@ def train_one(method: str, data, features, args, seed: int, progress) -> dict[st
         "test_accuracy": curve[-1]["test_accuracy"],
         "seconds": seconds,
         "cpu_seconds": cpu_seconds,
-        "backprop_samples": training.trained_samples,
-        "scored_samples": training.scored_samples,
+        **run.sample_counts(),
         "curve": curve,
     }
 
@@ -183,16 +162,11 @@ def summarise(runs: list[dict[str, object]], methods: list[str]) -> list[dict[st
     target = statistics.fmean(r["test_accuracy"] for r in baseline) - TARGET_MARGIN if baseline else None
     rows = []
     for method, group in mine.items():
-        accuracies = [r["test_accuracy"] for r in group]
         reach = [time_to_reach(r, target) for r in group] if target is not None else []
         rows.append(
             {
-                "method": method,
-                "test_accuracy_mean": statistics.fmean(accuracies),
-                "test_accuracy_std": statistics.pstdev(accuracies),
-                "seconds_mean": statistics.fmean(r["seconds"] for r in group),
+                **summary_row(method, group),
                 "cpu_seconds_mean": statistics.fmean(r["cpu_seconds"] for r in group),
-                "backprop_samples": statistics.fmean(r["backprop_samples"] for r in group),
                 "target_accuracy": target,
                 # Mean over the seeds that reached the target; None when none did.
                 "seconds_to_target": statistics.fmean(t for t in reach if t is not None)

@@ -70,23 +70,26 @@ def warm_up(hidden: int) -> None:
     optimizer.step()
 
 
-def train_one(method: str, data, args, seed: int, progress) -> dict[str, object]:
-    x_train, y_train, x_test, y_test = data
-    torch.manual_seed(seed)  # model initialisation only; ES draws come from the helper's own generator
-    model = make_model(args.hidden)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    training = EvolvedTraining(method, len(x_train), args.epochs, select_ratio=args.select_ratio, seed=seed)
-    loader = DataLoader(
-        IndexedDataset(TensorDataset(x_train, y_train)), batch_size=args.batch_size, sampler=training.sampler
-    )
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, args.lr, total_steps=training.total_steps(args.batch_size)
-    )
-    curve = []
-    start = time.perf_counter()
-    for epoch in range(args.epochs):
+class ClassifierRun:
+    """One method's training of a classifier through ``EvolvedTraining`` with Adam and a OneCycle schedule: the loop
+    es-digits and es-compare share (``args`` gives lr, epochs, batch_size and select_ratio). The caller seeds and
+    builds the model, times the epochs and evaluates."""
+
+    def __init__(self, method: str, model: torch.nn.Module, x_train, y_train, args, seed: int) -> None:
+        self.model = model
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+        self.training = EvolvedTraining(method, len(x_train), args.epochs, select_ratio=args.select_ratio, seed=seed)
+        self.loader = DataLoader(
+            IndexedDataset(TensorDataset(x_train, y_train)), batch_size=args.batch_size, sampler=self.training.sampler
+        )
+        self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            self.optimizer, args.lr, total_steps=self.training.total_steps(args.batch_size)
+        )
+
+    def train_epoch(self, epoch: int) -> None:
+        model, training, optimizer = self.model, self.training, self.optimizer
         training.set_epoch(epoch)
-        for indices, inputs, targets in loader:
+        for indices, inputs, targets in self.loader:
             batch = training.select(model, indices, inputs, targets)
             logits = model(batch.inputs)
             losses = F.cross_entropy(logits, batch.targets, reduction="none")
@@ -95,9 +98,22 @@ def train_one(method: str, data, args, seed: int, progress) -> dict[str, object]
             batch.mean_loss(losses).backward()
             with training.scaled_lr(optimizer):
                 optimizer.step()
-            scheduler.step()
+            self.scheduler.step()
+
+    def sample_counts(self) -> dict[str, int]:
+        return {"backprop_samples": self.training.trained_samples, "scored_samples": self.training.scored_samples}
+
+
+def train_one(method: str, data, args, seed: int, progress) -> dict[str, object]:
+    x_train, y_train, x_test, y_test = data
+    torch.manual_seed(seed)  # model initialisation only; ES draws come from the helper's own generator
+    run = ClassifierRun(method, make_model(args.hidden), x_train, y_train, args, seed)
+    curve = []
+    start = time.perf_counter()
+    for epoch in range(args.epochs):
+        run.train_epoch(epoch)
         elapsed = time.perf_counter() - start
-        test_accuracy = accuracy(model, x_test, y_test)
+        test_accuracy = accuracy(run.model, x_test, y_test)
         curve.append({"epoch": epoch, "test_accuracy": test_accuracy, "seconds": elapsed})
         progress.set_postfix(method=method, seed=seed, epoch=epoch, acc=f"{test_accuracy:.3f}")
         progress.update(1)
@@ -106,26 +122,25 @@ def train_one(method: str, data, args, seed: int, progress) -> dict[str, object]
         "seed": seed,
         "test_accuracy": curve[-1]["test_accuracy"],
         "seconds": time.perf_counter() - start,
-        "backprop_samples": training.trained_samples,
-        "scored_samples": training.scored_samples,
+        **run.sample_counts(),
         "curve": curve,
     }
 
 
+def summary_row(method: str, group: list[dict[str, object]]) -> dict[str, object]:
+    """The columns es-digits and es-compare share, over one method's runs (one per seed)."""
+    accuracies = [r["test_accuracy"] for r in group]
+    return {
+        "method": method,
+        "test_accuracy_mean": statistics.fmean(accuracies),
+        "test_accuracy_std": statistics.pstdev(accuracies),
+        "seconds_mean": statistics.fmean(r["seconds"] for r in group),
+        "backprop_samples": statistics.fmean(r["backprop_samples"] for r in group),
+    }
+
+
 def summarise(runs: list[dict[str, object]], methods: list[str]) -> list[dict[str, object]]:
-    rows = []
-    for method in methods:
-        mine = [r for r in runs if r["method"] == method]
-        accuracies = [r["test_accuracy"] for r in mine]
-        rows.append(
-            {
-                "method": method,
-                "test_accuracy_mean": statistics.fmean(accuracies),
-                "test_accuracy_std": statistics.pstdev(accuracies),
-                "seconds_mean": statistics.fmean(r["seconds"] for r in mine),
-                "backprop_samples": statistics.fmean(r["backprop_samples"] for r in mine),
-            }
-        )
+    rows = [summary_row(method, [r for r in runs if r["method"] == method]) for method in methods]
     baseline = next((row for row in rows if row["method"] == "baseline"), None)
     for row in rows:
         row["time_saved_vs_baseline"] = 1.0 - row["seconds_mean"] / baseline["seconds_mean"] if baseline else None

@@ -22,6 +22,19 @@ def _jit(fn=None, **options):
     return triton.jit(fn, **options)
 
 
+def jit_layout_forms(source, value_ints, value_pointers, layout_ints, layout_pointers):
+    """The two compiled forms of one kernel: aligned (specialised on its layout ints and pointers) and any-layout
+    (specialised on nothing); the values read once per row or token never get hints in either (see
+    ``fused_select_kernel`` below)."""
+    aligned = _jit(source, do_not_specialize=value_ints, do_not_specialize_on_alignment=value_pointers)
+    any_layout = _jit(
+        source,
+        do_not_specialize=value_ints + layout_ints,
+        do_not_specialize_on_alignment=value_pointers + layout_pointers,
+    )
+    return aligned, any_layout
+
+
 # Where the per-sample losses come from (a constexpr: one compiled variant each).
 MODE_LOSSES = 0  # given losses, any float dtype
 MODE_LABELS = 1  # int64 class ids; the mixup form is two label vectors and lam
@@ -313,16 +326,8 @@ _PER_ROW_INTS = ["n_samples", "batch", "k", "num_classes", "labels_a_stride", "l
 _PER_ROW_POINTERS = ["indices_ptr", "labels_a_ptr", "labels_b_ptr", "losses_ptr"]
 _LAYOUT_INTS = ["logits_row_stride", "logits_col_stride", "soft_row_stride", "soft_col_stride"]
 _LAYOUT_POINTERS = ["logits_ptr", "soft_ptr"]
-_fused_select_source = fused_select_kernel
-fused_select_kernel = _jit(
-    _fused_select_source,
-    do_not_specialize=_PER_ROW_INTS,
-    do_not_specialize_on_alignment=_PER_ROW_POINTERS,
-)
-fused_select_kernel_any_layout = _jit(
-    _fused_select_source,
-    do_not_specialize=_PER_ROW_INTS + _LAYOUT_INTS,
-    do_not_specialize_on_alignment=_PER_ROW_POINTERS + _LAYOUT_POINTERS,
+fused_select_kernel, fused_select_kernel_any_layout = jit_layout_forms(
+    fused_select_kernel, _PER_ROW_INTS, _PER_ROW_POINTERS, _LAYOUT_INTS, _LAYOUT_POINTERS
 )
 
 

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from es_kernels.triton.kernels import LOG2E, _jit
+from es_kernels.triton.kernels import LOG2E, _jit, jit_layout_forms
 
 # Triton's interpreter keeps bf16 as its uint16 bits and its tl.dot multiplies those bits as integers; interpreted
 # kernels widen the tiles to fp32 first (exact for bf16/fp16 values). Compiled kernels never take that branch.
@@ -261,27 +261,15 @@ def sequence_reduce_kernel(
 # do in the aligned form only (see the module docstring and ``kernels.py``).
 _TOKEN_COUNTS = ["time", "vocab", "targets_batch_stride", "targets_time_stride", "ignore_index"]
 _TOKEN_LAYOUT = ["logits_batch_stride", "logits_time_stride", "logits_vocab_stride"]
-_token_loss_source = token_loss_kernel
-token_loss_kernel = _jit(
-    _token_loss_source, do_not_specialize=_TOKEN_COUNTS, do_not_specialize_on_alignment=["targets_ptr"]
-)
-token_loss_kernel_any_layout = _jit(
-    _token_loss_source,
-    do_not_specialize=_TOKEN_COUNTS + _TOKEN_LAYOUT,
-    do_not_specialize_on_alignment=["targets_ptr", "logits_ptr"],
+token_loss_kernel, token_loss_kernel_any_layout = jit_layout_forms(
+    token_loss_kernel, _TOKEN_COUNTS, ["targets_ptr"], _TOKEN_LAYOUT, ["logits_ptr"]
 )
 _HIDDEN_COUNTS = ["tokens", "time", "vocab", "dim", "targets_batch_stride", "targets_time_stride", "ignore_index"]
 _HIDDEN_LAYOUT = [
     "hidden_batch_stride", "hidden_time_stride", "hidden_dim_stride", "weight_vocab_stride", "weight_dim_stride",
 ]  # fmt: skip
-_hidden_loss_source = hidden_loss_kernel
-hidden_loss_kernel = _jit(
-    _hidden_loss_source, do_not_specialize=_HIDDEN_COUNTS, do_not_specialize_on_alignment=["targets_ptr"]
-)
-hidden_loss_kernel_any_layout = _jit(
-    _hidden_loss_source,
-    do_not_specialize=_HIDDEN_COUNTS + _HIDDEN_LAYOUT,
-    do_not_specialize_on_alignment=["targets_ptr", "hidden_ptr", "weight_ptr"],
+hidden_loss_kernel, hidden_loss_kernel_any_layout = jit_layout_forms(
+    hidden_loss_kernel, _HIDDEN_COUNTS, ["targets_ptr"], _HIDDEN_LAYOUT, ["hidden_ptr", "weight_ptr"]
 )
 
 
