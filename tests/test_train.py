@@ -433,3 +433,38 @@ def test_digits_says_when_its_timings_are_not_trustworthy(monkeypatch, tmp_path,
     monkeypatch.setattr(_timing, "LOAD_SOURCE", lambda: (0.0, 0.0, 0.0))
     digits.main(["--seeds", "0", "--epochs", "1", "--out", str(tmp_path / "r.json")])
     assert "not trustworthy" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [("none", None), ("uniform:0.4", ("uniform", 0.4)), ("flip:0", ("flip", 0.0))],
+)
+def test_noise_option_parses_every_accepted_form(text, expected):
+    from es_kernels.train.data import parse_label_noise
+
+    assert parse_label_noise(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("bogus", "MODE:RATE"),
+        ("uniform:", "MODE:RATE"),
+        ("flip:x", "rate must be a number"),
+        ("uniform:1", r"\[0, 1\)"),
+    ],
+)
+def test_noise_option_refuses_bad_text_on_every_command(text, message):
+    import argparse
+
+    from es_kernels.train import compare
+    from es_kernels.train.vit import cli
+
+    for parser, option in (
+        (digits.build_parser(), "--noise"),
+        (compare.build_parser(), "--noise"),
+        (cli.build_parser(), "--label-noise"),
+    ):
+        action = next(a for a in parser._actions if option in a.option_strings)
+        with pytest.raises(argparse.ArgumentTypeError, match=message):
+            action.type(text)

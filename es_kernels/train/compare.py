@@ -29,8 +29,8 @@ import torch.nn.functional as F
 
 from es_kernels.command import HelpFormatter, prog_name
 from es_kernels.policies import POLICIES
-from es_kernels.train.data import corrupt_labels
-from es_kernels.train.digits import NUM_CLASSES, ClassifierRun, load_digits_split, parse_noise, summary_row
+from es_kernels.train.data import corrupt_labels, parse_label_noise
+from es_kernels.train.digits import NUM_CLASSES, ClassifierRun, load_digits_split, summary_row
 from es_kernels.train.progress import add_progress_argument
 
 # The 8x8 digits upsampled to 24x24: measured (interleaved, 1 thread) at 16x16 an ES step cost 0.67 of a baseline
@@ -252,7 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
     epochs = f"fine-tuning epochs (default: {DEFAULT_EPOCHS}; with --full: {FULL_EPOCHS})"
     add("--epochs", type=int, default=None, help=epochs)
     add("--full", action="store_true", help=f"the full run: {FULL_EPOCHS} epochs")
-    add("--noise", type=parse_noise, default=None, help="label noise: none, uniform:RATE or flip:RATE (default: none)")
+    add(
+        "--noise",
+        type=parse_label_noise,
+        default=None,
+        help="label noise: none, uniform:RATE or flip:RATE (default: none)",
+    )
     add("--batch-size", type=int, default=64, help="meta-batch size B (default: 64)")
     add("--select-ratio", type=float, default=0.25, help="k/B of the batch-level methods (default: 0.25)")
     add("--lr", type=float, default=2e-3, help="peak OneCycle learning rate of Adam (default: 2e-3)")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 from torch.utils.data import Dataset
 
@@ -27,6 +29,22 @@ class IndexedDataset(Dataset):
 
 
 NOISE_MODES = ("uniform", "flip")
+
+
+def parse_label_noise(text: str) -> tuple[str, float] | None:
+    """The ``--noise`` option of every training command: ``none`` or ``MODE:RATE`` -> None or ``(mode, rate)``."""
+    if text == "none":
+        return None
+    mode, _, rate = text.partition(":")
+    if mode not in NOISE_MODES or not rate:
+        raise argparse.ArgumentTypeError(f"must be 'none' or MODE:RATE with MODE in {NOISE_MODES}, got {text!r}")
+    try:
+        value = float(rate)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"rate must be a number, got {rate!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"rate must be in [0, 1), got {value}")
+    return mode, value
 
 
 def corrupt_labels(

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from es_kernels import _timing
 from es_kernels.command import HelpFormatter, prog_name
-from es_kernels.train.data import NOISE_MODES, IndexedDataset, corrupt_labels
+from es_kernels.train.data import IndexedDataset, corrupt_labels, parse_label_noise
 from es_kernels.train.loop import METHODS, EvolvedTraining
 from es_kernels.train.progress import add_progress_argument, progress_bar
 
@@ -161,21 +161,6 @@ def format_table(rows: list[dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
-def parse_noise(text: str) -> tuple[str, float] | None:
-    if text == "none":
-        return None
-    mode, _, rate = text.partition(":")
-    if mode not in NOISE_MODES or not rate:
-        raise argparse.ArgumentTypeError(f"--noise must be 'none' or MODE:RATE with MODE in {NOISE_MODES}")
-    try:
-        value = float(rate)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--noise rate must be a number, got {rate!r}") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"--noise rate must be in [0, 1), got {value}")
-    return mode, value
-
-
 def build_parser() -> argparse.ArgumentParser:
     prog = prog_name("es_kernels.train.digits", "es-digits")
     parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=HelpFormatter)
@@ -188,7 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="methods to compare, each trained once per seed",
     )
     add(
-        "--noise", type=parse_noise, default="uniform:0.4", help="training label noise: none, uniform:RATE or flip:RATE"
+        "--noise",
+        type=parse_label_noise,
+        default="uniform:0.4",
+        help="training label noise: none, uniform:RATE or flip:RATE",
     )
     add("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run per seed and method; the table averages them")
     add("--epochs", type=int, default=40, help="training epochs per run")
@@ -206,7 +194,7 @@ def run(argv: list[str] | None = None) -> list[dict[str, object]]:
     """The command's run: the table's rows (one per method), also written to ``--out``."""
     args = build_parser().parse_args(argv)
     if isinstance(args.noise, str):  # argparse does not run `type` on defaults given as strings in all versions
-        args.noise = parse_noise(args.noise)
+        args.noise = parse_label_noise(args.noise)
     if args.epochs < 1:
         raise SystemExit("--epochs must be at least 1")
     torch.set_num_threads(args.threads)

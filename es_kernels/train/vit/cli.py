@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 
 from es_kernels.command import HelpFormatter, format_default, prog_name
-from es_kernels.train.data import NOISE_MODES
+from es_kernels.train.data import parse_label_noise
 from es_kernels.train.loop import METHODS, SCORING_MODES
 from es_kernels.train.progress import add_progress_argument
 from es_kernels.train.vit.config import ConfigError
@@ -43,21 +43,6 @@ DEMO_DEFAULTS = {
     "model": DEMO_MODEL,
     "model_kwargs": list(DEMO_MODEL_KWARGS.items()),
 }
-
-
-def parse_label_noise(text: str) -> tuple[str, float] | None:
-    if text == "none":
-        return None
-    mode, _, rate = text.partition(":")
-    if mode not in NOISE_MODES or not rate:
-        raise argparse.ArgumentTypeError(f"must be 'none' or MODE:RATE with MODE in {NOISE_MODES}, got {text!r}")
-    try:
-        value = float(rate)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"rate must be a number, got {rate!r}") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"rate must be in [0, 1), got {value}")
-    return mode, value
 
 
 def parse_model_kwarg(text: str) -> tuple[str, object]:
