@@ -1,6 +1,6 @@
-// Per-sequence cross-entropy for language models (DESIGN §9, issue 12): C++ entry points, one per device and call
-// form, registered as the dispatcher ops es_kernels_C::{token,hidden}_sequence_losses (schemas in bindings.cpp, the
-// CPU and CUDA registrations beside each implementation, fakes in es_kernels/extension.py).
+// Per-sequence cross-entropy for language models (docs/architecture.md §3, token level): C++ entry points, one per
+// device and call form, registered as the dispatcher ops es_kernels_C::{token,hidden}_sequence_losses (schemas in
+// bindings.cpp, the CPU and CUDA registrations beside each implementation, fakes in es_kernels/extension.py).
 //
 // Semantics (es_kernels/reference/sequence.py is the oracle): the loss of sequence b is the mean ("mean") or sum
 // ("sum") of its token cross-entropies over positions whose target is not ignore_index, 0 for a sequence with no

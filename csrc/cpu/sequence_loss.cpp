@@ -1,5 +1,5 @@
-// Per-sequence cross-entropy on CPU (DESIGN §9): token losses with at::parallel_for over token rows, then a
-// sequential per-sequence sum in a fixed order (deterministic whatever the thread count).
+// Per-sequence cross-entropy on CPU (docs/architecture.md §3, token level): token losses with at::parallel_for over
+// token rows, then a sequential per-sequence sum in a fixed order (deterministic whatever the thread count).
 //
 // The hidden-state form never holds the (B*T, V) logits: for each block of tokens and each chunk of the vocabulary
 // one fp32 GEMM (at::mm_out into a reused buffer) produces the chunk's logits, bias/scale/soft cap are applied in

@@ -1,4 +1,5 @@
-"""Per-sequence cross-entropy for language models: the oracle of the sequence-level losses (DESIGN §9).
+"""Per-sequence cross-entropy for language models: the oracle of the sequence-level losses
+(docs/architecture.md §3, token level).
 
 A sample is a sequence. Its loss is the mean (``reduction="mean"``) or the sum (``"sum"``) of its token
 cross-entropies over the positions whose target is not ``ignore_index``; a sequence with no scored token has loss 0.

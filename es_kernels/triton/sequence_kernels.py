@@ -1,4 +1,5 @@
-"""Triton kernels and launchers of the per-sequence losses for language models (DESIGN §9, issue 12).
+"""Triton kernels and launchers of the per-sequence losses for language models
+(docs/architecture.md §3, token level).
 
 Two launches per call, whatever the shapes, and no atomics, so the losses are deterministic:
 
