@@ -77,7 +77,8 @@ def ids_repeat(name: str) -> str:
 
 
 def check_losses(name: str, losses: object, batch: int, device: torch.device, check_values: bool) -> torch.Tensor:
-    """Per-sample losses (B,), floating point, finite and non-negative."""
+    """Per-sample losses (B,), floating point, finite and non-negative; returned contiguous (the kernels read
+    them as a flat vector)."""
     losses = check_tensor(name, losses)
     if not losses.dtype.is_floating_point:
         raise TypeError(f"{name} must be a floating-point tensor, got {losses.dtype}")
@@ -86,7 +87,7 @@ def check_losses(name: str, losses: object, batch: int, device: torch.device, ch
     check_device(name, losses, device)
     if check_values:
         check_loss_values(name, losses)
-    return losses
+    return losses.contiguous()
 
 
 def value_range(tensor: torch.Tensor) -> tuple[float, float]:

@@ -11,8 +11,9 @@ This is the only module that chooses between implementations. After the checks (
 * ``prune_select(values, keep, generator)`` returning ``keep`` ascending ids drawn without replacement ∝ values.
 
 The backends: ``es_kernels.reference`` ("torch"), ``es_kernels.triton``, ``es_kernels.extension``. Arguments reach
-them already checked: contiguous int64 indices, a 2-D logits tensor with matching targets (or fp32-convertible
-losses), and, when value checks are on, finite logits and in-range targets (docs/architecture.md, "One call").
+them already checked: contiguous int64 indices, a 2-D logits tensor with matching targets (or contiguous,
+fp32-convertible losses), and, when value checks are on, finite logits and in-range targets
+(docs/architecture.md, "One call").
 """
 
 from __future__ import annotations
@@ -141,7 +142,7 @@ def evolved_select(
         logits=logits, labels_a=labels_a, labels_b=labels_b, soft_targets=soft_targets, lam=lam, losses=losses,
         label_smoothing=label_smoothing, generator=generator, check_inputs=check_inputs,
         # The extension checks the losses it computes between its loss and update passes (finite logits can still
-        # overflow); Triton cannot without a host sync, so there the logits pre-check is the guard.
+        # overflow); Triton's one launch cannot, so select.py checks them after it and puts the old values back.
         check_losses=check_values and chosen is Backend.EXTENSION and losses is None and not token_level,
         **sequence_fields,
     )  # fmt: skip
@@ -160,7 +161,19 @@ def evolved_select(
             computed = reference.call_losses(call)
             _checks.check_loss_values(_checks.COMPUTED_LOSSES, computed)
             call = call.with_losses(computed)
+        # Triton computes, updates and draws in one launch: the B old values are kept so that losses which
+        # overflowed to inf from finite logits can still be refused with the state as it was.
+        undo = None
+        if check_values and call.losses is None and chosen is Backend.TRITON:
+            undo = state.score[indices], state.weight[indices]
         positions, batch_losses = module.fused_select(call)
+        if undo is not None:
+            try:
+                _checks.check_loss_values(_checks.COMPUTED_LOSSES, batch_losses)
+            except ValueError:
+                state.score.index_copy_(0, indices, undo[0])
+                state.weight.index_copy_(0, indices, undo[1])
+                raise
     state.mark_visited(indices)
     record_backend(chosen)
     return (positions, batch_losses) if return_losses else positions

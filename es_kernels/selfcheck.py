@@ -2,10 +2,11 @@
 
     python -m es_kernels.selfcheck [--device cpu|cuda|all] [--no-timing]
 
-Per backend and device: per-sample losses on a few shapes and dtypes within the test suite's tolerances, the state
-after the update equal bit for bit to the reference update applied to the backend's own losses (untouched ids
-unchanged), valid and reproducible selections, the selection law on a small case (inclusion frequencies against
-the exact successive-sampling law; zero weights never drawn while enough are positive), and pruning's output.
+Per backend and device: per-sample losses on a few shapes and dtypes within the tolerances of es_kernels.testing
+(the test suite's), the state after the update equal bit for bit to the reference update applied to the backend's
+own losses (untouched ids unchanged), valid and reproducible selections, the selection law on a small case
+(inclusion frequencies against the exact successive-sampling law; zero weights never drawn while enough are
+positive), and pruning's output.
 Prints PASS/FAIL per backend and the time per call; exits 1 if any available backend fails. On a loaded machine
 (load average against cores and threads) or when repeated timings spread widely, the times are shown but the
 speed-ups are withheld as unreliable, with the reason.
@@ -14,8 +15,6 @@ speed-ups are withheld as unreliable, with the reason.
 from __future__ import annotations
 
 import argparse
-import itertools
-import math
 import statistics
 import sys
 import time
@@ -25,15 +24,8 @@ import torch
 
 from es_kernels import EvolvedState, _timing, backend_status, evolved_prune, evolved_select, reference
 from es_kernels.command import HelpFormatter
+from es_kernels.testing import LOSS_TOLERANCES, frequency_bound, inclusion_probabilities
 from es_kernels.triton import interpreter_requested
-
-# The same tolerances as tests/helpers.py (tests/test_selfcheck.py keeps the two equal): fp32 losses from logits of
-# each dtype against the fp32 reference on the same rounded logits differ by summation order only.
-LOSS_TOLERANCES: dict[torch.dtype, dict[str, float]] = {
-    torch.float32: {"rtol": 1e-5, "atol": 1e-5},
-    torch.float16: {"rtol": 1e-4, "atol": 1e-4},
-    torch.bfloat16: {"rtol": 1e-4, "atol": 1e-4},
-}
 
 # (B, C, logits dtype, label smoothing): small, the C of ImageNet, and an LLM-like vocabulary at moderate B.
 SHAPES = [
@@ -110,19 +102,6 @@ def _check_positions(positions: torch.Tensor, batch: int, k: int, where: str) ->
     _expect(int(values[0]) >= 0 and int(values[-1]) < batch, f"{where}: selection out of [0, B)")
 
 
-def exact_inclusion(weights: list[float], k: int) -> list[float]:
-    """P(item i is drawn) when k items are drawn one by one without replacement, each ∝ weight among those left."""
-    inclusion = [0.0] * len(weights)
-    for order in itertools.permutations(range(len(weights)), k):
-        probability, left = 1.0, sum(weights)
-        for item in order:
-            probability *= weights[item] / left
-            left -= weights[item]
-        for item in order:
-            inclusion[item] += probability
-    return inclusion
-
-
 def check_law(backend: str, device: str) -> None:
     # Plain loss sampling (b1 = b2 = 0) makes w the given losses, so the law is known exactly.
     weights, k = [1.0, 2.0, 3.0, 4.0, 6.0], 2
@@ -134,12 +113,10 @@ def check_law(backend: str, device: str) -> None:
     for _ in range(LAW_DRAWS):
         drawn = evolved_select(state, indices, k, losses=losses, generator=generator, backend=backend)
         counts[drawn.cpu()] += 1
-    for item, p in enumerate(exact_inclusion(weights, k)):
+    for item, p in enumerate(inclusion_probabilities(weights, k)):
         frequency = int(counts[item]) / LAW_DRAWS
-        # Six standard errors: a correct sampler fails this about once in 10^8 runs per item.
-        bound = 6 * math.sqrt(p * (1 - p) / LAW_DRAWS)
         _expect(
-            abs(frequency - p) <= bound,
+            abs(frequency - p) <= frequency_bound(p, LAW_DRAWS),
             f"selection law: item {item} (weight {weights[item]}) drawn with frequency {frequency:.4f}, exact {p:.4f}",
         )
     zeros = torch.tensor([0.0, 2.0, 0.0, 1.0, 3.0, 0.0], device=device)

@@ -12,17 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import (
-    CHI_SQUARE_ALPHA,
-    LOSS_TOLERANCES,
-    extension_unavailable_reason,
-    inclusion_probabilities,
-    subset_chi_square_pvalue,
-)
+from helpers import extension_unavailable_reason
 
 from es_kernels import EvolvedState, MixupTargets, evolved_prune, evolved_select, last_backend, reference
 from es_kernels._build import env_flag
 from es_kernels.call import SelectCall
+from es_kernels.testing import CHI_SQUARE_ALPHA, LOSS_TOLERANCES, inclusion_probabilities, subset_chi_square_pvalue
 
 _REASON = extension_unavailable_reason("cpu")
 needs_extension = pytest.mark.skipif(_REASON is not None, reason=f"extension unavailable: {_REASON}")

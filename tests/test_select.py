@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from helpers import CHI_SQUARE_ALPHA, inclusion_probabilities, subset_chi_square_pvalue
 
 from es_kernels import (
     BackendUnavailableError,
@@ -17,6 +16,7 @@ from es_kernels import (
     evolved_select,
     last_backend,
 )
+from es_kernels.testing import CHI_SQUARE_ALPHA, inclusion_probabilities, subset_chi_square_pvalue
 
 
 def fixed_weight_state(weights: list[float]) -> EvolvedState:

@@ -7,9 +7,10 @@ import io
 
 import pytest
 import torch
-from helpers import LOSS_TOLERANCES, extension_unavailable_reason, inclusion_probabilities
+from helpers import extension_unavailable_reason
 
 from es_kernels import reference, selfcheck
+from es_kernels.testing import LOSS_TOLERANCES, inclusion_probabilities
 
 
 def test_tolerances_are_the_test_suites():

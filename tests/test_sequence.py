@@ -15,16 +15,12 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import (
-    CHI_SQUARE_ALPHA,
-    LOSS_TOLERANCES,
-    extension_unavailable_reason,
-    subset_chi_square_pvalue,
-)
+from helpers import extension_unavailable_reason
 
 from es_kernels import EvolvedState, evolved_select
 from es_kernels.reference import ema_update_
 from es_kernels.reference import sequence as reference
+from es_kernels.testing import CHI_SQUARE_ALPHA, LOSS_TOLERANCES, subset_chi_square_pvalue
 
 IGNORE = -100
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

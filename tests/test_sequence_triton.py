@@ -1,48 +1,18 @@
-"""The Triton sequence-loss kernels under Triton's interpreter, on CPU tensors, against fp64 ``F.cross_entropy``
-reduced per sequence (issue 12). Interpreter mode is fixed at triton's first import, so this module follows
-``test_triton.py``: it imports triton with ``TRITON_INTERPRET=1`` if it can, else reruns itself in a subprocess.
-Shapes are small (the interpreter runs programs one by one in numpy); the reference and C++ paths cover the large
-vocabularies in ``test_sequence.py``.
+"""The Triton sequence-loss kernels under Triton's interpreter (tests/conftest.py sets it up), on CPU tensors,
+against fp64 ``F.cross_entropy`` reduced per sequence. Shapes are small (the interpreter runs programs one by one
+in numpy); the reference and C++ paths cover the large vocabularies in ``test_sequence.py``.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+import pytest
+import torch
+from test_sequence import fp64_logits, fp64_sequence_losses, shifted_targets
 
-_previous = os.environ.get("TRITON_INTERPRET")
-if "triton" not in sys.modules:
-    os.environ["TRITON_INTERPRET"] = "1"
-    # Importing triton fixes interpreter mode for this process. Its gluon package, which triton otherwise imports
-    # lazily at the first launch, asserts the mode from the environment restored below: import it now too.
-    import triton.experimental.gluon  # noqa: F401
+from es_kernels.testing import LOSS_TOLERANCES
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from helpers import LOSS_TOLERANCES  # noqa: E402
-from test_sequence import fp64_logits, fp64_sequence_losses, shifted_targets  # noqa: E402
-
-from es_kernels.triton import _interpreter_active  # noqa: E402
-
-if _previous is None:
-    os.environ.pop("TRITON_INTERPRET", None)
-else:
-    os.environ["TRITON_INTERPRET"] = _previous
-
-pytestmark = pytest.mark.filterwarnings("ignore:(divide by zero|invalid value) encountered in log:RuntimeWarning")
-IN_PROCESS = _interpreter_active()
-in_process = pytest.mark.skipif(not IN_PROCESS, reason="triton is compiled-mode here; test_in_subprocess runs these")
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
 IGNORE = -100
-
-
-@pytest.mark.skipif(IN_PROCESS, reason="the tests run in this process")
-def test_in_subprocess(request):
-    environment = {**os.environ, "TRITON_INTERPRET": "1"}
-    markers = request.config.getoption("markexpr") or ""
-    command = [sys.executable, "-m", "pytest", __file__, "-x", "-q", "-p", "no:cacheprovider", "-m", markers]
-    done = subprocess.run(command, env=environment, capture_output=True, text=True, cwd=os.path.dirname(__file__))
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
 
 
 @pytest.fixture
@@ -60,7 +30,6 @@ def assert_losses(actual, expected, dtype):
 TOKEN_SHAPES = [(1, 1, 2), (1, 7, 1000), (3, 7, 2), (3, 7, 1000), (3, 129, 2)]
 
 
-@in_process
 @pytest.mark.parametrize("batch, time, vocab", TOKEN_SHAPES, ids=[f"B{b}-T{t}-V{v}" for b, t, v in TOKEN_SHAPES])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_token_losses_match_fp64(kernels, batch, time, vocab, dtype):
@@ -72,7 +41,6 @@ def test_token_losses_match_fp64(kernels, batch, time, vocab, dtype):
         assert_losses(actual, fp64_sequence_losses(logits, targets, IGNORE, reduction, smoothing), dtype)
 
 
-@in_process
 def test_token_losses_any_layout_and_fp64_logits(kernels):
     generator = torch.Generator().manual_seed(2)
     vocab_major = (torch.randn(37, 5, 3, generator=generator) * 3).permute(2, 1, 0)  # stride 1 along B
@@ -83,7 +51,6 @@ def test_token_losses_any_layout_and_fp64_logits(kernels):
         assert_losses(actual, fp64_sequence_losses(logits.float(), targets, IGNORE, "mean", 0.1), torch.float32)
 
 
-@in_process
 def test_token_losses_keep_precision_under_a_large_offset(kernels):
     generator = torch.Generator().manual_seed(5)
     logits = torch.randn(2, 6, 300, generator=generator)
@@ -95,7 +62,6 @@ def test_token_losses_keep_precision_under_a_large_offset(kernels):
 HIDDEN_SHAPES = [(1, 1, 2, 8), (3, 7, 1000, 96), (3, 7, 70, 8), (2, 40, 130, 8)]
 
 
-@in_process
 @pytest.mark.parametrize(
     "batch, time, vocab, dim", HIDDEN_SHAPES, ids=[f"B{b}-T{t}-V{v}-D{d}" for b, t, v, d in HIDDEN_SHAPES]
 )
@@ -111,7 +77,6 @@ def test_hidden_losses_match_fp64(kernels, batch, time, vocab, dim, dtype):
         assert_losses(actual, expected, dtype)
 
 
-@in_process
 @pytest.mark.parametrize("softcap", [None, 5.0])
 def test_hidden_losses_bias_scale_softcap_and_any_layout(kernels, softcap):
     generator = torch.Generator().manual_seed(9)
@@ -125,7 +90,6 @@ def test_hidden_losses_bias_scale_softcap_and_any_layout(kernels, softcap):
     assert_losses(actual, expected, torch.float32)
 
 
-@in_process
 def test_unchecked_bad_targets_give_nan_and_empty_batches_give_zeros(kernels):
     logits = torch.zeros(2, 2, 5)
     bad = torch.tensor([[0, 9], [1, 2]])
@@ -137,7 +101,6 @@ def test_unchecked_bad_targets_give_nan_and_empty_batches_give_zeros(kernels):
     assert torch.equal(empty, torch.zeros(3))
 
 
-@in_process
 @pytest.mark.parametrize("form", ["logits", "hidden"])
 def test_evolved_select_with_triton_matches_fp64_and_the_reference_state(form, monkeypatch):
     from test_sequence import lm_batch, select_sequence

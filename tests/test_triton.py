@@ -1,34 +1,22 @@
-"""The Triton backend under Triton's interpreter, on CPU tensors: losses, exact state, the draw, shapes, one launch.
+"""The Triton kernels themselves under Triton's interpreter, on CPU tensors: what the per-property files
+(test_losses, test_exact_update, test_sampling_law, test_bad_input, test_determinism, run once per backend) do not
+reach: block sizes, masked column blocks, the draw as the k largest packed race keys, one launch per call, the
+custom ops under torch.compile and opcheck.
 
-Triton fixes interpreter mode when it is first imported, so this module imports it with ``TRITON_INTERPRET=1``
-before anything else can. If triton was already imported in compiled mode (another test module imported
-``torch._dynamo``, say), the tests here cannot run in this process and ``test_in_subprocess`` runs this file in a
-fresh one instead. The variable is set only while a test of this module runs, so other modules still see Triton
-as unavailable on CPU.
-
-The interpreter runs programs one after another in numpy at roughly 0.1 s per launch plus 40 ms per meta-batch
-row, so shapes are small and the selection law is shown in two exact steps instead of 20,000 fused launches:
-every fused draw equals the k largest packed race keys (checked for many seeds), and the race keys over many
-independent positions follow the successive-sampling law (one launch gives thousands of draws).
+tests/conftest.py imports triton in interpreter mode for the session. The interpreter runs programs one after
+another in numpy at roughly 0.1 s per launch plus 40 ms per meta-batch row, so shapes are small and the selection
+law is shown in two exact steps instead of 20,000 fused launches: every fused draw equals the k largest packed race
+keys (checked for many seeds), and the race keys over many independent positions follow the successive-sampling law
+(one launch gives thousands of draws).
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+import pytest
+import torch
 
-_previous = os.environ.get("TRITON_INTERPRET")
-if "triton" not in sys.modules:
-    os.environ["TRITON_INTERPRET"] = "1"
-    import triton  # noqa: F401  (fixes interpreter mode for this process)
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from helpers import CHI_SQUARE_ALPHA, LOSS_TOLERANCES, subset_chi_square_pvalue  # noqa: E402
-
-import es_kernels.triton.ops  # noqa: E402,F401  (registers the es_kernels:: ops)
-from es_kernels import (  # noqa: E402
+import es_kernels.triton.ops  # noqa: F401  (registers the es_kernels:: ops)
+from es_kernels import (
     EvolvedState,
     MixupTargets,
     backend_status,
@@ -37,33 +25,11 @@ from es_kernels import (  # noqa: E402
     last_backend,
     reference,
 )
-from es_kernels.triton import _interpreter_active, draw_seed, launch  # noqa: E402
+from es_kernels.testing import CHI_SQUARE_ALPHA, LOSS_TOLERANCES, subset_chi_square_pvalue
+from es_kernels.triton import draw_seed, launch
 
-if _previous is None:
-    os.environ.pop("TRITON_INTERPRET", None)
-else:
-    os.environ["TRITON_INTERPRET"] = _previous
-
-# Zero weights take log(0) = -inf on purpose; numpy warns about it in the interpreter.
-pytestmark = pytest.mark.filterwarnings("ignore:(divide by zero|invalid value) encountered in log:RuntimeWarning")
-IN_PROCESS = _interpreter_active()
-in_process = pytest.mark.skipif(not IN_PROCESS, reason="triton is compiled-mode here; test_in_subprocess runs these")
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(autouse=True)
-def _interpreter_env(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-
-@pytest.mark.skipif(IN_PROCESS, reason="the tests run in this process")
-def test_in_subprocess(request):
-    environment = {**os.environ, "TRITON_INTERPRET": "1"}
-    # The same marker selection as this session (CI runs the slow tests too).
-    markers = request.config.getoption("markexpr") or ""
-    command = [sys.executable, "-m", "pytest", __file__, "-x", "-q", "-p", "no:cacheprovider", "-m", markers]
-    done = subprocess.run(command, env=environment, capture_output=True, text=True, cwd=os.path.dirname(__file__))
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -114,7 +80,6 @@ def random_targets(kind, batch, classes, generator):
 # ----------------------------------------------------------------------------------------- losses
 
 
-@in_process
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("kind", ["labels", "soft", "mixup"])
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
@@ -136,7 +101,6 @@ def test_losses_match_reference(dtype, kind, smoothing):
     torch.testing.assert_close(losses, expected.float(), **tolerance)
 
 
-@in_process
 def test_confident_rows_keep_their_small_loss():
     # lse - x_y cancels for a confidently right row; the kernel's (max - x_y) + log(sum) keeps the tiny loss.
     logits = torch.tensor([[40.0, 0.0, -3.0], [0.0, 25.0, 1.0]])
@@ -148,7 +112,6 @@ def test_confident_rows_keep_their_small_loss():
     torch.testing.assert_close(losses, expected, rtol=1e-4, atol=0.0)
 
 
-@in_process
 def test_rows_starting_with_a_block_of_minus_inf(monkeypatch):
     # Masked vocabularies put -inf in whole column blocks; the running max must not rescale by exp(-inf + inf).
     monkeypatch.setattr(launch, "BLOCK_C", 16)
@@ -165,7 +128,6 @@ def test_rows_starting_with_a_block_of_minus_inf(monkeypatch):
     torch.testing.assert_close(losses, expected, **LOSS_TOLERANCES[torch.float32])
 
 
-@in_process
 @pytest.mark.parametrize("kind", ["soft", "labels"])
 def test_large_common_offset_does_not_cancel_the_sums(monkeypatch, kind):
     # Soft targets and smoothing need sum(t * x) and sum(x); kept relative to the running max, an offset of 1e4
@@ -187,7 +149,6 @@ def test_large_common_offset_does_not_cancel_the_sums(monkeypatch, kind):
 # ----------------------------------------------------------------------------------------- the state
 
 
-@in_process
 @pytest.mark.parametrize("betas", [(0.2, 0.9), (0.2, 0.8), (0.0, 0.0), (1.0, 1.0), (0.37, 0.61)])
 def test_state_equals_reference_exactly(betas):
     state = seeded_state(50, *betas)
@@ -200,7 +161,6 @@ def test_state_equals_reference_exactly(betas):
     assert torch.equal(state.weight, oracle.weight)
 
 
-@in_process
 def test_state_from_computed_losses_equals_reference_exactly():
     state, oracle = seeded_state(30), seeded_state(30)
     generator = torch.Generator().manual_seed(2)
@@ -214,7 +174,6 @@ def test_state_from_computed_losses_equals_reference_exactly():
     assert torch.equal(state.weight, oracle.weight)
 
 
-@in_process
 def test_given_half_precision_losses_are_rounded_like_the_reference():
     state, oracle = seeded_state(10), seeded_state(10)
     ids = torch.tensor([4, 1, 8])
@@ -228,7 +187,6 @@ def test_given_half_precision_losses_are_rounded_like_the_reference():
 # ----------------------------------------------------------------------------------------- the draw
 
 
-@in_process
 @pytest.mark.parametrize("batch,k", [(1, 1), (3, 2), (6, 3), (40, 10)])
 def test_draw_is_the_k_largest_race_keys(batch, k):
     ids = torch.randperm(64, generator=torch.Generator().manual_seed(batch))[:batch]
@@ -240,7 +198,6 @@ def test_draw_is_the_k_largest_race_keys(batch, k):
         assert positions.tolist() == expected.tolist()
 
 
-@in_process
 def test_draw_does_not_depend_on_block_sizes(monkeypatch):
     # 90 rows in blocks of 16 make the radix select loop over 6 blocks, the last one partial; zero weights (score
     # and loss 0) tie across blocks and 80 of 90 places reach into them.
@@ -263,7 +220,6 @@ def test_draw_does_not_depend_on_block_sizes(monkeypatch):
     assert sorted(zero_positions & set(baseline.tolist())) == sorted(zero_positions)[:20]
 
 
-@in_process
 @pytest.mark.parametrize(
     "weights,k",
     [([0.1, 0.5, 1.0, 2.0, 0.3, 4.0], 3), ([0.0, 1.0, 0.0, 2.0, 0.0, 0.5], 2)],
@@ -279,7 +235,6 @@ def test_race_keys_follow_the_successive_sampling_law(weights, k):
     assert subset_chi_square_pvalue(lambda: next(rows), weights, k, draws=draws) > CHI_SQUARE_ALPHA
 
 
-@in_process
 @pytest.mark.slow
 def test_fused_draws_follow_the_law_end_to_end():
     """The law through evolved_select itself; few draws (the interpreter needs ~0.3 s each), so a coarse check."""
@@ -294,7 +249,6 @@ def test_fused_draws_follow_the_law_end_to_end():
     assert subset_chi_square_pvalue(draw, weights, 2, draws=300) > CHI_SQUARE_ALPHA
 
 
-@in_process
 def test_zero_weights_only_when_fewer_than_k_positive():
     state = EvolvedState(6, 0.0, 0.0)
     losses = torch.tensor([0.0, 3.0, 0.0, 1.0, 0.0, 0.0])
@@ -308,7 +262,6 @@ def test_zero_weights_only_when_fewer_than_k_positive():
     assert evolved_select(state, torch.arange(6), 5, losses=all_zero, backend="triton").tolist() == [0, 1, 2, 3, 4]
 
 
-@in_process
 def test_bad_values_with_checks_off_are_never_preferred_and_never_written_out_of_bounds():
     state = EvolvedState(8, 0.0, 0.0)
     before = state.score.clone()
@@ -332,7 +285,6 @@ def test_bad_values_with_checks_off_are_never_preferred_and_never_written_out_of
     assert torch.isfinite(returned[0]) and torch.isnan(returned[1:]).all()
 
 
-@in_process
 def test_same_seed_same_draw_and_global_rng_untouched():
     state_a, state_b = seeded_state(40), seeded_state(40)
     ids = torch.arange(0, 40, 3)
@@ -356,7 +308,6 @@ def test_same_seed_same_draw_and_global_rng_untouched():
 # ----------------------------------------------------------------------------------------- shapes and layouts
 
 
-@in_process
 @pytest.mark.parametrize("batch,classes", [(1, 2), (3, 2), (257, 2), (3, 1000), (1, 32769), (3, 32769)])
 def test_odd_shapes(batch, classes):
     generator = torch.Generator().manual_seed(batch + classes)
@@ -374,7 +325,6 @@ def test_odd_shapes(batch, classes):
     assert torch.equal(state.weight, oracle.weight) and torch.equal(state.score, oracle.score)
 
 
-@in_process
 @pytest.mark.parametrize("layout", ["transposed", "column_slice", "every_other_column"])
 @pytest.mark.parametrize("kind", ["labels", "soft"])
 def test_non_contiguous_logits(layout, kind):
@@ -399,7 +349,6 @@ def test_non_contiguous_logits(layout, kind):
 # ----------------------------------------------------------------------------------------- launches, pruning
 
 
-@in_process
 def test_one_launch_per_call(monkeypatch):
     # Counted on the class every interpreted kernel launches through, so a kernel added later is counted too.
     from triton.runtime.interpreter import InterpretedFunction
@@ -430,7 +379,6 @@ def test_one_launch_per_call(monkeypatch):
     assert launches == ["prune_keys_kernel"]
 
 
-@in_process
 def test_prune_select():
     state = EvolvedState(5000, 0.0, 0.0)
     state.weight.copy_(torch.rand(5000, generator=torch.Generator().manual_seed(0)))
@@ -444,7 +392,6 @@ def test_prune_select():
     assert torch.equal(kept, again)
 
 
-@in_process
 def test_backend_status_in_interpreter_mode():
     assert backend_status("cpu")["triton"] == "available"
 
@@ -457,7 +404,6 @@ def test_cpu_is_refused_without_the_interpreter(monkeypatch):
     assert reason is not None and "TRITON_INTERPRET=1" in reason
 
 
-@in_process
 def test_compiles_without_graph_breaks_through_the_triton_op():
     def step(state, ids, logits, labels):
         return evolved_select(state, ids, 2, logits=logits, targets=labels, check_values=False, backend="triton")
@@ -474,7 +420,6 @@ def test_compiles_without_graph_breaks_through_the_triton_op():
     assert torch.equal(eager_state.weight, compiled_state.weight)
 
 
-@in_process
 def test_opcheck_with_the_interpreted_kernel():
     generator = torch.Generator().manual_seed(8)
     score = torch.rand(10, generator=generator)

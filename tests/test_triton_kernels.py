@@ -29,7 +29,6 @@ if _previous is None:
 else:
     os.environ["TRITON_INTERPRET"] = _previous
 
-pytestmark = pytest.mark.filterwarnings("ignore:(divide by zero|invalid value) encountered in log:RuntimeWarning")
 IN_PROCESS = _interpreter_active()
 in_process = pytest.mark.skipif(not IN_PROCESS, reason="triton is compiled-mode here; test_in_subprocess runs these")
 

@@ -43,8 +43,14 @@ def prune_select(weights: torch.Tensor, keep: int, generator: torch.Generator | 
     """Sample ids (ascending, int64) of ``keep`` of n samples drawn without replacement ∝ weights.
 
     Works for n far above 2**24, where ``torch.multinomial`` refuses; fp32 keys keep memory at about 12 bytes per
-    sample for the keys and the top-k.
+    sample for the keys and the top-k. Ties at the smallest kept key (in practice zero, NaN or negative weights,
+    all keyed -inf) go to the lowest ids, as in ``race_select`` and the kernels; ``torch.topk`` alone breaks them
+    arbitrarily.
     """
     keys = race_keys(weights, generator, torch.float32)
-    kept = torch.topk(keys, keep, sorted=False).indices
-    return torch.sort(kept).values
+    if keep == 0:
+        return torch.empty(0, dtype=torch.int64, device=weights.device)
+    threshold = torch.topk(keys, keep, sorted=False).values.min()
+    above = torch.nonzero(keys > threshold).squeeze(1)
+    tied = torch.nonzero(keys == threshold).squeeze(1)[: keep - above.numel()]
+    return torch.sort(torch.cat([above, tied])).values
