@@ -1,4 +1,4 @@
-// Host build of the CUDA row-loss arithmetic (csrc/kernels/row_partial.cuh) for tests/test_cuda_row_loss.py:
+// Host build of the CUDA row-loss arithmetic (csrc/kernels/row_partial.cuh) for tests/test_build.py:
 // replays loss_row_kernel's schedule exactly — 256 threads striding over the columns, then the butterfly shuffle
 // tree within each warp and across the warps' results (select_kernels.cuh, block_reduce) — with the same functions.
 #include <cstdint>

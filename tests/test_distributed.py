@@ -1,23 +1,17 @@
 """Distributed sync of the ES state: 2 gloo processes on CPU against a single-process run of the same batches.
 
-One 2-process job runs every distributed scenario: the workers are forked (no re-import of torch, so the job takes
-seconds; spawned where fork is unavailable), rendezvous through a file store (no ports), save their results with
-``torch.save``, and are killed if they outlive a deadline, so a broken collective fails the tests instead of
-hanging them. Losses come from a fixed per-(epoch, id) table, so the state is a pure function of which ids were
-visited with which losses; the single-process reference is then exact, not merely close.
+One 2-process job runs every distributed scenario, launched by multiprocess_harness.py (forked workers, a file
+store, deadlines, so a broken collective fails the tests instead of hanging them). Losses come from a fixed
+per-(epoch, id) table, so the state is a pure function of which ids were visited with which losses; the
+single-process reference is then exact, not merely close.
 """
 
 from __future__ import annotations
 
-import datetime
-import time
-import traceback
-from pathlib import Path
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from multiprocess_harness import WORLD_SIZE, launch
 
 from es_kernels import EvolvedSampler, EvolvedState, EvolvedTraining, backend_status, evolved_select
 from es_kernels.reference.update import ema_update_
@@ -25,61 +19,10 @@ from es_kernels.state import communication_device
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
-WORLD_SIZE = 2
-COLLECTIVE_TIMEOUT_S = 30  # a rank stuck in a collective raises after this instead of waiting forever
-JOB_TIMEOUT_S = 120  # the whole job; the parent kills the workers after it
-
 N, EPOCHS, BATCH, SEED = 101, 6, 6, 5  # n odd: full epochs pad one id; 81 kept ids in pruned epochs pad too
 PADDING_ONLY_BATCH = 5  # shards of 51 and 41 ids: rank 1's last batch is its padding row alone in every epoch
 PLAN = dict(prune_ratio=0.2, anneal_start=0.2, anneal_end=0.2, seed=SEED)  # epochs 0 and 5 anneal, 1-4 prune
 BIG_N = 2**24 + 1000  # ids above 2**24 are not representable in fp32
-
-
-# ----------------------------------------------------------------------------------------- launching 2 workers
-
-
-def _worker(rank: int, job: str, store: str, out_dir: str) -> None:
-    torch.set_num_threads(1)  # two processes share two cores
-    try:
-        dist.init_process_group(
-            "gloo",
-            init_method=f"file://{store}",
-            rank=rank,
-            world_size=WORLD_SIZE,
-            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S),
-        )
-        try:
-            results = JOBS[job](rank)
-        finally:
-            dist.destroy_process_group()
-        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-    except BaseException:
-        (Path(out_dir) / f"rank{rank}.err").write_text(traceback.format_exc())
-        raise
-
-
-def _launch(job: str, out_dir: Path) -> list[dict]:
-    # torch marks its thread pools unusable in a forked child and re-creates them, as DataLoader workers rely on.
-    context = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    workers = [
-        context.Process(target=_worker, args=(rank, job, str(out_dir / "store"), str(out_dir)), daemon=True)
-        for rank in range(WORLD_SIZE)
-    ]
-    for worker in workers:
-        worker.start()
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    for worker in workers:
-        worker.join(max(0.0, deadline - time.monotonic()))
-    hung = [rank for rank, worker in enumerate(workers) if worker.is_alive()]
-    for worker in workers:
-        if worker.is_alive():
-            worker.kill()
-            worker.join(10)
-    errors = "\n".join(path.read_text() for path in sorted(out_dir.glob("rank*.err")))
-    assert not hung, f"ranks {hung} of job {job!r} still running after {JOB_TIMEOUT_S}s\n{errors}"
-    codes = [worker.exitcode for worker in workers]
-    assert codes == [0] * WORLD_SIZE, f"job {job!r} exit codes {codes}\n{errors}"
-    return [torch.load(out_dir / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD_SIZE)]
 
 
 # ----------------------------------------------------------------------------------------- the training runs
@@ -214,7 +157,7 @@ def _all_jobs(rank: int) -> dict:
 
 @pytest.fixture(scope="module")
 def distributed_runs(tmp_path_factory):
-    return _launch("all", tmp_path_factory.mktemp("distributed"))
+    return launch(_all_jobs, tmp_path_factory.mktemp("distributed"))
 
 
 @pytest.fixture(scope="module")
@@ -380,9 +323,6 @@ def test_ids_above_2_pow_24_survive_sync(big_id_runs):
             assert big_id_runs[0]["step"]["gathered_ids"].tolist() == BIG_IDS[0] + BIG_IDS[1]
             assert big_id_runs[0]["step"]["gathered_losses"].tolist() == [1.0, 2.0, 3.0, 4.0, 2.0, 3.0]
             assert torch.equal(big_id_runs[1]["step"]["gathered_ids"], big_id_runs[0]["step"]["gathered_ids"])
-
-
-JOBS = {"all": _all_jobs}
 
 
 # ----------------------------------------------------------------------------------------- single process

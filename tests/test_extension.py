@@ -4,24 +4,17 @@ determinism, bad input; plus the just-in-time build and the nvcc compile of the 
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from helpers import extension_unavailable_reason
 
 from es_kernels import EvolvedState, MixupTargets, evolved_prune, evolved_select, last_backend, reference
-from es_kernels._build import env_flag
 from es_kernels.call import SelectCall
 from es_kernels.testing import CHI_SQUARE_ALPHA, LOSS_TOLERANCES, inclusion_probabilities, subset_chi_square_pvalue
 
 _REASON = extension_unavailable_reason("cpu")
 needs_extension = pytest.mark.skipif(_REASON is not None, reason=f"extension unavailable: {_REASON}")
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def make_targets(form: str, batch: int, classes: int, generator: torch.Generator):
@@ -489,110 +482,3 @@ def test_value_checks_report_a_code_before_any_write():
         evolved_select(state, torch.arange(4), 2, logits=LOGITS, targets=(LABELS, LABELS + 2, 0.5),
                        backend="extension")  # fmt: skip
     assert torch.equal(state.score, before[0]) and torch.equal(state.weight, before[1])
-
-
-# ----------------------------------------------------------------------------------------- loading and building
-
-
-def test_status_query_says_how_the_module_was_loaded():
-    from es_kernels import backend_status, extension
-
-    status = extension.extension_status()
-    assert set(status) == {"loaded", "how", "cuda", "reason", "path"}
-    if status["loaded"]:
-        assert status["how"] in ("prebuilt", "jit") and status["reason"] is None
-        assert backend_status("cpu")["extension"] == "available"
-    else:
-        assert status["how"] is None and status["reason"]
-        assert backend_status("cpu")["extension"] == status["reason"]
-
-
-def test_installed_package_carries_the_sources_for_a_just_in_time_build(tmp_path):
-    """A wheel built without the extension (build isolation, no compiler) must still be able to compile it on first
-    use, so the package ships csrc/ as es_kernels/_csrc and the loader finds it there outside a checkout."""
-    from es_kernels import _build
-
-    environment = {**os.environ, "ES_KERNELS_NO_EXTENSION": "1"}
-    command = [sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(tmp_path)]
-    done = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    shipped = tmp_path / "es_kernels" / "_csrc"
-    assert sorted(p.relative_to(shipped) for p in shipped.rglob("*.c*")) == sorted(
-        p.relative_to(ROOT / "csrc") for p in (ROOT / "csrc").rglob("*.c*")
-    )
-    assert _build.sources(shipped, with_cuda=True)
-    # The installed layout: es_kernels/_build.py with _csrc beside it and no csrc/ next to the package.
-    installed = tmp_path / "es_kernels" / "_build.py"
-    shutil.copy(ROOT / "es_kernels" / "_build.py", installed)
-    probe = (
-        f"import sys; sys.path.insert(0, {str(tmp_path)!r}); from es_kernels import _build; print(_build.csrc_dir())"
-    )
-    found = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True)
-    assert Path(found.stdout.strip()) == shipped, found.stderr
-
-
-def test_jit_switched_off_reports_why(tmp_path):
-    script = (
-        "from es_kernels import extension, backend_status;"
-        "s = extension.extension_status(); print(s['loaded'], '|', s['reason']);"
-        "print(backend_status('cpu')['extension'])"
-    )
-    env = dict(os.environ, ES_KERNELS_FORCE_JIT="1", ES_KERNELS_JIT="0", ES_KERNELS_CACHE_DIR=str(tmp_path))
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True).stdout
-    assert out.startswith("False |") and "ES_KERNELS_JIT=0" in out and "ES_KERNELS_FORCE_JIT=1" in out
-
-
-@pytest.mark.slow
-@needs_extension
-def test_jit_build_matches_the_loaded_module(tmp_path):
-    """Builds csrc/ just in time (ninja) into an empty cache, once, and draws exactly what the loaded module draws
-    for the same seed. A few minutes on 2 cores."""
-    script = """
-import torch
-from es_kernels import EvolvedState, evolved_select, extension
-status = extension.extension_status()
-assert status["how"] == "jit", status
-state = EvolvedState(1000)
-chosen = evolved_select(state, torch.arange(0, 1000, 7), 30, logits=torch.ones(143, 9).cumsum(1).sin(),
-                        targets=torch.arange(143) % 9, generator=torch.Generator().manual_seed(11), backend="extension")
-print(chosen.tolist())
-"""
-    env = dict(os.environ, ES_KERNELS_FORCE_JIT="1", ES_KERNELS_CACHE_DIR=str(tmp_path), MAX_JOBS="2")
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=1800)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "building the C++" in result.stderr  # the one clear message
-    state = EvolvedState(1000)
-    expected = evolved_select(
-        state, torch.arange(0, 1000, 7), 30, logits=torch.ones(143, 9).cumsum(1).sin(),
-        targets=torch.arange(143) % 9, generator=torch.Generator().manual_seed(11), backend="extension",
-    )  # fmt: skip
-    assert result.stdout.strip() == str(expected.tolist())
-
-
-def _nvcc() -> str | None:
-    from es_kernels import _build
-
-    home = _build.find_cuda_home()
-    if home and os.path.isfile(os.path.join(home, "bin", "nvcc")):
-        return os.path.join(home, "bin", "nvcc")
-    return shutil.which("nvcc")
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("source", sorted(p.name for p in (ROOT / "csrc" / "cuda").glob("*.cu")))
-def test_cuda_sources_compile_with_nvcc(source):
-    """Device code and launchers compile for sm_80 and sm_90 (no GPU needed); warnings in our code are errors."""
-    nvcc = _nvcc()
-    if nvcc is None:
-        if env_flag("ES_KERNELS_REQUIRE_CUDA"):
-            pytest.fail("nvcc not found and ES_KERNELS_REQUIRE_CUDA=1")
-        pytest.skip("nvcc not found")
-    from es_kernels import _build
-
-    command = [
-        nvcc, "-std=c++17", *_build.NVCC_FLAGS, f"-I{ROOT / 'csrc'}", "-Werror", "all-warnings",
-        "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90",
-        "-c", str(ROOT / "csrc" / "cuda" / source), "-o", os.devnull,
-    ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=1200)
-    assert result.returncode == 0, result.stderr[-5000:]

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from multiprocess_harness import launch
 
 from es_kernels import EvolvedState, EvolvedTraining
 from es_kernels.policies import POLICIES, InfoBatchPolicy, KakurenboPolicy, UCBPolicy, make_policy
@@ -273,11 +274,8 @@ def _distributed_job(rank: int) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
-def test_two_gloo_ranks_hold_the_single_process_state(tmp_path: Path, monkeypatch):
-    import test_distributed as harness
-
-    monkeypatch.setitem(harness.JOBS, "policies", _distributed_job)
-    ranks = harness._launch("policies", tmp_path)
+def test_two_gloo_ranks_hold_the_single_process_state(tmp_path: Path):
+    ranks = launch(_distributed_job, tmp_path)
     for method in SET_LEVEL:
         single = _visit_all(method)  # plans are drawn from the merged state, so one process sees the same plans
         assert set(single) == set(ranks[0][method])
