@@ -22,7 +22,6 @@ from es_kernels import (
     backend_status,
     evolved_prune,
     evolved_select,
-    last_backend,
     reference,
 )
 from es_kernels.testing import CHI_SQUARE_ALPHA, LOSS_TOLERANCES, subset_chi_square_pvalue
@@ -80,38 +79,6 @@ def random_targets(kind, batch, classes, generator):
 # ----------------------------------------------------------------------------------------- losses
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
-@pytest.mark.parametrize("kind", ["labels", "soft", "mixup"])
-@pytest.mark.parametrize("smoothing", [0.0, 0.1])
-def test_losses_match_reference(dtype, kind, smoothing):
-    generator = torch.Generator().manual_seed(1)
-    batch, classes = 5, 37
-    logits = (torch.randn(batch, classes, generator=generator) * 4).to(dtype)
-    targets = random_targets(kind, batch, classes, generator)
-    state = seeded_state(20)
-    ids = torch.tensor([3, 17, 0, 9, 12])
-    _, losses = evolved_select(
-        state, ids, 2, logits=logits, targets=targets, label_smoothing=smoothing, backend="triton", return_losses=True
-    )
-    assert last_backend() == "triton"
-    assert losses.dtype == torch.float32
-    # The reference sees the same (already rounded) logits; fp64 logits are rounded to fp32 by both.
-    expected = reference.per_sample_cross_entropy(logits, targets, smoothing)
-    tolerance = LOSS_TOLERANCES.get(dtype, LOSS_TOLERANCES[torch.float32])
-    torch.testing.assert_close(losses, expected.float(), **tolerance)
-
-
-def test_confident_rows_keep_their_small_loss():
-    # lse - x_y cancels for a confidently right row; the kernel's (max - x_y) + log(sum) keeps the tiny loss.
-    logits = torch.tensor([[40.0, 0.0, -3.0], [0.0, 25.0, 1.0]])
-    labels = torch.tensor([0, 1])
-    _, losses = evolved_select(
-        EvolvedState(4), torch.arange(2), 1, logits=logits, targets=labels, backend="triton", return_losses=True
-    )
-    expected = reference.per_sample_cross_entropy(logits.double(), labels).float()
-    torch.testing.assert_close(losses, expected, rtol=1e-4, atol=0.0)
-
-
 def test_rows_starting_with_a_block_of_minus_inf(monkeypatch):
     # Masked vocabularies put -inf in whole column blocks; the running max must not rescale by exp(-inf + inf).
     monkeypatch.setattr(launch, "BLOCK_C", 16)
@@ -144,44 +111,6 @@ def test_large_common_offset_does_not_cancel_the_sums(monkeypatch, kind):
     double_targets = targets.double() if kind == "soft" else targets
     expected = reference.per_sample_cross_entropy(logits.double(), double_targets, 0.1).float()
     torch.testing.assert_close(losses, expected, rtol=2e-6, atol=0.0)
-
-
-# ----------------------------------------------------------------------------------------- the state
-
-
-@pytest.mark.parametrize("betas", [(0.2, 0.9), (0.2, 0.8), (0.0, 0.0), (1.0, 1.0), (0.37, 0.61)])
-def test_state_equals_reference_exactly(betas):
-    state = seeded_state(50, *betas)
-    oracle = seeded_state(50, *betas)
-    ids = torch.tensor([49, 0, 7, 13, 21, 33, 8])
-    losses = torch.rand(7, generator=torch.Generator().manual_seed(4)) * 5
-    evolved_select(state, ids, 3, losses=losses, backend="triton")
-    reference.ema_update_(oracle.score, oracle.weight, ids, losses, *betas)
-    assert torch.equal(state.score, oracle.score)
-    assert torch.equal(state.weight, oracle.weight)
-
-
-def test_state_from_computed_losses_equals_reference_exactly():
-    state, oracle = seeded_state(30), seeded_state(30)
-    generator = torch.Generator().manual_seed(2)
-    ids = torch.tensor([5, 29, 11, 2])
-    logits = torch.randn(4, 11, generator=generator).to(torch.bfloat16)
-    _, losses = evolved_select(
-        state, ids, 2, logits=logits, targets=torch.tensor([1, 0, 10, 4]), backend="triton", return_losses=True
-    )
-    reference.ema_update_(oracle.score, oracle.weight, ids, losses, state.beta1, state.beta2)
-    assert torch.equal(state.score, oracle.score)
-    assert torch.equal(state.weight, oracle.weight)
-
-
-def test_given_half_precision_losses_are_rounded_like_the_reference():
-    state, oracle = seeded_state(10), seeded_state(10)
-    ids = torch.tensor([4, 1, 8])
-    losses = torch.tensor([0.1, 2.5, 7.3], dtype=torch.float16)
-    _, returned = evolved_select(state, ids, 1, losses=losses, backend="triton", return_losses=True)
-    assert torch.equal(returned, losses.float())
-    reference.ema_update_(oracle.score, oracle.weight, ids, losses, state.beta1, state.beta2)
-    assert torch.equal(state.weight, oracle.weight)
 
 
 # ----------------------------------------------------------------------------------------- the draw
@@ -235,33 +164,6 @@ def test_race_keys_follow_the_successive_sampling_law(weights, k):
     assert subset_chi_square_pvalue(lambda: next(rows), weights, k, draws=draws) > CHI_SQUARE_ALPHA
 
 
-@pytest.mark.slow
-def test_fused_draws_follow_the_law_end_to_end():
-    """The law through evolved_select itself; few draws (the interpreter needs ~0.3 s each), so a coarse check."""
-    weights = [0.5, 1.0, 2.0, 0.0]
-    state = EvolvedState(4, 0.0, 0.0)
-    generator = torch.Generator().manual_seed(13)
-
-    def draw():
-        return evolved_select(state, torch.arange(4), 2, losses=torch.tensor(weights), generator=generator,
-                              backend="triton")  # fmt: skip
-
-    assert subset_chi_square_pvalue(draw, weights, 2, draws=300) > CHI_SQUARE_ALPHA
-
-
-def test_zero_weights_only_when_fewer_than_k_positive():
-    state = EvolvedState(6, 0.0, 0.0)
-    losses = torch.tensor([0.0, 3.0, 0.0, 1.0, 0.0, 0.0])
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.arange(6)
-    for _ in range(3):
-        assert evolved_select(state, ids, 2, losses=losses, generator=generator, backend="triton").tolist() == [1, 3]
-        four = evolved_select(state, ids, 4, losses=losses, generator=generator, backend="triton")
-        assert four.tolist() == [0, 1, 2, 3]  # ties among zeros go to the lower positions
-    all_zero = torch.zeros(6)
-    assert evolved_select(state, torch.arange(6), 5, losses=all_zero, backend="triton").tolist() == [0, 1, 2, 3, 4]
-
-
 def test_bad_values_with_checks_off_are_never_preferred_and_never_written_out_of_bounds():
     state = EvolvedState(8, 0.0, 0.0)
     before = state.score.clone()
@@ -283,26 +185,6 @@ def test_bad_values_with_checks_off_are_never_preferred_and_never_written_out_of
         check_values=False, return_losses=True,
     )  # fmt: skip
     assert torch.isfinite(returned[0]) and torch.isnan(returned[1:]).all()
-
-
-def test_same_seed_same_draw_and_global_rng_untouched():
-    state_a, state_b = seeded_state(40), seeded_state(40)
-    ids = torch.arange(0, 40, 3)
-    losses = torch.rand(ids.numel(), generator=torch.Generator().manual_seed(3))
-    global_before = torch.get_rng_state()
-    first = evolved_select(
-        state_a, ids, 5, losses=losses, generator=torch.Generator().manual_seed(21), backend="triton"
-    )
-    second = evolved_select(
-        state_b, ids, 5, losses=losses, generator=torch.Generator().manual_seed(21), backend="triton"
-    )
-    assert torch.equal(torch.get_rng_state(), global_before)
-    assert first.tolist() == second.tolist()
-    torch.manual_seed(5)
-    third = evolved_select(seeded_state(40), ids, 5, losses=losses, backend="triton")
-    torch.manual_seed(5)
-    fourth = evolved_select(seeded_state(40), ids, 5, losses=losses, backend="triton")
-    assert third.tolist() == fourth.tolist()
 
 
 # ----------------------------------------------------------------------------------------- shapes and layouts
@@ -377,19 +259,6 @@ def test_one_launch_per_call(monkeypatch):
     launches.clear()
     evolved_prune(state, 7, backend="triton")
     assert launches == ["prune_keys_kernel"]
-
-
-def test_prune_select():
-    state = EvolvedState(5000, 0.0, 0.0)
-    state.weight.copy_(torch.rand(5000, generator=torch.Generator().manual_seed(0)))
-    state.weight[::10] = 0.0
-    kept = evolved_prune(state, 4000, generator=torch.Generator().manual_seed(1), backend="triton")
-    assert last_backend() == "triton"
-    assert kept.dtype == torch.int64 and kept.numel() == 4000
-    assert torch.equal(kept, torch.unique(kept))  # ascending, no repeats
-    assert not (state.weight[kept] == 0).any()  # 4500 positive weights cover all 4000 places
-    again = evolved_prune(state, 4000, generator=torch.Generator().manual_seed(1), backend="triton")
-    assert torch.equal(kept, again)
 
 
 def test_backend_status_in_interpreter_mode():
