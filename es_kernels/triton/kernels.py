@@ -63,7 +63,11 @@ def race_key(weight, seed, position):
 
 @_jit
 def pack_key(key, position):
-    """int64 whose order is (key, then lower position first): monotone fp32 bits high, ~position low."""
+    """int64 whose order is (key, then lower position first): monotone fp32 bits high, ~position low.
+
+    ``select_top_k`` reads only the high half and takes tied keys in ascending position itself; the low half keeps
+    the packed value a total order with that same tie-break, so sorting the packed keys gives the same draw.
+    """
     bits = key.to(tl.int32, bitcast=True)
     monotone = bits ^ ((bits >> 31) & 0x7FFFFFFF)
     low = 4294967295 - position.to(tl.int64)
