@@ -44,12 +44,17 @@ def prune_select(weights: torch.Tensor, keep: int, generator: torch.Generator | 
 
     Works for n far above 2**24, where ``torch.multinomial`` refuses; fp32 keys keep memory at about 12 bytes per
     sample for the keys and the top-k. Ties at the smallest kept key (in practice zero, NaN or negative weights,
-    all keyed -inf) go to the lowest ids, as in ``race_select`` and the kernels; ``torch.topk`` alone breaks them
+    all keyed -inf) go to the lowest ids, as in ``race_select`` and the extension; ``torch.topk`` alone breaks them
     arbitrarily.
     """
-    keys = race_keys(weights, generator, torch.float32)
+    return largest_keys(race_keys(weights, generator, torch.float32), keep)
+
+
+def largest_keys(keys: torch.Tensor, keep: int) -> torch.Tensor:
+    """Ids (ascending, int64) of the ``keep`` largest keys, ties at the smallest kept key to the lowest ids: the
+    pruning draw of every backend that computes its keys first (the reference and Triton)."""
     if keep == 0:
-        return torch.empty(0, dtype=torch.int64, device=weights.device)
+        return torch.empty(0, dtype=torch.int64, device=keys.device)
     threshold = torch.topk(keys, keep, sorted=False).values.min()
     above = torch.nonzero(keys > threshold).squeeze(1)
     tied = torch.nonzero(keys == threshold).squeeze(1)[: keep - above.numel()]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from es_kernels.reference.sampling import largest_keys
 from es_kernels.triton import kernels
 
 # Default configuration: the only one the launchers use, and the one the AOT gate proves spill-free.
@@ -120,9 +121,8 @@ def prune_keys(values: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
 
 
 def prune_select(values: torch.Tensor, seed: torch.Tensor, keep: int) -> torch.Tensor:
-    """``keep`` ascending ids drawn ∝ values: one key launch, then torch's top-k and sort."""
-    kept = torch.topk(prune_keys(values, seed), keep, sorted=False).indices
-    return torch.sort(kept).values
+    """``keep`` ascending ids drawn ∝ values: one key launch, then the reference's choice of the largest keys."""
+    return largest_keys(prune_keys(values, seed), keep)
 
 
 def triton_cdiv(a: int, b: int) -> int:
