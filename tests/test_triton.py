@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_losses import make_targets
 
 import es_kernels.triton.ops  # noqa: F401  (registers the es_kernels:: ops)
 from es_kernels import (
     EvolvedState,
-    MixupTargets,
     backend_status,
     evolved_prune,
     evolved_select,
@@ -67,15 +67,6 @@ def select_and_expect(state, ids, k, generator_seed, **kwargs):
     return positions, expected_draw(state.weight[ids], seed, k), losses
 
 
-def random_targets(kind, batch, classes, generator):
-    labels = torch.randint(0, classes, (batch,), generator=generator)
-    if kind == "labels":
-        return labels
-    if kind == "soft":
-        return torch.rand(batch, classes, generator=generator).softmax(dim=1)
-    return MixupTargets(labels, torch.randint(0, classes, (batch,), generator=generator), 0.3)
-
-
 # ----------------------------------------------------------------------------------------- losses
 
 
@@ -95,14 +86,14 @@ def test_rows_starting_with_a_block_of_minus_inf(monkeypatch):
     torch.testing.assert_close(losses, expected, **LOSS_TOLERANCES[torch.float32])
 
 
-@pytest.mark.parametrize("kind", ["soft", "labels"])
+@pytest.mark.parametrize("kind", ["soft", "hard"])
 def test_large_common_offset_does_not_cancel_the_sums(monkeypatch, kind):
     # Soft targets and smoothing need sum(t * x) and sum(x); kept relative to the running max, an offset of 1e4
     # (fp32 ulp 1e-3) shared by a row's logits cannot cancel them against the max.
     monkeypatch.setattr(launch, "BLOCK_C", 16)
     generator = torch.Generator().manual_seed(5)
     logits = torch.randn(4, 70, generator=generator) * 3 + torch.tensor([[0.0], [1e3], [1e4], [-1e4]])
-    targets = random_targets(kind, 4, 70, generator)
+    targets = make_targets(kind, 4, 70, generator)
     _, losses = evolved_select(
         EvolvedState(4), torch.arange(4), 1, logits=logits, targets=targets, label_smoothing=0.1, backend="triton",
         return_losses=True,
@@ -208,7 +199,7 @@ def test_odd_shapes(batch, classes):
 
 
 @pytest.mark.parametrize("layout", ["transposed", "column_slice", "every_other_column"])
-@pytest.mark.parametrize("kind", ["labels", "soft"])
+@pytest.mark.parametrize("kind", ["hard", "soft"])
 def test_non_contiguous_logits(layout, kind):
     generator = torch.Generator().manual_seed(6)
     base = torch.randn(40, 40, generator=generator).to(torch.bfloat16)
@@ -218,7 +209,7 @@ def test_non_contiguous_logits(layout, kind):
         "every_other_column": base[:5, ::2][:, :20],
     }[layout]
     assert not logits.is_contiguous()
-    targets = random_targets(kind, 5, logits.shape[1], generator)
+    targets = make_targets(kind, 5, logits.shape[1], generator)
     if kind == "soft":
         targets = targets.t().contiguous().t()  # strided soft targets too
     _, losses = evolved_select(
