@@ -32,13 +32,20 @@ def _import_triton_interpreted() -> str | None:
         try:
             # gluon otherwise imports lazily at the first launch and asserts the mode from the (restored) variable.
             import triton.experimental.gluon  # noqa: F401
+        except Exception as error:  # a broken install skips the Triton tests with its reason, not the whole session
+            return f"importing triton failed: {error!r}"
         finally:
             if previous is None:
                 os.environ.pop("TRITON_INTERPRET", None)
             else:
                 os.environ["TRITON_INTERPRET"] = previous
+    # es_kernels imports triton: only now that the mode is chosen.
     from es_kernels.triton import _interpreter_active
+    from es_kernels.triton.availability import _installed_triton_version, triton_version_problem
 
+    version = _installed_triton_version()
+    if version is not None and (problem := triton_version_problem(version)):
+        return problem
     if not _interpreter_active():
         return "triton was imported in compiled mode before tests/conftest.py could choose the interpreter"
     return None

@@ -1,7 +1,7 @@
 """The AOT compile gate (``python -m es_kernels.triton.aot``): compiles to cubin without a GPU, and fails when it must.
 
 Each run is a subprocess without ``TRITON_INTERPRET``: the gate needs compiled-mode kernels, and this test session
-may have imported triton in interpreter mode (test_triton.py). The full gate (every variant, sm_80 and sm_90) takes
+has imported triton in interpreter mode (tests/conftest.py). The full gate (every variant, sm_80 and sm_90) takes
 minutes on two cores and is marked slow; one variant per target keeps the default run short.
 """
 

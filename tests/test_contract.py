@@ -1,9 +1,8 @@
 """Contract points that each kill a specific wrong implementation: a rejected load changes nothing, ranks draw from
-distinct selection streams, the reference's mixup weighting by hand, k rounds, 1-D float targets, lam off the CPU."""
+distinct selection streams, k rounds, 1-D float targets, lam off the CPU. (The mixup weighting by hand is in
+test_losses.py, on every backend.)"""
 
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
@@ -32,22 +31,6 @@ def test_ranks_draw_selection_from_distinct_streams():
     assert torch.equal(torch.rand(8, generator=alone), first)  # rank 0 keeps the base seed
     assert seeds.rank_seed(3, 1) != seeds.rank_seed(3, 0) == 3
     assert len({seeds.epoch_seed(3, epoch, purpose) for epoch in range(3) for purpose in range(2)}) == 6
-
-
-def test_reference_mixup_weighting_by_hand():
-    """lam weighs CE against y_a, 1 - lam against y_b, each CE computed in fp64 from the softmax by hand."""
-    logits = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 3.0]])
-    y_a, y_b, lam = torch.tensor([0, 2]), torch.tensor([1, 0]), 0.8
-    expected = []
-    for row, a, b in zip(logits.double().tolist(), y_a.tolist(), y_b.tolist(), strict=True):
-        log_z = math.log(sum(math.exp(x) for x in row))
-        expected.append(lam * (log_z - row[a]) + (1 - lam) * (log_z - row[b]))
-    got = reference.per_sample_cross_entropy(logits, reference.MixupTargets(y_a, y_b, lam))
-    torch.testing.assert_close(got.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-6, atol=1e-6)
-    state = EvolvedState(4)
-    _, losses = evolved_select(state, torch.tensor([0, 1]), 1, logits=logits, targets=(y_a, y_b, lam),
-                               backend="torch", return_losses=True)  # fmt: skip
-    torch.testing.assert_close(losses.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("batch, expected", [(6, 2), (11, 3), (14, 4), (2, 1), (1, 1), (8, 2)])

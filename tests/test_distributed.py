@@ -392,6 +392,8 @@ def test_bad_sync_snapshot_is_refused_before_loading():
 def test_backend_updates_match_the_rule_sync_step_replays(backend):
     # sync_step applies other ranks' updates with the reference rule while each rank's own update ran on its
     # backend: ranks stay bit-identical only if every backend rounds the update exactly like the reference.
+    if backend.name == "torch":
+        pytest.skip("the replayed rule is the torch backend's own update")
     generator = torch.Generator().manual_seed(0)
     for betas in [(0.2, 0.9), (0.2, 0.8), (0.37, 0.61)]:
         on_backend, replayed = EvolvedState(200, *betas), EvolvedState(200, *betas)

@@ -1,7 +1,8 @@
 """Per-sample losses, once per backend: fp32 cross-entropy whatever the logits' dtype, label smoothing as
 ``torch.nn.functional.cross_entropy``, hard labels, soft targets and mixup, against cross-entropy computed in fp64
-(by hand on small cases, by the reference on the same rounded logits elsewhere) (docs/architecture.md §3).
-The per-sequence losses of language models are in test_sequence.py.
+(by hand on small cases, ``F.cross_entropy`` in fp64 on the same rounded logits elsewhere; docs/architecture.md
+§3). Every call also checks the state: s and w equal Algorithm 1 by hand applied to the returned losses. The
+per-sequence losses of language models are in test_sequence.py.
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
+from test_exact_update import algorithm_1_by_hand, seeded_state
 
-from es_kernels import EvolvedState, MixupTargets, reference
+from es_kernels import MixupTargets
 from es_kernels.testing import LOSS_TOLERANCES
 
 
@@ -20,6 +23,19 @@ def cross_entropy_by_hand(logits, label, smoothing=0.0):
     top = max(logits)
     lse = top + math.log(sum(math.exp(x - top) for x in logits))
     return (1 - smoothing) * (lse - logits[label]) + smoothing * (lse - sum(logits) / len(logits))
+
+
+def fp64_cross_entropy(logits: torch.Tensor, targets, smoothing: float = 0.0) -> torch.Tensor:
+    """The oracle: cross-entropy in fp64 of the logits as the kernels read them (fp64 logits rounded to fp32)."""
+    logits = (logits.float() if logits.dtype == torch.float64 else logits).double()
+
+    def ce(target):
+        target = target.double() if target.is_floating_point() else target
+        return F.cross_entropy(logits, target, reduction="none", label_smoothing=smoothing)
+
+    if isinstance(targets, MixupTargets):
+        return targets.lam * ce(targets.y_a) + (1.0 - targets.lam) * ce(targets.y_b)
+    return ce(targets)
 
 
 def make_targets(form: str, batch: int, classes: int, generator: torch.Generator):
@@ -32,12 +48,19 @@ def make_targets(form: str, batch: int, classes: int, generator: torch.Generator
 
 
 def losses_of(backend, logits, targets, smoothing=0.0, **kwargs):
+    """The backend's losses for a meta-batch of shuffled ids (k = B // 4), after checking that the call left s and
+    w exactly as Algorithm 1 applied to those losses would."""
     batch = logits.shape[0]
+    state = seeded_state(batch + 7)
+    ids = torch.randperm(batch + 7, generator=torch.Generator().manual_seed(batch))[:batch]
+    expected_score, expected_weight = state.score.clone(), state.weight.clone()
     _, losses = backend.select(
-        EvolvedState(batch + 3), torch.arange(batch), 1, logits=logits, targets=targets,
-        label_smoothing=smoothing, return_losses=True, **kwargs,
+        state, ids, max(1, batch // 4), logits=logits, targets=targets, label_smoothing=smoothing,
+        return_losses=True, **kwargs,
     )  # fmt: skip
     assert losses.dtype == torch.float32 and losses.shape == (batch,)
+    expected = algorithm_1_by_hand(expected_score, expected_weight, ids, losses, state.beta1, state.beta2)
+    assert torch.equal(state.score, expected[0]) and torch.equal(state.weight, expected[1])
     return losses
 
 
@@ -70,22 +93,25 @@ def test_soft_and_mixup_targets_by_hand(backend):
 @pytest.mark.parametrize("form", ["hard", "soft", "mixup"])
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("shape", [(1, 2), (7, 3), (5, 1025), (33, 1000), (64, 10)], ids=str)
-def test_losses_match_the_reference_on_the_same_rounded_logits(backend, dtype, form, smoothing, shape):
+def test_losses_match_fp64_on_the_same_rounded_logits(backend, dtype, form, smoothing, shape):
     batch, classes = shape
     generator = torch.Generator().manual_seed(batch * 1000 + classes)
     logits = (torch.randn(batch, classes, generator=generator) * 4).to(dtype)
     targets = make_targets(form, batch, classes, generator)
-    expected = reference.per_sample_cross_entropy(logits, targets, smoothing)  # fp64 logits: rounded to fp32 first
     tolerance = LOSS_TOLERANCES.get(dtype, LOSS_TOLERANCES[torch.float32])
-    torch.testing.assert_close(losses_of(backend, logits, targets, smoothing), expected.float(), **tolerance)
+    expected = fp64_cross_entropy(logits, targets, smoothing)
+    torch.testing.assert_close(losses_of(backend, logits, targets, smoothing).double(), expected, **tolerance)
 
 
 def test_confident_rows_keep_their_small_loss(backend):
-    """lse - x_y cancels for a confidently right row; (max - x_y) + log(sum) keeps the tiny loss."""
-    logits = torch.tensor([[40.0, 0.0, -3.0], [0.0, 25.0, 1.0]])
-    labels = torch.tensor([0, 1])
-    expected = reference.per_sample_cross_entropy(logits.double(), labels).float()
-    torch.testing.assert_close(losses_of(backend, logits, labels), expected, rtol=1e-4, atol=0.0)
+    """A confidently right row's loss is log(1 + x) for a small x: fp32 holds it to the rounding of 1 + x, i.e.
+    within fp32's epsilon absolutely (a loss below ~6e-8 rounds to 0; 5e-11 here), never the error of lse - x_y
+    taken at the magnitude of the logits."""
+    logits = torch.tensor([[40.0, 0.0, -3.0], [0.0, 25.0, 1.0], [0.0, 9.0, 1.0], [-2.0, 3.0, 6.0]])
+    labels = torch.tensor([0, 1, 1, 2])
+    expected = fp64_cross_entropy(logits, labels)
+    losses = losses_of(backend, logits, labels).double()
+    torch.testing.assert_close(losses, expected, rtol=0.0, atol=torch.finfo(torch.float32).eps)
 
 
 @pytest.mark.parametrize("form", ["soft", "hard"])
@@ -95,22 +121,33 @@ def test_large_common_offset_does_not_cancel_the_sums(backend, form):
     generator = torch.Generator().manual_seed(5)
     logits = torch.randn(4, 70, generator=generator) * 3 + torch.tensor([[0.0], [1e3], [1e4], [-1e4]])
     targets = make_targets(form, 4, 70, generator)
-    double_targets = targets.double() if form == "soft" else targets
-    expected = reference.per_sample_cross_entropy(logits.double(), double_targets, 0.1).float()
-    torch.testing.assert_close(losses_of(backend, logits, targets, 0.1), expected, rtol=2e-6, atol=0.0)
+    expected = fp64_cross_entropy(logits, targets, 0.1)
+    torch.testing.assert_close(losses_of(backend, logits, targets, 0.1).double(), expected, rtol=2e-6, atol=0.0)
 
 
-def test_extreme_and_masked_logits(backend):
+@pytest.mark.parametrize("smoothing", [0.0, 0.05])
+def test_extreme_logits(backend, smoothing):
     generator = torch.Generator().manual_seed(9)
     logits = torch.randn(6, 257, generator=generator) * 80  # exp underflows for most columns
     logits[3] = 0.0  # a flat row
     logits[4, 5] = 1e4  # one dominant logit
-    logits[5, :100] = float("-inf")  # a masked block of the vocabulary (value checks off: -inf is legal then)
-    labels = torch.randint(100, 257, (6,), generator=generator)
+    labels = torch.randint(0, 257, (6,), generator=generator)
     labels[4] = 5
-    expected = reference.per_sample_cross_entropy(logits.double(), labels, 0.0).float()
+    expected = fp64_cross_entropy(logits, labels, smoothing)
+    torch.testing.assert_close(losses_of(backend, logits, labels, smoothing).double(), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_a_masked_block_of_the_vocabulary(backend):
+    """-inf logits (value checks off, where they are legal) add nothing to the log-sum-exp; smoothing would make
+    the loss infinite, so there is none."""
+    logits = torch.randn(4, 257, generator=torch.Generator().manual_seed(9)) * 3
+    logits[1, :100] = float("-inf")
+    logits[3, 50:200] = float("-inf")
+    labels = torch.tensor([3, 150, 256, 10])
+    expected = fp64_cross_entropy(logits, labels)
     assert torch.isfinite(expected).all()
-    torch.testing.assert_close(losses_of(backend, logits, labels, check_values=False), expected, rtol=1e-5, atol=1e-4)
+    losses = losses_of(backend, logits, labels, check_values=False)
+    torch.testing.assert_close(losses.double(), expected, **LOSS_TOLERANCES[torch.float32])
 
 
 @pytest.mark.parametrize("layout", ["transposed", "row_slice", "column_slice"])
@@ -127,5 +164,6 @@ def test_strided_logits_and_targets(backend, layout):
     labels = torch.randint(0, classes, (2 * batch,), generator=generator)[::2]
     soft = torch.rand(classes, batch, generator=generator).t()
     for targets in (labels, soft, MixupTargets(labels, labels.flip(0), 0.6)):
-        expected = reference.per_sample_cross_entropy(logits.contiguous(), targets)
-        torch.testing.assert_close(losses_of(backend, logits, targets), expected, **LOSS_TOLERANCES[torch.float32])
+        expected = fp64_cross_entropy(logits, targets)
+        losses = losses_of(backend, logits, targets)
+        torch.testing.assert_close(losses.double(), expected, **LOSS_TOLERANCES[torch.float32])
