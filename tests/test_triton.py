@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_exact_update import seeded_state
 from test_losses import make_targets
 
 import es_kernels.triton.ops  # noqa: F401  (registers the es_kernels:: ops)
@@ -32,14 +33,6 @@ CPU = torch.device("cpu")
 
 
 # ----------------------------------------------------------------------------------------- helpers
-
-
-def seeded_state(num_samples, beta1=0.2, beta2=0.9, seed=0):
-    state = EvolvedState(num_samples, beta1, beta2)
-    generator = torch.Generator().manual_seed(seed)
-    state.score.copy_(torch.rand(num_samples, generator=generator) + 0.05)
-    state.weight.copy_(torch.rand(num_samples, generator=generator))
-    return state
 
 
 def clone_generator(generator):
