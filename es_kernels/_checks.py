@@ -1,7 +1,10 @@
 """Argument checks shared by every entry point. Each raises ValueError/TypeError naming the argument.
 
-Shape, dtype and device checks never read tensor values. Value checks (ranges, duplicates, finiteness) read them,
-which synchronises a GPU; callers run them unless the user switched ``check_values`` off.
+Shape, dtype and device checks never read tensor values. Value checks (ranges, duplicates, finiteness) read them.
+They run in one of two ways (:func:`check_mode`): *immediate*, reading the values on the host and raising before
+anything is written (free on CPU, a synchronisation on a GPU), or *deferred*, computed on the device by
+:class:`DeviceChecks` without the host reading anything; a failed deferred check keeps the call's update out of the
+state, and the error is raised at the next point where the host reads (``EvolvedState.check``).
 """
 
 from __future__ import annotations
@@ -138,6 +141,13 @@ def check_generator(generator: object, device: torch.device) -> torch.Generator 
     return generator
 
 
+GENERATOR_UNDER_COMPILE = (
+    "generator: torch.compile cannot trace a torch.Generator argument; inside a compiled function leave "
+    "generator=None (the draw then follows torch.manual_seed of the device's default generator), or call "
+    "evolved_select outside the compiled region"
+)
+
+
 def check_integer_dtype(name: str, tensor: torch.Tensor, what: str) -> None:
     if tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool:
         raise TypeError(f"{name} must be an integer tensor {what}, got {tensor.dtype}")
@@ -242,6 +252,28 @@ def check_targets(
     return None, None, targets, 1.0
 
 
+IMMEDIATE = "immediate"
+DEFERRED = "deferred"
+OFF = "off"
+CHECK_VALUES_CHOICES = (True, False, IMMEDIATE, DEFERRED)
+
+
+def check_mode(check_values: object, device: torch.device) -> str:
+    """How value checks run for a call on ``device``: ``check_values=True`` (the default) is immediate on CPU,
+    where reading a value costs no synchronisation, and deferred elsewhere and inside ``torch.compile`` (a traced
+    graph cannot read a value); ``"immediate"`` or ``"deferred"`` choose; ``False`` switches them off."""
+    if check_values is False:
+        return OFF
+    if check_values is True:
+        deferred = device.type != "cpu" or torch.compiler.is_compiling()
+        return DEFERRED if deferred else IMMEDIATE
+    if check_values == IMMEDIATE:
+        return DEFERRED if torch.compiler.is_compiling() else IMMEDIATE
+    if check_values == DEFERRED:
+        return DEFERRED
+    raise ValueError(f"check_values must be one of {CHECK_VALUES_CHOICES}, got {check_values!r}")
+
+
 class ValueCheck(enum.IntEnum):
     """Codes of a failed value check run inside a kernel (csrc/ops.h ``CheckCode``, same numbers): the kernel returns
     the code and the offending value before any write, and :func:`raise_value_check` raises this module's message."""
@@ -256,13 +288,29 @@ class ValueCheck(enum.IntEnum):
     SOFT_TARGETS_BAD = 7
     COMPUTED_LOSSES_NOT_FINITE = 8
     COMPUTED_LOSSES_NEGATIVE = 9
+    # Deferred checks only (the C++ kernels never return these):
+    INDICES_REVISITED = 10  # value: the first id already visited in the epoch
+    TOKEN_TARGETS_OUT_OF_RANGE = 11  # value: the ignore_index
 
 
 _LABEL_NAMES = ("targets", "targets[0] (y_a)", "targets[1] (y_b)")
 
 
-def value_check_message(code: int, value: int, *, num_samples: int, num_classes: int) -> str:
-    """The message of the Python value check a kernel's ``(code, value)`` stands for."""
+def revisit_message(ids: list[int], epoch: int | None) -> str:
+    shown = ", ".join(map(str, ids[:8])) + (f", ... ({len(ids)} in all)" if len(ids) > 8 else "")
+    return (
+        f"indices: sample ids [{shown}] were already visited in epoch {epoch}; Algorithm 1 updates a sample once per "
+        "epoch. Select (or observe) each batch once, and call set_epoch at every epoch start."
+    )
+
+
+def token_targets_message(vocab: int, ignore_index: int) -> str:
+    return f"targets must lie in [0, {vocab}) or equal ignore_index={ignore_index}"
+
+
+def value_check_message(code: int, value: int, *, num_samples: int, num_classes: int, epoch: int | None = None) -> str:
+    """The message of the Python value check a kernel's or a deferred check's ``(code, value)`` stands for
+    (``num_classes`` is the vocabulary size for token targets)."""
     code = ValueCheck(code)
     messages = {
         ValueCheck.INDICES_OUT_OF_RANGE: lambda: ids_out_of_range("indices", num_samples, value),
@@ -274,8 +322,76 @@ def value_check_message(code: int, value: int, *, num_samples: int, num_classes:
         ValueCheck.SOFT_TARGETS_BAD: lambda: SOFT_TARGETS_BAD,
         ValueCheck.COMPUTED_LOSSES_NOT_FINITE: lambda: losses_not_finite(COMPUTED_LOSSES),
         ValueCheck.COMPUTED_LOSSES_NEGATIVE: lambda: losses_negative(COMPUTED_LOSSES),
+        ValueCheck.INDICES_REVISITED: lambda: revisit_message([value], epoch),
+        ValueCheck.TOKEN_TARGETS_OUT_OF_RANGE: lambda: token_targets_message(num_classes, value),
     }
     return messages[code]()
+
+
+class DeviceChecks:
+    """The value checks of one call computed on the device: nothing is read on the host, so nothing synchronises
+    and the whole thing traces in ``torch.compile`` and captures in a CUDA graph.
+
+    Checks are added in the order the immediate mode runs them, so the first one that fails names the same problem
+    an immediate check would have raised. :meth:`status` is a (2,) int64 device tensor ``(code, value)`` with
+    ``code == ValueCheck.OK`` when every check passed.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._codes: list[torch.Tensor] = []  # 0-d int64 per check: its code if it failed, else 0
+        self._values: list[torch.Tensor] = []  # 0-d int64 per check
+
+    def add(self, failed: torch.Tensor, code: ValueCheck, value: torch.Tensor | None = None) -> None:
+        # The code enters as a scalar operand: a device tensor of the codes would be a host-to-device copy per call.
+        self._codes.append(failed.reshape(()).to(torch.int64) * int(code))
+        self._values.append(self._codes[-1] if value is None else value.reshape(()).to(torch.int64))
+
+    def indices(self, indices: torch.Tensor, num_samples: int, visited: torch.Tensor | None) -> None:
+        """Ids in [0, num_samples), no repeat within the call, and (with epoch marks) none visited this epoch."""
+        ordered = torch.sort(indices).values
+        low, high = ordered[0], ordered[-1]
+        self.add((low < 0) | (high >= num_samples), ValueCheck.INDICES_OUT_OF_RANGE, torch.where(low < 0, low, high))
+        if indices.numel() > 1:
+            self.add((ordered[1:] == ordered[:-1]).any(), ValueCheck.INDICES_REPEAT)
+        if visited is not None:
+            inside = (indices >= 0) & (indices < num_samples)
+            again = visited.index_select(0, indices.clamp(0, num_samples - 1)) & inside
+            first = again.to(torch.uint8).argmax().reshape(1)
+            self.add(again.any(), ValueCheck.INDICES_REVISITED, indices.index_select(0, first))
+
+    def losses(self, losses: torch.Tensor, computed: bool) -> None:
+        """Finite, then non-negative (given by the user, or computed from logits)."""
+        low, high = torch.aminmax(losses.to(torch.float32))
+        finite = torch.isfinite(low) & torch.isfinite(high)
+        if computed:
+            codes = ValueCheck.COMPUTED_LOSSES_NOT_FINITE, ValueCheck.COMPUTED_LOSSES_NEGATIVE
+        else:
+            codes = ValueCheck.LOSSES_NOT_FINITE, ValueCheck.LOSSES_NEGATIVE
+        self.add(~finite, codes[0])
+        self.add(low < 0, codes[1])
+
+    def labels(self, labels: torch.Tensor, num_classes: int, which: int) -> None:
+        low, high = torch.aminmax(labels)
+        self.add((low < 0) | (high >= num_classes), ValueCheck.LABELS_OUT_OF_RANGE, torch.full_like(low, which))
+
+    def soft_targets(self, targets: torch.Tensor) -> None:
+        low, high = torch.aminmax(targets.to(torch.float32))
+        self.add(~(torch.isfinite(low) & torch.isfinite(high)) | (low < 0), ValueCheck.SOFT_TARGETS_BAD)
+
+    def token_targets(self, targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
+        bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
+        self.add(bad.any(), ValueCheck.TOKEN_TARGETS_OUT_OF_RANGE, torch.full((), ignore_index, device=self.device))
+
+    def status(self) -> torch.Tensor:
+        """(code, value) of the first failed check, or (0, 0)."""
+        if not self._codes:
+            return torch.zeros(2, dtype=torch.int64, device=self.device)
+        codes = torch.stack(self._codes)
+        # The first failed check; 0 when none failed, whose code is then 0. index_select, not [first]: indexing with
+        # a tensor is a data-dependent size to torch.compile.
+        first = (codes != 0).to(torch.uint8).argmax().reshape(1)
+        return torch.cat((codes.index_select(0, first), torch.stack(self._values).index_select(0, first)))
 
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

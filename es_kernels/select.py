@@ -89,38 +89,51 @@ def evolved_select(
         backend: ``"auto"``, ``"triton"``, ``"extension"`` or ``"torch"`` (the reference). A named backend that
             cannot run raises; ``es_kernels.last_backend()`` says which ran.
         return_losses: also return the fp32 per-sample losses (for logging).
-        check_values: read tensor values to reject out-of-range ids, repeats, NaN/inf and bad labels (synchronises a
-            GPU). With it off, bad values are undefined behaviour but never an out-of-bounds write.
+        check_values: reject out-of-range ids, repeats, revisits within an epoch, NaN/inf or negative losses and
+            bad labels. ``True`` (default): immediately on CPU; on a GPU (and inside ``torch.compile``) *deferred*:
+            computed on the device without synchronising the host, the bad call's update kept out of the state, and
+            the ``ValueError`` raised at the next point where the host reads anyway (a later call once the GPU is
+            past the bad one, ``set_epoch``, ``state_dict``, ``state.check()``), naming the call. ``"immediate"``
+            raises at the call itself (one host sync per call on a GPU, for debugging); ``"deferred"`` defers on
+            CPU too. ``False`` skips them: bad values are then undefined behaviour but never an out-of-bounds
+            write.
 
     Returns:
         int64 positions into the meta-batch (ascending, length k), and the losses if ``return_losses``.
 
-    Raises ``TypeError``/``ValueError`` naming the bad argument; the state is unchanged when it raises.
+    Raises ``TypeError``/``ValueError`` naming the bad argument; the state is unchanged when it raises (and, with
+    deferred checks, by the call a deferred error names).
     """
     if not isinstance(state, EvolvedState):
         raise TypeError(f"state must be an EvolvedState, got {type(state).__name__}")
     device = state.device
-    chosen = resolve_backend(backend, device)
-    # On CPU the extension runs the value checks in its own pass (same messages, before any write): in Python they
-    # cost more than the whole kernel at small sizes.
-    check_inputs = check_values and chosen is Backend.EXTENSION and device.type == "cpu"
-    check_here = check_values and not check_inputs
+    mode = _checks.check_mode(check_values, device)
+    token_level = any(value is not None for value in (hidden_states, lm_head_weight, lm_head_bias)) or (
+        isinstance(logits, torch.Tensor) and logits.dim() == 3
+    )
+    chosen = resolve_backend(backend, device, _call_form(token_level, hidden_states, losses))
+    if mode != _checks.OFF:
+        state.begin_call()
+    immediate, deferred = mode == _checks.IMMEDIATE, mode == _checks.DEFERRED
+    # On CPU the extension runs the immediate value checks in its own pass (same messages, before any write): in
+    # Python they cost more than the whole kernel at small sizes.
+    check_inputs = immediate and chosen is Backend.EXTENSION and device.type == "cpu"
+    check_here = immediate and not check_inputs
     indices = _checks.check_indices("indices", indices, state.num_samples, device, check_here)
     batch = indices.numel()
     k = _checks.check_int("k", k, low=1, high=batch)
     label_smoothing = _checks.check_fraction("label_smoothing", label_smoothing)
     generator = _checks.check_generator(generator, device)
+    if generator is not None and torch.compiler.is_compiling():
+        raise TypeError(_checks.GENERATOR_UNDER_COMPILE)
     labels_a = labels_b = soft_targets = None
     lam = 1.0
     sequence_fields = {}
-    token_level = any(value is not None for value in (hidden_states, lm_head_weight, lm_head_bias)) or (
-        isinstance(logits, torch.Tensor) and logits.dim() == 3
-    )
     if token_level:
         if losses is not None:
             raise ValueError("pass either losses, or token logits / hidden states with targets, not both")
         sequence_fields = _checks.check_sequence_call(
-            batch, device, check_values, logits=logits, targets=targets, hidden_states=hidden_states,
+            batch, device, immediate, logits=logits, targets=targets, hidden_states=hidden_states,
             lm_head_weight=lm_head_weight, lm_head_bias=lm_head_bias, ignore_index=ignore_index,
             sequence_reduction=sequence_reduction, label_smoothing=label_smoothing, logit_scale=logit_scale,
             logit_softcap=logit_softcap,
@@ -137,26 +150,35 @@ def evolved_select(
         labels_a, labels_b, soft_targets, lam = _checks.check_targets(targets, logits, device, check_here)
         if soft_targets is not None:
             soft_targets = soft_targets.detach()
+    if immediate:
+        state.check_unvisited(indices)  # a sample updated twice in one epoch (once an epoch was begun)
+    kept = None
+    if deferred:
+        checks = _deferred_checks(state, indices, losses, logits, labels_a, labels_b, soft_targets, sequence_fields)
+        kept = state.snapshot(indices)
+        # Bad ids or labels must not reach a kernel as they are: the clamped ids' old values are restored if a
+        # check failed, and the reference's indexing ops would raise (or assert on a GPU) on labels out of range.
+        indices = kept[0]
+        if chosen is Backend.TORCH:
+            labels_a, labels_b = _clamped(labels_a, logits, sequence_fields), _clamped(labels_b, logits, {})
     call = SelectCall(
         score=state.score, weight=state.weight, indices=indices, k=k, beta1=state.beta1, beta2=state.beta2,
         logits=logits, labels_a=labels_a, labels_b=labels_b, soft_targets=soft_targets, lam=lam, losses=losses,
         label_smoothing=label_smoothing, generator=generator, check_inputs=check_inputs,
         # The extension checks the losses it computes between its loss and update passes (finite logits can still
         # overflow); Triton's one launch cannot, so select.py checks them after it and puts the old values back.
-        check_losses=check_values and chosen is Backend.EXTENSION and losses is None and not token_level,
+        check_losses=immediate and chosen is Backend.EXTENSION and losses is None and not token_level,
         **sequence_fields,
     )  # fmt: skip
-    if check_values:
-        state.check_unvisited(indices)  # a sample updated twice in one epoch (once an epoch was begun)
     module = _backend_module(chosen)
     with torch.no_grad():
         if token_level:
             # Per-sequence losses first (the backend's sequence op), then the per-sample fused update and draw.
             computed = module.sequence_losses(call)
-            if check_values:
+            if immediate:
                 _checks.check_loss_values(_checks.COMPUTED_LOSSES, computed)
             call = call.with_losses(computed)
-        elif check_values and losses is None and chosen is Backend.TORCH:
+        elif immediate and losses is None and chosen is Backend.TORCH:
             # The reference computes losses before touching the state, so an overflow to inf can still be refused.
             computed = reference.call_losses(call)
             _checks.check_loss_values(_checks.COMPUTED_LOSSES, computed)
@@ -164,7 +186,7 @@ def evolved_select(
         # Triton computes, updates and draws in one launch: the B old values are kept so that losses which
         # overflowed to inf from finite logits can still be refused with the state as it was.
         undo = None
-        if check_values and call.losses is None and chosen is Backend.TRITON:
+        if immediate and call.losses is None and chosen is Backend.TRITON:
             undo = state.score[indices], state.weight[indices]
         positions, batch_losses = module.fused_select(call)
         if undo is not None:
@@ -174,9 +196,58 @@ def evolved_select(
                 state.score.index_copy_(0, indices, undo[0])
                 state.weight.index_copy_(0, indices, undo[1])
                 raise
-    state.mark_visited(indices)
+        if deferred:
+            if losses is None:
+                checks.losses(batch_losses, computed=True)
+            classes = _classes(logits, sequence_fields)
+            state.settle(checks, kept, classes)
+    if not deferred:
+        state.mark_visited(indices)
     record_backend(chosen)
     return (positions, batch_losses) if return_losses else positions
+
+
+def _call_form(token_level: bool, hidden_states: object, losses: object) -> str:
+    """The call form ``auto`` chooses for (``backends.CALL_FORMS``)."""
+    if token_level:
+        return "hidden" if hidden_states is not None else "tokens"
+    return "losses" if losses is not None else "logits"
+
+
+def _deferred_checks(state, indices, losses, logits, labels_a, labels_b, soft_targets, sequence_fields):
+    """The call's input value checks on the device, in the order the immediate checks run."""
+    checks = _checks.DeviceChecks(state.device)
+    checks.indices(indices, state.num_samples, state._visited)
+    if losses is not None:
+        checks.losses(losses, computed=False)
+    elif sequence_fields:
+        checks.token_targets(labels_a, _classes(logits, sequence_fields), sequence_fields["ignore_index"])
+    elif soft_targets is not None:
+        checks.soft_targets(soft_targets)
+    else:
+        classes = logits.shape[1]
+        checks.labels(labels_a, classes, 0 if labels_b is None else 1)
+        if labels_b is not None:
+            checks.labels(labels_b, classes, 2)
+    return checks
+
+
+def _classes(logits: torch.Tensor | None, sequence_fields: dict) -> int:
+    """C of class logits, V of token logits or of the LM head (0 without logits)."""
+    if sequence_fields.get("lm_head_weight") is not None:
+        return sequence_fields["lm_head_weight"].shape[0]
+    return 0 if logits is None else logits.shape[-1]
+
+
+def _clamped(labels: torch.Tensor | None, logits: torch.Tensor | None, sequence_fields: dict) -> torch.Tensor | None:
+    """Labels moved into range (token targets: those not ignored), for the reference under deferred checks."""
+    if labels is None:
+        return None
+    top = _classes(logits, sequence_fields) - 1
+    if not sequence_fields:
+        return labels.clamp(0, top)
+    ignored = labels == sequence_fields["ignore_index"]
+    return torch.where(ignored, labels, labels.clamp(0, top))
 
 
 def sequence_losses(
@@ -200,10 +271,13 @@ def sequence_losses(
     source = hidden_states if hidden_states is not None else logits
     name = "hidden_states" if hidden_states is not None else "logits"
     device = _checks.check_tensor(name, source).device
-    chosen = resolve_backend(backend, device)
+    chosen = resolve_backend(backend, device, "hidden" if hidden_states is not None else "tokens")
     label_smoothing = _checks.check_fraction("label_smoothing", label_smoothing)
+    # No state to keep a deferred error in: the targets' range is read only where that costs no synchronisation
+    # (a target out of range gives a NaN loss, which evolved_select(losses=...) then refuses).
+    immediate = _checks.check_mode(check_values, device) == _checks.IMMEDIATE
     fields = _checks.check_sequence_call(
-        source.shape[0] if source.dim() > 0 else 0, device, check_values, logits=logits, targets=targets,
+        source.shape[0] if source.dim() > 0 else 0, device, immediate, logits=logits, targets=targets,
         hidden_states=hidden_states, lm_head_weight=lm_head_weight, lm_head_bias=lm_head_bias,
         ignore_index=ignore_index, sequence_reduction=sequence_reduction, label_smoothing=label_smoothing,
         logit_scale=logit_scale, logit_softcap=logit_softcap,
@@ -237,7 +311,8 @@ def evolved_prune(
     if by not in ("weight", "score"):
         raise ValueError(f"by must be 'weight' or 'score', got {by!r}")
     generator = _checks.check_generator(generator, state.device)
-    chosen = resolve_backend(backend, state.device)
+    chosen = resolve_backend(backend, state.device, "prune")
+    state.check()
     values = state.weight if by == "weight" else state.score
     with torch.no_grad():
         kept = _backend_module(chosen).prune_select(values, keep, generator)

@@ -88,6 +88,12 @@ class EvolvedState:
         self._visit_epoch: int | None = None
         self._visited: torch.Tensor | None = None
         self._unchecked_revisits: torch.Tensor | None = None
+        # Deferred value checks (see check): calls counted on the host, the first failure kept on the device as
+        # (code, value, call, classes), and on CUDA a pinned copy of it with the event that says the copy is done.
+        self._calls = torch.zeros((), dtype=torch.int64, device=device)
+        self._deferred_error = torch.zeros(4, dtype=torch.int64, device=device)
+        self._error_mirror: torch.Tensor | None = None
+        self._mirror_ready: torch.cuda.Event | None = None
         self._init_sample_buffers()
 
     @property
@@ -104,18 +110,100 @@ class EvolvedState:
             f"device={self.device})"
         )
 
-    def observe(self, indices: torch.Tensor, losses: torch.Tensor, *, check_values: bool = True) -> None:
+    def observe(self, indices: torch.Tensor, losses: torch.Tensor, *, check_values: bool | str = True) -> None:
         """Update-only step: apply the visit rule for ``indices`` with their ``losses``, select nothing.
 
-        Used in annealing epochs with the training forward's detached per-sample losses. Raises before touching
-        the state if an argument is bad.
+        Used in annealing epochs with the training forward's detached per-sample losses. A bad argument never
+        reaches the state; ``check_values`` as in :func:`~es_kernels.evolved_select` (on a GPU the value checks are
+        deferred by default: see :meth:`check`).
         """
-        indices = _checks.check_indices("indices", indices, self.num_samples, self.device, check_values)
-        losses = _checks.check_losses("losses", losses, indices.numel(), self.device, check_values)
-        if check_values:
+        mode = _checks.check_mode(check_values, self.device)
+        if mode != _checks.OFF:
+            self.begin_call()
+        immediate = mode == _checks.IMMEDIATE
+        indices = _checks.check_indices("indices", indices, self.num_samples, self.device, immediate)
+        losses = _checks.check_losses("losses", losses, indices.numel(), self.device, immediate).detach()
+        if immediate:
             self.check_unvisited(indices)
-        ema_update_(self.score, self.weight, indices, losses.detach(), self.beta1, self.beta2)
-        self.mark_visited(indices)
+        if mode != _checks.DEFERRED:
+            ema_update_(self.score, self.weight, indices, losses, self.beta1, self.beta2)
+            self.mark_visited(indices)
+            return
+        checks = _checks.DeviceChecks(self.device)
+        checks.indices(indices, self.num_samples, self._visited)
+        checks.losses(losses, computed=False)
+        kept = self.snapshot(indices)
+        ema_update_(self.score, self.weight, kept[0], losses, self.beta1, self.beta2)
+        self.settle(checks, kept)
+
+    # ----------------------------------------------------------------- deferred value checks
+
+    def begin_call(self) -> None:
+        """Count one value-checked call (its number names it in a deferred error) after raising any error that an
+        earlier call's deferred checks found and that the host can read without waiting."""
+        if not torch.compiler.is_compiling():
+            if self.device.type == "cpu":
+                self.check()
+            elif self._mirror_ready is not None and self._mirror_ready.query() and int(self._error_mirror[0]):
+                self.check()  # the copy is done, so the device error is final: this read does not wait on work
+        # A device counter, not a Python int: a compiled graph or a CUDA graph replay counts too, and torch.compile
+        # would otherwise guard on (and recompile for) every new number.
+        self._calls.add_(1)
+
+    def snapshot(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids clamped into range, the old (score, weight) at them) before a deferred-checked update."""
+        safe = indices.clamp(0, self.num_samples - 1)
+        return safe, torch.stack((self.score.index_select(0, safe), self.weight.index_select(0, safe)))
+
+    def settle(self, checks: _checks.DeviceChecks, kept: tuple[torch.Tensor, torch.Tensor], classes: int = 0) -> None:
+        """After a deferred-checked update: put the snapshot back if a check failed, mark the visits if none did,
+        and keep the first failure (with the call's number) for :meth:`check`. Nothing is read on the host."""
+        safe, old = kept
+        status = checks.status()
+        passed = status[0] == 0
+        with torch.no_grad():
+            self.score.index_copy_(0, safe, torch.where(passed, self.score.index_select(0, safe), old[0]))
+            self.weight.index_copy_(0, safe, torch.where(passed, self.weight.index_select(0, safe), old[1]))
+            if self._visited is not None:
+                self._visited.index_copy_(0, safe, self._visited.index_select(0, safe) | passed)
+            code = status[0]
+            record = torch.stack((code, status[1], self._calls, torch.full_like(code, classes)))
+            first = (self._deferred_error[0] == 0) & ~passed
+            self._deferred_error.copy_(torch.where(first, record, self._deferred_error))
+        self._mirror_error()
+
+    def _mirror_error(self) -> None:
+        # A pinned host copy and an event let begin_call see a failure without waiting for the GPU.
+        if self.device.type != "cuda" or torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
+            return
+        if self._error_mirror is None:
+            self._error_mirror = torch.zeros(4, dtype=torch.int64, pin_memory=True)
+            self._mirror_ready = torch.cuda.Event()
+        self._error_mirror.copy_(self._deferred_error, non_blocking=True)
+        self._mirror_ready.record()
+
+    def check(self) -> None:
+        """Raise the first value error found by a deferred check since the last :meth:`check` (a ``ValueError``
+        naming the call it came from; that call left the state as it was).
+
+        With value checks deferred (the default on a GPU) nothing in a call reads a value on the host; the error of a
+        bad call is raised at the next point where the host reads anyway: the start of a later call once the GPU has
+        finished the bad one, :meth:`begin_epoch` (so ``set_epoch``), :meth:`state_dict`, :meth:`sync_epoch`, or
+        here. One host synchronisation on a GPU.
+        """
+        if torch.compiler.is_compiling():
+            return
+        code, value, call, classes = self._deferred_error.tolist()
+        if code == _checks.ValueCheck.OK:
+            return
+        self._deferred_error.zero_()
+        message = _checks.value_check_message(
+            code, value, num_samples=self.num_samples, num_classes=classes, epoch=self._visit_epoch
+        )
+        raise ValueError(
+            f"{message} [found by the deferred value check of call {call} on this state, which left the state "
+            "unchanged; check_values='immediate' raises at the call itself]"
+        )
 
     # ----------------------------------------------------------------- per-epoch visit marks
 
@@ -134,6 +222,7 @@ class EvolvedState:
         as a warning.
         """
         epoch = _checks.check_int("epoch", epoch, low=0)
+        self.check()
         if epoch == self._visit_epoch:
             return
         if self._unchecked_revisits is not None:
@@ -165,13 +254,7 @@ class EvolvedState:
         inside = (indices >= 0) & (indices < self.num_samples)
         again = self._visited[indices.clamp(0, self.num_samples - 1)] & inside
         if bool(again.any()):
-            ids = indices[again].tolist()
-            shown = ", ".join(map(str, ids[:8])) + (f", ... ({len(ids)} in all)" if len(ids) > 8 else "")
-            raise ValueError(
-                f"indices: sample ids [{shown}] were already visited in epoch {self._visit_epoch}; Algorithm 1 "
-                "updates a sample once per epoch. Select (or observe) each batch once, and call set_epoch at every "
-                "epoch start."
-            )
+            raise ValueError(_checks.revisit_message(indices[again].tolist(), self._visit_epoch))
 
     def mark_visited(self, indices: torch.Tensor) -> None:
         """Mark ``indices`` (valid ids, already applied to the state) as visited in this epoch; no host sync.
@@ -218,7 +301,9 @@ class EvolvedState:
         ``"sync_snapshot"``, the values all ranks agreed on at that merge: a rank's copy saved mid-epoch holds only
         its own updates since then, and the merge after resuming needs that merge base to stay exact. Save each rank's
         own dict (the sampler's shard is per rank too), or call :meth:`sync_epoch` on every rank first.
+        A pending deferred value error is raised first (:meth:`check`).
         """
+        self.check()
         saved = {
             "score": self.score.detach().clone(),
             "weight": self.weight.detach().clone(),
@@ -310,6 +395,7 @@ class EvolvedState:
         between merges, the larger value would win on every rank: ranks still agree, but that is not an exact
         merge; keep such samplers to ``sync="step"``.
         """
+        self.check()
         if self.sync_mode != "epoch" or self._world_size() == 1:
             return
         device = communication_device(dist.get_backend(self.process_group), self.device)

@@ -12,6 +12,8 @@ LOGITS = torch.randn(4, 5, generator=torch.Generator().manual_seed(0))
 LABELS = torch.tensor([0, 1, 2, 3])
 IDS = torch.arange(4)
 NAN_SOFT = torch.rand(4, 5).index_fill(0, torch.tensor([3]), float("nan"))
+# A -inf logit away from every target: refused as a logit, though each loss stays finite.
+NEG_INF_AWAY_FROM_TARGETS = LOGITS.index_fill(1, torch.tensor([4]), float("-inf"))
 
 # (positional arguments after the state, keyword arguments, error, a word of the message that names the argument)
 BAD_CALLS = [
@@ -35,8 +37,7 @@ BAD_CALLS = [
     ((IDS, 1), {"logits": LOGITS.double().log(), "targets": LABELS}, ValueError, "logits"),
     ((IDS, 1), {"logits": LOGITS.index_fill(1, torch.tensor([2]), float("inf")), "targets": LABELS}, ValueError,
      "logits"),
-    ((IDS, 1), {"logits": LOGITS.index_fill(1, torch.tensor([4]), float("-inf")), "targets": LABELS}, ValueError,
-     "logits"),
+    ((IDS, 1), {"logits": NEG_INF_AWAY_FROM_TARGETS, "targets": LABELS}, ValueError, "logits"),
     ((IDS, 1), {"logits": torch.randn(4, 37).log().bfloat16(), "targets": LABELS}, ValueError, "logits"),
     ((IDS, 1), {"logits": torch.randn(4, 37).log().half().t().contiguous().t(), "targets": LABELS}, ValueError,
      "logits"),

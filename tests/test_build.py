@@ -387,5 +387,6 @@ def test_named_triton_backend_says_why_when_triton_is_too_old(monkeypatch):
 
     monkeypatch.setattr(triton_backend, "_installed_triton_version", lambda: "3.2.0")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(backends, "_availability", {})  # decided once per process: this test fakes an install
     with pytest.raises(backends.BackendUnavailableError, match=r"triton >= 3\.4.*found 3\.2\.0"):
         backends.resolve_backend("triton", torch.device("cpu"))

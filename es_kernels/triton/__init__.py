@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from es_kernels.call import SelectCall, draw_seed
+from es_kernels.call import OP_ARGUMENTS, SelectCall, draw_seed
 from es_kernels.triton.availability import (
     MIN_CAPABILITY,
     MIN_TRITON,
@@ -45,11 +45,22 @@ __all__ = [
 
 
 def fused_select(call: SelectCall) -> tuple[torch.Tensor, torch.Tensor]:
-    """Backend entry of ``evolved_select``: one launch of the ``es_kernels::fused_select`` op."""
+    """Backend entry of ``evolved_select``: one launch of the fused kernel.
+
+    Traced by ``torch.compile``, the call goes through the ``es_kernels::fused_select`` op (its fake gives the
+    shapes, ``mutates_args`` the functionalisation). In eager mode the op's Python dispatch (``custom_op`` costs
+    hundreds of microseconds per call, more than the kernel) is skipped: the same host checks and launch run
+    directly, and the state's version counters are bumped as the op's ``mutates_args`` would.
+    """
     from es_kernels.triton import ops
 
-    seed = draw_seed(call.generator, call.indices.device)
-    return ops.fused_select(*call.op_arguments(seed))
+    arguments = call.op_arguments(draw_seed(call.generator, call.indices.device))
+    if torch.compiler.is_compiling():
+        return ops.fused_select(*arguments)
+    result = ops.launch_checked(dict(zip(OP_ARGUMENTS, arguments, strict=True)))
+    torch.autograd.graph.increment_version(call.score)
+    torch.autograd.graph.increment_version(call.weight)
+    return result
 
 
 def sequence_losses(call: SelectCall) -> torch.Tensor:

@@ -4,6 +4,7 @@ must stay cheap and must not fix the interpreter mode of a process that has not 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.metadata
 import importlib.util
 import re
@@ -43,10 +44,29 @@ def triton_version_problem(version: str) -> str | None:
     return None
 
 
-def _installed_triton_version() -> str | None:
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+@functools.cache
+def _distribution_version() -> str | None:
+    # Parses the package's metadata file: once per process, not per call (it costs more than a small select).
     for distribution in ("triton", "pytorch-triton", "pytorch-triton-rocm", "triton-windows"):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             return importlib.metadata.version(distribution)
+    return None
+
+
+@functools.cache
+def _capability(index: int | None) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def _installed_triton_version() -> str | None:
+    version = _distribution_version()
+    if version is not None:
+        return version
     # A source build without distribution metadata: ask the module if it is loaded anyway.
     return getattr(sys.modules.get("triton"), "__version__", None)
 
@@ -54,7 +74,7 @@ def _installed_triton_version() -> str | None:
 def unavailable_reason(device: torch.device | str) -> str | None:
     """None if the Triton kernels can run on tensors of ``device``, else why not."""
     device = torch.device(device)
-    if importlib.util.find_spec("triton") is None:
+    if not _triton_installed():
         return "triton is not installed (pip install triton)"
     version = _installed_triton_version()
     if version is not None and (problem := triton_version_problem(version)):
@@ -77,7 +97,7 @@ def unavailable_reason(device: torch.device | str) -> str | None:
         return "no CUDA device is available to this PyTorch build"
     if "triton" in sys.modules and _interpreter_active():
         return "triton was imported with TRITON_INTERPRET=1 and that variable has since been unset"
-    capability = torch.cuda.get_device_capability(device)
+    capability = _capability(device.index)
     if capability < MIN_CAPABILITY:
         return f"the Triton kernels need compute capability {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}+, got {capability}"
     return None

@@ -89,13 +89,14 @@ def fused_select(
     Targets are ``labels_a`` (int64 ids; with ``labels_b`` and ``lam`` the mixup form), or ``soft_targets`` (B, C);
     or ``losses`` replaces logits and targets. Returns (positions int64 (k,), losses fp32 (B,)).
     """
-    return _launch_fused_select(locals())  # the first statement: locals() holds exactly the op's arguments
+    return launch_checked(locals())  # the first statement: locals() holds exactly the op's arguments
 
 
-def _launch_fused_select(arguments: dict, *, interpreted: bool = False) -> tuple[Tensor, Tensor]:
-    """The checks and the launch, from the op's arguments by name (so the list is spelled out only above)."""
+def launch_checked(arguments: dict) -> tuple[Tensor, Tensor]:
+    """The op's host checks and its launch, from its arguments by name (so the list is spelled out only above);
+    also the eager path of ``es_kernels.triton.fused_select``, which skips the op's Python dispatch."""
     check_fused_select(*(arguments[name] for name in _CHECKED))
-    if interpreted:
+    if arguments["indices"].device.type == "cpu":
         _require_interpreter(arguments["indices"].device)
     from es_kernels.triton import launch  # imports triton: only once a kernel runs
 
@@ -107,7 +108,7 @@ _CHECKED = ("score", "weight", "indices", "seed", "k", "logits", "labels_a", "la
 
 @fused_select.register_kernel("cpu")
 def _fused_select_cpu(*arguments):
-    return _launch_fused_select(dict(zip(OP_ARGUMENTS, arguments, strict=True)), interpreted=True)
+    return launch_checked(dict(zip(OP_ARGUMENTS, arguments, strict=True)))
 
 
 @fused_select.register_fake

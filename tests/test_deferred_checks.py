@@ -1,0 +1,125 @@
+"""Deferred value checks, once per backend: every bad value of test_bad_input is caught on the device without the
+host reading it, the bad call's update never reaches the state, and the error is raised at the next point where the
+host reads (the next call, ``check``, ``set_epoch``, ``state_dict``), naming the call. On CPU ``check_values=True``
+stays immediate; ``"deferred"`` runs the device path there too, which is what a GPU runs by default."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_bad_input import BAD_CALLS, LABELS, NEG_INF_AWAY_FROM_TARGETS, visited_state
+
+from es_kernels import EvolvedState, _checks, evolved_select
+
+# The value errors among the bad calls: the call itself goes through in deferred mode; a later read raises. A -inf
+# logit away from every target gives finite losses, which the deferred mode accepts (it checks the losses computed
+# from the logits instead of reading the logits a second time); the immediate mode refuses the logit itself.
+VALUE_ERRORS = [
+    case for case in BAD_CALLS if case[2] is ValueError and case[1].get("logits") is not NEG_INF_AWAY_FROM_TARGETS
+]
+
+
+def oracle_message(args, kwargs) -> str | None:
+    try:
+        evolved_select(visited_state(), *args, backend="torch", check_values="immediate", **kwargs)
+    except (TypeError, ValueError) as error:
+        return str(error)
+    return None
+
+
+def expected_deferred_message(immediate: str) -> str:
+    # Logits are not read a second time: their NaN/inf shows in the losses computed from them.
+    return _checks.losses_not_finite(_checks.COMPUTED_LOSSES) if immediate == _checks.LOGITS_NOT_FINITE else immediate
+
+
+@pytest.mark.parametrize("args, kwargs, error, name", VALUE_ERRORS)
+def test_every_bad_value_is_caught_later_with_the_state_unchanged(backend, args, kwargs, error, name):
+    state = visited_state()
+    before = state.state_dict()
+    immediate = oracle_message(args, kwargs)
+    try:
+        backend.select(state, *args, check_values="deferred", **kwargs)
+    except ValueError as raised:  # a host-side check (shapes, k, ...): raised at the call, as in immediate mode
+        assert str(raised) == immediate
+        return
+    assert torch.equal(state.score, before["score"]) and torch.equal(state.weight, before["weight"])
+    with pytest.raises(ValueError, match=name) as caught:
+        state.check()
+    message = str(caught.value)
+    assert message.startswith(expected_deferred_message(immediate)), message
+    assert "call 2" in message  # the observe of visited_state was call 1
+    state.check()  # raised once; nothing pending any more
+
+
+def test_the_inf_logit_with_a_finite_loss_is_accepted_exactly_as_without_checks(backend):
+    deferred, unchecked = visited_state(), visited_state()
+    kwargs = {"logits": NEG_INF_AWAY_FROM_TARGETS, "targets": LABELS, "generator": torch.Generator().manual_seed(1)}
+    backend.select(deferred, torch.arange(1, 5), 1, check_values="deferred", **kwargs)
+    kwargs["generator"] = torch.Generator().manual_seed(1)
+    backend.select(unchecked, torch.arange(1, 5), 1, check_values=False, **kwargs)
+    deferred.check()
+    assert torch.equal(deferred.weight, unchecked.weight) and torch.isfinite(deferred.weight).all()
+
+
+def test_the_error_comes_at_the_next_call_and_later_good_calls_still_count(backend):
+    state, twin = EvolvedState(6), EvolvedState(6)
+    backend.select(state, torch.tensor([0, 9]), 1, losses=torch.rand(2), check_values="deferred")  # call 1: bad id
+    with pytest.raises(ValueError, match=r"indices must be in \[0, 6\), got 9.*call 1"):
+        backend.select(state, torch.tensor([1, 2]), 1, losses=torch.tensor([0.5, 2.0]), check_values="deferred")
+    # The call that raised did nothing; this one runs, equal to a state that never saw the bad call.
+    backend.select(state, torch.tensor([1, 2]), 1, losses=torch.tensor([0.5, 2.0]), check_values="deferred")
+    backend.select(twin, torch.tensor([1, 2]), 1, losses=torch.tensor([0.5, 2.0]), check_values="deferred")
+    state.check()
+    assert torch.equal(state.score, twin.score) and torch.equal(state.weight, twin.weight)
+
+
+@pytest.mark.parametrize("reader", ["check", "state_dict", "set_epoch"])
+def test_every_host_read_raises_the_pending_error(backend, reader):
+    state = EvolvedState(6)
+    backend.select(state, torch.tensor([1, 1]), 1, losses=torch.rand(2), check_values="deferred")
+    read = {"check": state.check, "state_dict": state.state_dict, "set_epoch": lambda: state.begin_epoch(0)}[reader]
+    with pytest.raises(ValueError, match="must not repeat"):
+        read()
+    assert torch.equal(state.weight, torch.full((6,), 1 / 6))
+
+
+def test_a_revisit_in_the_epoch_is_refused_on_the_device(backend):
+    state = EvolvedState(8)
+    state.begin_epoch(0)
+    backend.select(state, torch.tensor([2, 3]), 1, losses=torch.rand(2), check_values="deferred")
+    after_first = state.weight.clone()
+    backend.select(state, torch.tensor([4, 3]), 1, losses=torch.rand(2), check_values="deferred")
+    assert torch.equal(state.weight, after_first)
+    with pytest.raises(ValueError, match=r"sample ids \[3\] were already visited in epoch 0"):
+        state.check()
+    # The refused call marked nothing: id 4 can still be visited this epoch.
+    backend.select(state, torch.tensor([4]), 1, losses=torch.rand(1), check_values="deferred")
+    state.check()
+
+
+def test_observe_defers_too():
+    state = EvolvedState(5)
+    state.observe(torch.tensor([0, 1]), torch.tensor([1.0, -2.0]), check_values="deferred")
+    assert torch.equal(state.weight, torch.full((5,), 0.2))
+    with pytest.raises(ValueError, match=r"losses must be non-negative.*call 1"):
+        state.check()
+
+
+def test_token_targets_out_of_range_are_deferred(backend):
+    state = EvolvedState(4)
+    logits = torch.randn(2, 3, 7)
+    targets = torch.tensor([[1, -100, 7], [0, 2, 3]])
+    backend.select(state, torch.tensor([0, 1]), 1, logits=logits, targets=targets, check_values="deferred")
+    assert torch.equal(state.weight, torch.full((4,), 0.25))
+    with pytest.raises(ValueError, match=r"targets must lie in \[0, 7\) or equal ignore_index=-100"):
+        state.check()
+
+
+def test_the_default_is_immediate_on_cpu_and_a_bad_mode_is_named():
+    state = EvolvedState(4)
+    with pytest.raises(ValueError, match="indices must be in"):
+        evolved_select(state, torch.tensor([0, 7]), 1, losses=torch.rand(2))
+    with pytest.raises(ValueError, match="check_values must be one of"):
+        evolved_select(state, torch.tensor([0, 1]), 1, losses=torch.rand(2), check_values="later")
+    assert _checks.check_mode(True, torch.device("cuda")) == _checks.DEFERRED
+    assert _checks.check_mode(True, torch.device("cpu")) == _checks.IMMEDIATE
