@@ -97,8 +97,11 @@ class SelectCall:
     def op_arguments(self, seed: torch.Tensor) -> tuple:
         """The call as the ops' flat argument list (:data:`OP_ARGUMENTS`), with ``seed`` drawn by the caller."""
         self.refuse_token_fields("the kernel ops")
-        values = {"seed": seed, "beta1": float(self.beta1), "beta2": float(self.beta2)}
-        return tuple(values[name] if name in values else getattr(self, name) for name in OP_ARGUMENTS)
+        # Spelled out (in OP_ARGUMENTS' order, which tests/test_ops.py checks): this runs on every call's host path.
+        return (
+            self.score, self.weight, self.indices, seed, self.k, float(self.beta1), float(self.beta2), self.logits,
+            self.labels_a, self.labels_b, self.soft_targets, self.lam, self.losses, self.label_smoothing,
+        )  # fmt: skip
 
 
 TOKEN_FIELDS = (

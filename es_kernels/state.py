@@ -144,6 +144,8 @@ class EvolvedState:
         if not torch.compiler.is_compiling():
             if self.device.type == "cpu":
                 self.check()
+            elif torch.cuda.is_current_stream_capturing():
+                pass  # nothing may be read or queried while a CUDA graph records
             elif self._mirror_ready is not None and self._mirror_ready.query() and int(self._error_mirror[0]):
                 self.check()  # the copy is done, so the device error is final: this read does not wait on work
         # A device counter, not a Python int: a compiled graph or a CUDA graph replay counts too, and torch.compile
