@@ -59,14 +59,16 @@ def _time_calls(function, calls: int) -> tuple[float, float]:
 
 def _kernel_seconds(function, calls: int = 20) -> float:
     """GPU kernel time per call, summed over the kernels the profiler saw."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
             function()
         torch.cuda.synchronize()
-    total = sum(event.self_device_time_total for event in prof.key_averages())
+    # Device-side events only (kernels, copies, fills): the host ops that launched them carry the same time again.
+    total = sum(event.self_device_time_total for event in prof.events() if event.device_type == DeviceType.CUDA)
     return total / calls * 1e-6
 
 

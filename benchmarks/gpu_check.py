@@ -53,26 +53,33 @@ def steps(out: Path) -> list[Step]:
     # B = 256 and 4096 at every C and dtype, value checks off (the kernels' own work), and every pruning size.
     rows = "cuda and not checkson and not B64 and not B1024"
     bench = (python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", rows)
+    call_path = (python, "-m", "benchmarks.call_path")
     return [
-        Step("selfcheck", "correctness", (python, "-m", "es_kernels.selfcheck", "--device", "cuda", "--no-timing"), 75,
+        Step("selfcheck", "correctness", (python, "-m", "es_kernels.selfcheck", "--device", "cuda", "--no-timing"), 60,
              "es_kernels.selfcheck on CUDA: losses, exact state, sampling law, bad input, every backend"),
-        Step("launches", "correctness", (*me, "--step", "launches", str(out)), 45,
-             "kernel launches per evolved_select call (torch.profiler)"),
-        Step("cuda_graph", "correctness", (*me, "--step", "cuda_graph", str(out)), 45,
-             "CUDA-graph capture and replay of a training step that calls evolved_select"),
+        Step("launches", "correctness", (*me, "--step", "launches", str(out)), 30,
+             "kernel launches per evolved_select call (torch.profiler), checks off and at their default"),
+        Step("cuda_graph", "correctness", (*me, "--step", "cuda_graph", str(out)), 40,
+             "CUDA-graph capture and replay of a training step that calls evolved_select, checks off and default"),
         Step("compile", "correctness", (*me, "--step", "compile", str(out)), 60,
-             "torch.compile(fullgraph=True) of a step calling evolved_select, against eager"),
-        Step("sequence", "correctness", (*me, "--step", "sequence", str(out)), 45,
+             "torch.compile(fullgraph=True) of a step calling evolved_select, against eager, checks off and default"),
+        Step("sequence", "correctness", (*me, "--step", "sequence", str(out)), 40,
              "language-model per-sequence losses (token logits, hidden states) on CUDA, every backend, vs fp64"),
+        Step("deferred", "correctness",
+             (*call_path, "--sections", "deferred", "--json", str(out / "deferred.json")), 30,
+             "deferred value checks on CUDA: a bad call leaves the state unchanged, its error comes at a later call "
+             "and at state.check(); a captured step with the default checks replays, and a bad replay is caught"),
         Step("bench_select_prune", "benchmark",
              (*bench, "benchmarks/test_select.py", "benchmarks/test_prune.py",
-              f"--benchmark-json={out / 'bench.json'}"), 120,
+              f"--benchmark-json={out / 'bench.json'}"), 90,
              "select and prune tables, CUDA rows, triton / extension / torch, median per call"),
-        Step("vit_step", "benchmark",
-             (python, "-m", "benchmarks.vit_step", "--device", "cuda", "--json", str(out / "vit_step.json")), 45,
-             "ViT step on CUDA: selection overhead, ES/baseline ratio against the analytic limit"),
-        Step("sequence_bench", "benchmark", (*me, "--step", "sequence_bench", str(out)), 45,
+        Step("sequence_bench", "benchmark", (*me, "--step", "sequence_bench", str(out)), 40,
              "LM scoring: fused hidden-state path vs materialised logits, Liger-Kernel, Cut Cross-Entropy"),
+        Step("call_path", "benchmark",
+             (*call_path, "--sections", "per_call", "auto", "vit_large", "--json", str(out / "call_path.json"),
+              "--auto-table", str(out / "auto_table.py")), 90,
+             "per-call cost against hand-written ES and Composer-style SB (host and kernel time beside wall-clock), "
+             "auto per call form (writes auto_table.py), ViT-L/16 step: baseline, defaults, checks off, limit"),
     ]  # fmt: skip
 
 
@@ -101,20 +108,21 @@ def _available(backend: str, problems: list[str], device: str = "cuda") -> bool:
 
 
 def check_launches() -> dict:
-    """Kernels launched per evolved_select call, value checks off (the launch path), per backend. A measurement;
-    it fails only if the Triton backend's fused kernel runs other than exactly once per call."""
+    """Kernels launched per evolved_select call, value checks off (the launch path) and at their default (deferred
+    on the GPU), per backend. A measurement; it fails only if the Triton backend's fused kernel runs other than
+    exactly once per call."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     from es_kernels import evolved_select
 
     result, problems, calls = {}, [], 10
-    for backend in BACKENDS:
+    for backend, checks in [(b, c) for b in BACKENDS for c in (False, True)]:
         if not _available(backend, problems):
             continue
         state, indices, logits, labels = _select_inputs()
         call = functools.partial(evolved_select, state, indices, 64, logits=logits, targets=labels,
-                                 backend=backend, check_values=False)  # fmt: skip
+                                 backend=backend, check_values=checks)  # fmt: skip
         call()
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as profiler:
@@ -126,7 +134,8 @@ def check_launches() -> dict:
             if event.device_type == torch.autograd.DeviceType.CUDA:
                 counts[event.name] = counts.get(event.name, 0) + 1 / calls
         copies = sum(v for name, v in counts.items() if "memcpy" in name.lower() or "memset" in name.lower())
-        result[backend] = {"launches_per_call": round(sum(counts.values()) - copies, 2),
+        result[f"{backend}, checks {'default' if checks else 'off'}"] = {
+                           "launches_per_call": round(sum(counts.values()) - copies, 2),
                            "memcpy_memset_per_call": round(copies, 2),
                            "per_kernel": {name: round(v, 2) for name, v in sorted(counts.items())}}  # fmt: skip
         if backend == "triton":
@@ -136,7 +145,7 @@ def check_launches() -> dict:
     return {"backends": result, "problems": problems}
 
 
-def _graph_step(backend: str, k: int = 64):
+def _graph_step(backend: str, k: int = 64, checks: bool = False):
     """A training step (scoring forward, evolved_select, forward + backward on the chosen rows) and its tensors."""
     import torch
 
@@ -150,7 +159,7 @@ def _graph_step(backend: str, k: int = 64):
         with torch.no_grad():
             logits = model(images)
         chosen, losses = evolved_select(state, indices, k, logits=logits, targets=labels, backend=backend,
-                                        check_values=False, return_losses=True)  # fmt: skip
+                                        check_values=checks, return_losses=True)  # fmt: skip
         torch.nn.functional.cross_entropy(model(images[chosen]), labels[chosen]).backward()
         return chosen, losses
 
@@ -158,7 +167,8 @@ def _graph_step(backend: str, k: int = 64):
 
 
 def check_cuda_graph() -> dict:
-    """Capture a training step that calls evolved_select in one CUDA graph and replay it from the same state:
+    """Capture a training step that calls evolved_select (value checks off, and at their default: deferred) in one
+    CUDA graph and replay it from the same state:
     every replay must draw k valid positions, update the state exactly as the reference update of the replay's own
     losses, and draw afresh (a frozen seed would repeat the draw)."""
     import torch
@@ -166,10 +176,10 @@ def check_cuda_graph() -> dict:
     from es_kernels import reference
 
     result, problems, replays, k = {}, [], 20, 64
-    for backend in BACKENDS:
+    for backend, checks in [(b, c) for b in BACKENDS for c in (False, True)]:
         if not _available(backend, problems):
             continue
-        step, state, indices, model = _graph_step(backend, k)
+        step, state, indices, model = _graph_step(backend, k, checks)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -200,7 +210,11 @@ def check_cuda_graph() -> dict:
                 break
         if len(draws) < replays // 2:
             problems.append(f"{backend}: {replays} replays from one state gave {len(draws)} distinct draws")
-        result[backend] = {"replays": replays, "distinct_draws": len(draws)}
+        state.check()  # the deferred checks of every replay passed
+        result[f"{backend}, checks {'default' if checks else 'off'}"] = {
+            "replays": replays,
+            "distinct_draws": len(draws),
+        }
     return {"backends": result, "problems": problems}
 
 
@@ -215,13 +229,13 @@ def check_compile(device: str = "cuda", backends=("triton",), compiler: str = "i
     # Inductor would otherwise replace torch.randint (the seed draw) with its own RNG stream.
     torch._inductor.config.fallback_random = True
     result, problems = {}, []
-    for backend in backends:
+    for backend, checks in [(b, c) for b in backends for c in (False, True)]:
         if not _available(backend, problems, device):
             continue
 
-        def select(state, indices, logits, labels, backend=backend):
+        def select(state, indices, logits, labels, backend=backend, checks=checks):
             return evolved_select(state, indices, 64, logits=logits, targets=labels, backend=backend,
-                                  return_losses=True, check_values=False)  # fmt: skip
+                                  return_losses=True, check_values=checks)  # fmt: skip
 
         outcomes = []
         for function in (select, torch.compile(select, fullgraph=True, backend=compiler)):
@@ -231,9 +245,10 @@ def check_compile(device: str = "cuda", backends=("triton",), compiler: str = "i
             outcomes.append((positions.cpu(), losses.cpu(), state.weight.cpu(), state.score.cpu()))
         eager, compiled = outcomes
         same = all(torch.equal(a, b) for a, b in zip(eager, compiled, strict=True))
-        result[backend] = {"same_draw_losses_and_state": same}
+        mode = f"{backend}, checks {'default' if checks else 'off'}"
+        result[mode] = {"same_draw_losses_and_state": same}
         if not same:
-            problems.append(f"{backend}: the compiled call's draw, losses or state differ from eager")
+            problems.append(f"{mode}: the compiled call's draw, losses or state differ from eager")
     return {"backends": result, "problems": problems}
 
 
@@ -469,9 +484,9 @@ def run_steps(out: Path) -> dict:
     bench = out / "bench.json"
     if bench.exists():
         summary["benchmarks"] = benchmark_rows(json.loads(bench.read_text()))
-    vit = out / "vit_step.json"
-    if vit.exists():
-        summary["vit_step"] = json.loads(vit.read_text())
+    for name in ("vit_step", "call_path", "deferred"):
+        if (out / f"{name}.json").exists():
+            summary[name] = json.loads((out / f"{name}.json").read_text())
     sequence = out / "sequence_bench.json"
     if sequence.exists():
         summary["sequence_bench"] = json.loads(sequence.read_text())
@@ -542,6 +557,45 @@ def _sequence_table(sequence: dict) -> list[str]:
     return [*lines, ""]
 
 
+def _call_path_lines(call_path: dict) -> list[str]:
+    """The per-call table (wall-clock, host and kernel time), auto's figures per call form, the ViT-L/16 step."""
+    lines = []
+    for row in call_path.get("per_call") or []:
+        lines += [f"## One call, B={row['batch']} x C={row['classes']} {row['dtype']} (CUDA)", "",
+                  "| path | per call | spread | host per call | kernels per call |",
+                  "|---|---|---|---|---|"]  # fmt: skip
+        for name, entry in row["paths"].items():
+            lines.append(f"| {name} | {entry['us']:.1f} µs | {entry['spread_percent']:.0f}% | "
+                         f"{entry['host_us']:.1f} µs | {entry['kernel_us']:.1f} µs |")  # fmt: skip
+        lines.append("")
+    auto = call_path.get("auto")
+    if isinstance(auto, dict) and "error" not in auto:
+        lines += [
+            "## auto's figures per call form (default checks)",
+            "",
+            "| form | shape | µs per call |",
+            "|---|---|---|",
+        ]
+        for form, entry in auto.items():
+            figures = ", ".join(
+                f"{name} {value:.0f}" for name, value in sorted(entry["us"].items(), key=lambda x: x[1])
+            )
+            lines.append(f"| {form} | {entry['shape']} | {figures} |")
+        lines.append("")
+    vit = call_path.get("vit_large")
+    if isinstance(vit, dict) and "ms" in vit:
+        lines += ["## ViT-L/16 step, 224 px, B=128, k=32, bf16, fused AdamW", "", "| part | ms |", "|---|---|"]
+        lines += [f"| {name} | {value:.2f} |" for name, value in vit["ms"].items()]
+        lines += ["", f"ES (defaults) / baseline {vit['es_defaults_over_baseline']:.3f}; ES (checks off) / baseline "
+                  f"{vit['es_checks_off_over_baseline']:.3f}; defaults / checks off "
+                  f"{vit['defaults_over_checks_off']:.3f}; analytic limit (no optimizer) "
+                  f"{vit['analytic_limit_without_optimizer']:.3f}", ""]  # fmt: skip
+    for section, entry in call_path.items():
+        if isinstance(entry, dict) and "error" in entry:
+            lines.append(f"call_path section {section} failed: {entry['error']}")
+    return lines
+
+
 def report(summary: dict) -> str:
     device = summary["device"]
     peak = device.get("peak_bandwidth_gbps")
@@ -568,9 +622,7 @@ def report(summary: dict) -> str:
     lines.append("")
     if summary.get("benchmarks"):
         lines += ["## Select and prune (CUDA, value checks off)", "", *_bench_table(summary["benchmarks"], peak)]
-    vit = summary.get("vit_step")
-    if vit:
-        lines += ["## ViT step (CUDA)", "", "```", json.dumps(vit, indent=1)[:3000], "```", ""]
+    lines += _call_path_lines(summary.get("call_path") or {})
     sequence = summary.get("sequence_bench")
     if sequence and sequence.get("rows"):
         lines += _sequence_table(sequence)

@@ -31,7 +31,8 @@ def test_dry_run_lists_every_step_and_exits_zero(tmp_path):
     assert done.returncode == 0, done.stderr
     for step in gpu_check.steps(tmp_path / "out"):
         assert f"] {step.name} " in done.stdout
-    assert "es_kernels.selfcheck --device cuda" in done.stdout and "benchmarks.vit_step --device cuda" in done.stdout
+    assert "es_kernels.selfcheck --device cuda" in done.stdout
+    assert "benchmarks.call_path --sections per_call" in done.stdout
     assert not (tmp_path / "out").exists()  # a dry run writes nothing
 
 
@@ -96,7 +97,8 @@ def test_script_is_executable():
 def test_compile_check_runs_and_passes_where_it_can_here():
     # The CUDA step compiles the Triton backend with inductor; the same check on CPU, through the reference.
     outcome = gpu_check.check_compile(device="cpu", backends=("torch",), compiler="aot_eager")
-    assert outcome == {"backends": {"torch": {"same_draw_losses_and_state": True}}, "problems": []}
+    same = {"same_draw_losses_and_state": True}
+    assert outcome == {"backends": {"torch, checks off": same, "torch, checks default": same}, "problems": []}
 
 
 def test_a_check_that_raises_is_reported_by_name(tmp_path, monkeypatch, capsys):
