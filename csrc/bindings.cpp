@@ -20,6 +20,14 @@ TORCH_LIBRARY(es_kernels_C, m) {
       "hidden_sequence_losses(Tensor hidden_states, Tensor lm_head_weight, Tensor? lm_head_bias, Tensor targets, "
       "int ignore_index, str sequence_reduction, float label_smoothing, float logit_scale, float? logit_softcap, "
       "int token_block=1024, int vocab_chunk=4096) -> Tensor");
+  // Deferred value checks (csrc/deferred.h): the guard before a call's update, the settle after it.
+  m.def(
+      "deferred_guard(Tensor score, Tensor weight, Tensor indices, Tensor? visited, Tensor? labels_a, "
+      "Tensor? labels_b, int num_classes, Tensor? losses, Tensor? soft_targets, Tensor? token_targets, "
+      "int ignore_index) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "deferred_settle(Tensor(a!) score, Tensor(b!) weight, Tensor safe_ids, Tensor snapshot, Tensor status, "
+      "Tensor? losses, Tensor(c!)? visited, Tensor(d!) error_record, Tensor(e!) calls, int classes) -> ()");
 }
 
 namespace {

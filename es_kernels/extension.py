@@ -245,3 +245,16 @@ def _register_fakes() -> None:
     @torch.library.register_fake("es_kernels_C::hidden_sequence_losses")
     def _hidden_sequence_losses_fake(hidden_states, *arguments):
         return hidden_states.new_empty((hidden_states.shape[0],), dtype=torch.float32)
+
+    @torch.library.register_fake("es_kernels_C::deferred_guard")
+    def _deferred_guard_fake(score, weight, indices, *arguments):
+        batch = indices.shape[0]
+        return (
+            indices.new_empty((batch,), dtype=torch.int64),
+            score.new_empty((2, batch)),
+            indices.new_empty((2,), dtype=torch.int64),
+        )
+
+    @torch.library.register_fake("es_kernels_C::deferred_settle")
+    def _deferred_settle_fake(*arguments):
+        return None

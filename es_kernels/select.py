@@ -113,7 +113,7 @@ def evolved_select(
     )
     chosen = resolve_backend(backend, device, _call_form(token_level, hidden_states, losses))
     if mode != _checks.OFF:
-        state.begin_call()
+        state.begin_call(counted=mode == _checks.IMMEDIATE)
     immediate, deferred = mode == _checks.IMMEDIATE, mode == _checks.DEFERRED
     # On CPU the extension runs the immediate value checks in its own pass (same messages, before any write): in
     # Python they cost more than the whole kernel at small sizes.
@@ -152,13 +152,17 @@ def evolved_select(
             soft_targets = soft_targets.detach()
     if immediate:
         state.check_unvisited(indices)  # a sample updated twice in one epoch (once an epoch was begun)
-    kept = None
+    guard = None
     if deferred:
-        checks = _deferred_checks(state, indices, losses, logits, labels_a, labels_b, soft_targets, sequence_fields)
-        kept = state.snapshot(indices)
+        classes = _classes(logits, sequence_fields)
+        guard = state.guard(
+            indices, losses=losses, labels_a=None if sequence_fields else labels_a, labels_b=labels_b,
+            soft_targets=soft_targets, token_targets=labels_a if sequence_fields else None, classes=classes,
+            ignore_index=sequence_fields.get("ignore_index", -100),
+        )  # fmt: skip
         # Bad ids or labels must not reach a kernel as they are: the clamped ids' old values are restored if a
         # check failed, and the reference's indexing ops would raise (or assert on a GPU) on labels out of range.
-        indices = kept[0]
+        indices = guard.safe_ids
         if chosen is Backend.TORCH:
             labels_a, labels_b = _clamped(labels_a, logits, sequence_fields), _clamped(labels_b, logits, {})
     call = SelectCall(
@@ -197,10 +201,7 @@ def evolved_select(
                 state.weight.index_copy_(0, indices, undo[1])
                 raise
         if deferred:
-            if losses is None:
-                checks.losses(batch_losses, computed=True)
-            classes = _classes(logits, sequence_fields)
-            state.settle(checks, kept, classes)
+            state.settle(guard, batch_losses if losses is None else None, classes)
     if not deferred:
         state.mark_visited(indices)
     record_backend(chosen)
@@ -212,24 +213,6 @@ def _call_form(token_level: bool, hidden_states: object, losses: object) -> str:
     if token_level:
         return "hidden" if hidden_states is not None else "tokens"
     return "losses" if losses is not None else "logits"
-
-
-def _deferred_checks(state, indices, losses, logits, labels_a, labels_b, soft_targets, sequence_fields):
-    """The call's input value checks on the device, in the order the immediate checks run."""
-    checks = _checks.DeviceChecks(state.device)
-    checks.indices(indices, state.num_samples, state._visited)
-    if losses is not None:
-        checks.losses(losses, computed=False)
-    elif sequence_fields:
-        checks.token_targets(labels_a, _classes(logits, sequence_fields), sequence_fields["ignore_index"])
-    elif soft_targets is not None:
-        checks.soft_targets(soft_targets)
-    else:
-        classes = logits.shape[1]
-        checks.labels(labels_a, classes, 0 if labels_b is None else 1)
-        if labels_b is not None:
-            checks.labels(labels_b, classes, 2)
-    return checks
 
 
 def _classes(logits: torch.Tensor | None, sequence_fields: dict) -> int:

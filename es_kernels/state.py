@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 
@@ -31,6 +32,27 @@ def communication_device(backend: str, device: torch.device) -> torch.device:
             "communicates CUDA tensors; create the state with device='cuda' (or use a gloo group)"
         )
     return device
+
+
+@dataclasses.dataclass(frozen=True)
+class DeferredGuard:
+    """What :meth:`EvolvedState.guard` keeps for :meth:`EvolvedState.settle`: the clamped ids, the old values, and
+    the input checks' result (``status`` from the C++ op, or the ``checks`` computed with torch ops)."""
+
+    safe_ids: torch.Tensor
+    snapshot: torch.Tensor
+    status: torch.Tensor | None = None
+    checks: _checks.DeviceChecks | None = None
+
+
+def _native_deferred_checks(device: torch.device) -> bool:
+    """The C++ ops (two dispatcher calls) where the extension runs on ``device``; else torch ops (dozens of small
+    launches, each costing host time on a GPU). Traced graphs use torch ops, which the compiler fuses."""
+    if torch.compiler.is_compiling():
+        return False
+    from es_kernels.backends import Backend, _cached_reason
+
+    return _cached_reason(Backend.EXTENSION, device) is None
 
 
 class EvolvedState:
@@ -119,7 +141,7 @@ class EvolvedState:
         """
         mode = _checks.check_mode(check_values, self.device)
         if mode != _checks.OFF:
-            self.begin_call()
+            self.begin_call(counted=mode == _checks.IMMEDIATE)
         immediate = mode == _checks.IMMEDIATE
         indices = _checks.check_indices("indices", indices, self.num_samples, self.device, immediate)
         losses = _checks.check_losses("losses", losses, indices.numel(), self.device, immediate).detach()
@@ -129,18 +151,15 @@ class EvolvedState:
             ema_update_(self.score, self.weight, indices, losses, self.beta1, self.beta2)
             self.mark_visited(indices)
             return
-        checks = _checks.DeviceChecks(self.device)
-        checks.indices(indices, self.num_samples, self._visited)
-        checks.losses(losses, computed=False)
-        kept = self.snapshot(indices)
-        ema_update_(self.score, self.weight, kept[0], losses, self.beta1, self.beta2)
-        self.settle(checks, kept)
+        guard = self.guard(indices, losses=losses)
+        ema_update_(self.score, self.weight, guard.safe_ids, losses, self.beta1, self.beta2)
+        self.settle(guard)
 
     # ----------------------------------------------------------------- deferred value checks
 
-    def begin_call(self) -> None:
-        """Count one value-checked call (its number names it in a deferred error) after raising any error that an
-        earlier call's deferred checks found and that the host can read without waiting."""
+    def begin_call(self, counted: bool) -> None:
+        """Raise any error that an earlier call's deferred checks found and that the host can read without waiting;
+        ``counted`` calls (immediate checks) count here, deferred ones in :meth:`settle`."""
         if not torch.compiler.is_compiling():
             if self.device.type == "cpu":
                 self.check()
@@ -148,26 +167,60 @@ class EvolvedState:
                 pass  # nothing may be read or queried while a CUDA graph records
             elif self._mirror_ready is not None and self._mirror_ready.query() and int(self._error_mirror[0]):
                 self.check()  # the copy is done, so the device error is final: this read does not wait on work
-        # A device counter, not a Python int: a compiled graph or a CUDA graph replay counts too, and torch.compile
-        # would otherwise guard on (and recompile for) every new number.
-        self._calls.add_(1)
+        if counted:
+            # A device counter, not a Python int: a compiled graph or a CUDA graph replay counts too, and
+            # torch.compile would otherwise guard on (and recompile for) every new number.
+            self._calls.add_(1)
 
-    def snapshot(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ids clamped into range, the old (score, weight) at them) before a deferred-checked update."""
+    def guard(
+        self, indices: torch.Tensor, *, losses=None, labels_a=None, labels_b=None, soft_targets=None,
+        token_targets=None, classes: int = 0, ignore_index: int = -100,
+    ) -> DeferredGuard:  # fmt: skip
+        """Before a deferred-checked update: the call's input value checks, the ids clamped into range (what the
+        update must use) and the old (score, weight) at them. Nothing is read on the host."""
+        if _native_deferred_checks(self.device):
+            safe, snapshot, status = torch.ops.es_kernels_C.deferred_guard(
+                self.score, self.weight, indices, self._visited, labels_a, labels_b, classes, losses, soft_targets,
+                token_targets, ignore_index,
+            )  # fmt: skip
+            return DeferredGuard(safe, snapshot, status=status)
+        checks = _checks.DeviceChecks(self.device)
+        checks.indices(indices, self.num_samples, self._visited)
+        if losses is not None:
+            checks.losses(losses, computed=False)
+        elif token_targets is not None:
+            checks.token_targets(token_targets, classes, ignore_index)
+        elif soft_targets is not None:
+            checks.soft_targets(soft_targets)
+        elif labels_a is not None:
+            checks.labels(labels_a, classes, 0 if labels_b is None else 1)
+            if labels_b is not None:
+                checks.labels(labels_b, classes, 2)
         safe = indices.clamp(0, self.num_samples - 1)
-        return safe, torch.stack((self.score.index_select(0, safe), self.weight.index_select(0, safe)))
+        snapshot = torch.stack((self.score.index_select(0, safe), self.weight.index_select(0, safe)))
+        return DeferredGuard(safe, snapshot, checks=checks)
 
-    def settle(self, checks: _checks.DeviceChecks, kept: tuple[torch.Tensor, torch.Tensor], classes: int = 0) -> None:
-        """After a deferred-checked update: put the snapshot back if a check failed, mark the visits if none did,
-        and keep the first failure (with the call's number) for :meth:`check`. Nothing is read on the host."""
-        safe, old = kept
-        status = checks.status()
+    def settle(self, guard: DeferredGuard, computed_losses: torch.Tensor | None = None, classes: int = 0) -> None:
+        """After a deferred-checked update: check the losses the call computed, put the snapshot back if any check
+        failed, mark the visits if none did, count the call and keep its failure (if none is pending) for
+        :meth:`check`. Nothing is read on the host."""
+        if guard.status is not None:
+            torch.ops.es_kernels_C.deferred_settle(
+                self.score, self.weight, guard.safe_ids, guard.snapshot, guard.status, computed_losses, self._visited,
+                self._deferred_error, self._calls, classes,
+            )  # fmt: skip
+            self._mirror_error()
+            return
+        if computed_losses is not None:
+            guard.checks.losses(computed_losses, computed=True)
+        safe, old, status = guard.safe_ids, guard.snapshot, guard.checks.status()
         passed = status[0] == 0
         with torch.no_grad():
             self.score.index_copy_(0, safe, torch.where(passed, self.score.index_select(0, safe), old[0]))
             self.weight.index_copy_(0, safe, torch.where(passed, self.weight.index_select(0, safe), old[1]))
             if self._visited is not None:
                 self._visited.index_copy_(0, safe, self._visited.index_select(0, safe) | passed)
+            self._calls.add_(1)
             code = status[0]
             record = torch.stack((code, status[1], self._calls, torch.full_like(code, classes)))
             first = (self._deferred_error[0] == 0) & ~passed

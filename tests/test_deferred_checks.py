@@ -10,6 +10,19 @@ import torch
 from test_bad_input import BAD_CALLS, LABELS, NEG_INF_AWAY_FROM_TARGETS, visited_state
 
 from es_kernels import EvolvedState, _checks, evolved_select
+from es_kernels import state as state_module
+
+
+@pytest.fixture(autouse=True, params=["C++ ops", "torch ops"])
+def implementation(request, monkeypatch):
+    """Every test runs on both implementations of the deferred checks: the extension's two ops (what a GPU with
+    the extension runs) and the torch-op fallback (no extension, and inside torch.compile)."""
+    if request.param == "torch ops":
+        monkeypatch.setattr(state_module, "_native_deferred_checks", lambda device: False)
+    elif not state_module._native_deferred_checks(torch.device("cpu")):
+        pytest.skip("the extension is unavailable")
+    return request.param
+
 
 # The value errors among the bad calls: the call itself goes through in deferred mode; a later read raises. A -inf
 # logit away from every target gives finite losses, which the deferred mode accepts (it checks the losses computed
@@ -123,3 +136,31 @@ def test_the_default_is_immediate_on_cpu_and_a_bad_mode_is_named():
         evolved_select(state, torch.tensor([0, 1]), 1, losses=torch.rand(2), check_values="later")
     assert _checks.check_mode(True, torch.device("cuda")) == _checks.DEFERRED
     assert _checks.check_mode(True, torch.device("cpu")) == _checks.IMMEDIATE
+
+
+def test_the_cpp_ops_pass_opcheck(implementation):
+    if implementation != "C++ ops":
+        pytest.skip("the C++ ops only")
+    state = EvolvedState(10)
+    indices, labels = torch.tensor([3, 1, 7]), torch.tensor([0, 4, 2])
+    guard = (state.score, state.weight, indices, None, labels, None, 5, None, None, None, -100)
+    torch.library.opcheck(torch.ops.es_kernels_C.deferred_guard.default, guard)
+    safe, snapshot, status = torch.ops.es_kernels_C.deferred_guard(*guard)
+    settle = (state.score, state.weight, safe, snapshot, status, torch.rand(3), None, state._deferred_error,
+              state._calls, 5)  # fmt: skip
+    torch.library.opcheck(torch.ops.es_kernels_C.deferred_settle.default, settle)
+
+
+def test_the_guard_reports_the_first_failure_in_the_immediate_order(implementation):
+    """Several bad values at once: the deferred error is the one the immediate mode raises first."""
+    state = EvolvedState(6)
+    ids = torch.tensor([9, 2, 2])  # out of range and repeated
+    evolved_select(state, ids, 1, losses=torch.tensor([1.0, float("nan"), -1.0]), check_values="deferred")
+    with pytest.raises(ValueError, match=r"indices must be in \[0, 6\), got 9"):
+        state.check()
+    evolved_select(state, torch.tensor([2, 2]), 1, losses=torch.tensor([float("nan"), -1.0]), check_values="deferred")
+    with pytest.raises(ValueError, match="must not repeat"):
+        state.check()
+    evolved_select(state, torch.tensor([1, 2]), 1, losses=torch.tensor([-1.0, float("inf")]), check_values="deferred")
+    with pytest.raises(ValueError, match="losses must be finite"):
+        state.check()
