@@ -57,22 +57,24 @@ def _time_calls(function, calls: int) -> tuple[float, float]:
     return (done - start) / calls, (enqueued - start) / calls
 
 
-def _kernel_seconds(function, calls: int = 20) -> float:
-    """GPU kernel time per call, summed over the kernels the profiler saw."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
+def _kernel_seconds(paths: dict, calls: int = 20) -> dict[str, float]:
+    """GPU time per call of each path's kernels, from one profiler session (each session costs seconds): the
+    device time of the kernels launched inside each path's ``record_function`` range."""
+    from torch.profiler import ProfilerActivity, profile, record_function
 
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            function()
-        torch.cuda.synchronize()
-    # Device-side events only (kernels, copies, fills): the host ops that launched them carry the same time again.
-    total = sum(event.self_device_time_total for event in prof.events() if event.device_type == DeviceType.CUDA)
-    return total / calls * 1e-6
+        for name, function in paths.items():
+            with record_function(f"path::{name}"):
+                for _ in range(calls):
+                    function()
+            torch.cuda.synchronize()
+    totals = {event.name[len("path::") :]: event.device_time_total for event in prof.events()
+              if event.name.startswith("path::")}  # fmt: skip
+    return {name: totals.get(name, float("nan")) / calls * 1e-6 for name in paths}
 
 
-def _interleaved(paths: dict, rounds: int, calls: int) -> dict[str, dict[str, float]]:
+def _interleaved(paths: dict, rounds: int, calls: int, kernels: bool = False) -> dict[str, dict[str, float]]:
     for function in paths.values():  # warm-up: compilation, allocator, first-call costs
         function()
         function()
@@ -83,15 +85,17 @@ def _interleaved(paths: dict, rounds: int, calls: int) -> dict[str, dict[str, fl
             wall, host = _time_calls(function, calls)
             walls[name].append(wall)
             hosts[name].append(host)
+    kernel = _kernel_seconds(paths) if kernels else {}
     out = {}
-    for name, function in paths.items():
+    for name in paths:
         wall = statistics.median(walls[name])
         out[name] = {
             "us": 1e6 * wall,
             "spread_percent": 100 * (max(walls[name]) - min(walls[name])) / wall,
             "host_us": 1e6 * statistics.median(hosts[name]),
-            "kernel_us": 1e6 * _kernel_seconds(function),
         }
+        if name in kernel:
+            out[name]["kernel_us"] = 1e6 * kernel[name]
     return out
 
 
@@ -132,7 +136,7 @@ def per_call(rounds: int, calls: int) -> list[dict]:
     backends = [name for name in _available("cuda") if name != "torch"]
     for batch, classes, dtype in SHAPES:
         paths, state = _shape_paths(batch, classes, dtype, backends)
-        result = _interleaved(paths, rounds, calls)
+        result = _interleaved(paths, rounds, calls, kernels=True)
         state.check()
         rows.append({"batch": batch, "classes": classes, "dtype": dtype, "paths": result})
         figures = ", ".join(f"{name} {entry['us']:.0f} us" for name, entry in result.items())
@@ -140,45 +144,56 @@ def per_call(rounds: int, calls: int) -> list[dict]:
     return rows
 
 
-def _form_calls(form: str, backend: str):
-    """(a callable running one call of ``form`` on ``backend``, the shape it measures)."""
-    generator = torch.Generator().manual_seed(1)
+def _form_paths(form: str, backends: list[str]) -> tuple[dict, str]:
+    """One call of ``form`` per backend on shared inputs (made on the GPU: a CPU randn of the token logits alone
+    takes seconds), and the shape it measures."""
+    generator = torch.Generator(device="cuda").manual_seed(1)
+
+    def randn(*shape, dtype=torch.float32):
+        return torch.randn(*shape, generator=generator, device="cuda").to(dtype)
+
+    def randint(high, *shape):
+        return torch.randint(0, high, shape, generator=generator, device="cuda")
+
     if form in ("logits", "losses"):
         batch, classes = 1024, 32000
-        logits = torch.randn(batch, classes, generator=generator).to(torch.bfloat16).cuda()
-        labels = torch.randint(0, classes, (batch,), generator=generator).cuda()
-        losses = torch.rand(batch, generator=generator).cuda()
-        indices = torch.randperm(NUM_SAMPLES, generator=generator)[:batch].cuda()
         state = EvolvedState(NUM_SAMPLES, device="cuda")
-        scored = {"logits": logits, "targets": labels} if form == "logits" else {"losses": losses}
-        return lambda: evolved_select(state, indices, batch // 4, backend=backend, **scored), f"B={batch} C={classes}"
+        indices = torch.randperm(NUM_SAMPLES, generator=generator, device="cuda")[:batch]
+        scored = (
+            {"logits": randn(batch, classes, dtype=torch.bfloat16), "targets": randint(classes, batch)}
+            if form == "logits"
+            else {"losses": torch.rand(batch, generator=generator, device="cuda")}
+        )
+        calls = {b: lambda b=b: evolved_select(state, indices, batch // 4, backend=b, **scored) for b in backends}
+        return calls, f"B={batch} C={classes}"
     if form in ("tokens", "hidden"):
         batch, steps, dim, vocab = 8, 1024, 2048, 32000
-        targets = torch.randint(0, vocab, (batch, steps), generator=generator).cuda()
+        targets = randint(vocab, batch, steps)
         if form == "tokens":
-            logits = torch.randn(batch, steps, vocab, generator=generator).to(torch.bfloat16).cuda()
-            return lambda: sequence_losses(targets, logits=logits, backend=backend), f"B={batch} T={steps} V={vocab}"
-        hidden = torch.randn(batch, steps, dim, generator=generator).to(torch.bfloat16).cuda()
-        weight = (torch.randn(vocab, dim, generator=generator) / dim**0.5).to(torch.bfloat16).cuda()
-        shape = f"B={batch} T={steps} D={dim} V={vocab}"
-        return lambda: sequence_losses(targets, hidden_states=hidden, lm_head_weight=weight, backend=backend), shape
+            logits = randn(batch, steps, vocab, dtype=torch.bfloat16)
+            calls = {b: lambda b=b: sequence_losses(targets, logits=logits, backend=b) for b in backends}
+            return calls, f"B={batch} T={steps} V={vocab}"
+        hidden = randn(batch, steps, dim, dtype=torch.bfloat16)
+        weight = (randn(vocab, dim) / dim**0.5).to(torch.bfloat16)
+        calls = {b: lambda b=b: sequence_losses(targets, hidden_states=hidden, lm_head_weight=weight, backend=b)
+                 for b in backends}  # fmt: skip
+        return calls, f"B={batch} T={steps} D={dim} V={vocab}"
     n = 10**8
     state = EvolvedState(n, device="cuda")
-    state.weight.copy_(torch.rand(n, device="cuda"))
-    return lambda: evolved_prune(state, int(0.8 * n), backend=backend), f"n={n} keep=0.8n"
+    state.weight.copy_(torch.rand(n, generator=generator, device="cuda"))
+    return {b: lambda b=b: evolved_prune(state, int(0.8 * n), backend=b) for b in backends}, f"n={n} keep=0.8n"
 
 
 def auto_choice(rounds: int) -> dict:
     forms = {}
     for form in ("logits", "losses", "tokens", "hidden", "prune"):
-        paths, shape = {}, ""
-        for backend in _available("cuda"):
-            paths[backend], shape = _form_calls(form, backend)
+        paths, shape = _form_paths(form, _available("cuda"))
         calls = 3 if form in ("hidden", "prune", "tokens") else 20
         result = _interleaved(paths, rounds, calls)
         forms[form] = {"shape": shape, "us": {name: round(r["us"], 1) for name, r in result.items()},
                        "auto_before": [b.value for b in auto_order("cuda", form)]}  # fmt: skip
         print(f"auto {form} ({shape}): " + ", ".join(f"{n} {r['us']:.0f} us" for n, r in result.items()))
+        del paths
         torch.cuda.empty_cache()
     return forms
 

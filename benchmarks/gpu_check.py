@@ -566,7 +566,7 @@ def _call_path_lines(call_path: dict) -> list[str]:
                   "|---|---|---|---|---|"]  # fmt: skip
         for name, entry in row["paths"].items():
             lines.append(f"| {name} | {entry['us']:.1f} µs | {entry['spread_percent']:.0f}% | "
-                         f"{entry['host_us']:.1f} µs | {entry['kernel_us']:.1f} µs |")  # fmt: skip
+                         f"{entry['host_us']:.1f} µs | {entry.get('kernel_us', float('nan')):.1f} µs |")  # fmt: skip
         lines.append("")
     auto = call_path.get("auto")
     if isinstance(auto, dict) and "error" not in auto:
