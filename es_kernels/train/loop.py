@@ -105,8 +105,8 @@ class EvolvedTraining:
         backend: ``evolved_select`` backend.
         sync, process_group: how ranks keep one state (see :class:`EvolvedState`): ``"epoch"`` merges at each
             ``set_epoch``, ``"step"`` shares every step's ids and losses; nothing to call beyond ``torchrun``.
-        check_values: validate ids, labels and losses every step (several host syncs on a GPU); switch off once a
-            run is known to be sound.
+        check_values: validate ids, labels and losses every step, as :func:`~es_kernels.evolved_select` does
+            (deferred on a GPU: no host synchronisation); ``False`` once a run is known to be sound.
         score_annealing: also run the scoring forward in annealing epochs (ES/ESWP), so the state is updated from
             the unmixed rows' losses and :meth:`observe` does nothing there. Needed when the training forward does
             not see the original samples (mixup, cutmix): its losses belong to mixtures, and fed to ``observe``
@@ -136,7 +136,7 @@ class EvolvedTraining:
         backend: str = "auto",
         sync: str = "epoch",
         process_group: torch.distributed.ProcessGroup | None = None,
-        check_values: bool = True,
+        check_values: bool | str = True,
         score_annealing: bool = False,
     ) -> None:
         policy = make_policy(method, prune_ratio=prune_ratio, beta1=beta1, beta2=beta2)
@@ -145,7 +145,8 @@ class EvolvedTraining:
         self.policy = policy
         self.method = policy.name
         self.selects = policy.batch_choice != "all"
-        self.check_values = bool(check_values)
+        _checks.check_mode(check_values, torch.device("cpu"))  # refuses a bad value now, not at the first step
+        self.check_values = check_values
         self.score_annealing = bool(score_annealing)
         self.select_ratio = _checks.check_fraction("select_ratio", select_ratio)
         if self.select_ratio == 0.0:
@@ -394,7 +395,9 @@ class EvolvedTraining:
             return
         losses = losses.detach().to(self.state.device, torch.float32)
         if self.policy.own_plan:
-            losses = _checks.check_losses("losses", losses, batch.indices.numel(), self.state.device, self.check_values)
+            # Read on the host only where that costs no synchronisation (the policies keep their own buffers).
+            immediate = _checks.check_mode(self.check_values, self.state.device) == _checks.IMMEDIATE
+            losses = _checks.check_losses("losses", losses, batch.indices.numel(), self.state.device, immediate)
             self.policy.observe(self.state, batch.indices, losses, outputs, batch.targets)
             return
         self.state.observe(batch.indices, losses, check_values=self.check_values)
