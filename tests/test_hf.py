@@ -261,6 +261,28 @@ def test_eswp_scheduler_reaches_its_last_step_exactly_at_the_end(tmp_path, accum
     assert [b - a for a, b in zip([0, *steps.ends], steps.ends, strict=False)] == per_epoch
 
 
+def test_every_sequence_is_scored_in_a_six_epoch_eswp_run(tmp_path):
+    # The paper's 5% annealing covers none of 6 epochs. Epoch 0 used to prune 20% uniformly from w = 1/n; never
+    # scored, those sequences kept 1/n against scored weights ~1 and were practically never drawn again.
+    class Visits(Recording):
+        def _build_evolved(self):
+            evolved = super()._build_evolved()
+            select, self.visited = evolved.select, set()
+
+            def visiting_select(model, indices, *args, **kwargs):
+                self.visited.update(indices.tolist())  # the meta-batch: every row is scored
+                return select(model, indices, *args, **kwargs)
+
+            evolved.select = visiting_select
+            return evolved
+
+    trainer = make_trainer(tmp_path, EvolvedConfig("eswp"), n=40, cls=Visits, num_train_epochs=6, logging_steps=100)
+    trainer.train()
+    assert trainer.evolved.sampler.is_selecting(0)
+    assert trainer.visited == set(range(40))
+    assert trainer.state.global_step == trainer.evolved_total_steps() == 5 + 5 * 4  # 40 ids, then 32 ids, B = 8
+
+
 def test_max_steps_that_disagrees_with_the_plan_fails_before_training(tmp_path):
     trainer = make_trainer(tmp_path, EvolvedConfig("eswp", **NO_ANNEAL), max_steps=5)  # the plan has 2 x 4 steps
     with pytest.raises(ValueError, match="max_steps=5"):
