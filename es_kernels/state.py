@@ -48,8 +48,9 @@ class EvolvedState:
         device: where the buffers live; put them where the logits are (the GPU in training).
         sync: how data-parallel ranks keep one state (no effect unless ``torch.distributed`` is initialised with
             more than one rank). ``"epoch"`` (default): each rank updates its own copy and :meth:`sync_epoch` merges
-            the copies exactly at the epoch boundary with one all-reduce of 8 bytes per sample. ``"step"``:
-            :meth:`sync_step` all-gathers every step's ids and losses and every rank applies every rank's update.
+            the copies exactly at the epoch boundary with one all-reduce of 8 bytes per sample (and one of 1 byte for
+            the ``scored`` marks). ``"step"``: :meth:`sync_step` all-gathers every step's ids and losses and every
+            rank applies every rank's update.
             ``"off"``: never communicate (ranks that all see the same data, e.g. tensor-parallel groups).
         process_group: the data-parallel group to synchronise over (default: the whole world). Use the same ranks
             the sampler shards over.
