@@ -116,7 +116,11 @@ class SelectionPolicy:
 
     # ----------------------------------------------------------------- set level
     def epoch_size(self, epoch: int) -> int:
-        """Ids in the plan of ``epoch`` (all ranks): a pure function of the epoch, so step counts are exact."""
+        """Ids in the plan of ``epoch`` (all ranks): a pure function of the epoch, so step counts are exact.
+
+        The sampler asks for epochs from 1 only (with :meth:`plan_epoch`): it keeps epoch 0 whole for every plan,
+        since nothing has been scored when its plan is drawn (:meth:`EvolvedSampler.may_prune`).
+        """
         return self.num_samples
 
     def plan_epoch(self, state: EvolvedState, epoch: int, generator: torch.Generator) -> EpochPlan:
@@ -163,7 +167,9 @@ class EvolvedPolicy(SelectionPolicy):
 class _OwnPlanPolicy(SelectionPolicy):
     """Set-level methods: the whole meta-batch is trained, and the policy draws each epoch's plan itself.
 
-    Epoch 0 keeps every id: no sample has been seen yet, so no loss can rank it.
+    Like every plan, theirs is not asked for epoch 0: the sampler keeps it whole, since no loss can rank a sample
+    before it has been scored. A sample not observed since holds +inf in the policy's loss buffer, which ranks it
+    last to be pruned (the ES plan likewise keeps its unscored samples).
     """
 
     own_plan = True
@@ -177,12 +183,13 @@ class _OwnPlanPolicy(SelectionPolicy):
 class InfoBatchPolicy(_OwnPlanPolicy):
     """InfoBatch (Qin et al., ICLR 2024): prune a random fraction r of the well-learned samples, up-weight the rest.
 
-    A sample's score is its latest training loss. In pruning epochs (from epoch 1 until the last ``1 - delta`` of
-    the epochs, rounded half up, which keep everything) the candidates are the ``m = n // 2`` samples with the
-    lowest scores (ties: lower id first); ``P = round(r * m)`` of them, drawn uniformly, are left out, and the kept
-    candidates get loss weight ``m / (m - P)`` (= 1/(1-r) when r*m is whole), so the epoch's expected gradient is
-    the full one. InfoBatch itself takes the samples below the *mean* score as candidates; their count depends on
-    the losses, which would make the step count unknowable before training (see the README).
+    A sample's score is its latest training loss. In pruning epochs (from epoch 1 until the last ``1 - delta`` of the
+    epochs, rounded half up, which keep everything; the sampler keeps epoch 0 whole) the candidates are the
+    ``m = n // 2`` samples with the lowest scores (ties: lower id first); ``P = round(r * m)`` of them, drawn
+    uniformly, are left out, and the kept candidates get loss weight ``m / (m - P)`` (= 1/(1-r) when r*m is whole), so
+    the epoch's expected gradient is the full one. InfoBatch itself takes the samples below the *mean* score as
+    candidates; their count depends on the losses, which would make the step count unknowable before training (see
+    the README).
     """
 
     name = "infobatch"
@@ -205,7 +212,7 @@ class InfoBatchPolicy(_OwnPlanPolicy):
 
     def prunes(self, epoch: int) -> bool:
         full_epochs = _round_half_up((1 - _as_written(self.delta)) * self.num_epochs)
-        return 1 <= epoch < self.num_epochs - full_epochs
+        return epoch < self.num_epochs - full_epochs
 
     def epoch_size(self, epoch: int) -> int:
         return self.num_samples - (self._pruned()[1] if self.prunes(epoch) else 0)
@@ -231,12 +238,12 @@ class InfoBatchPolicy(_OwnPlanPolicy):
 class KakurenboPolicy(_OwnPlanPolicy):
     """KAKURENBO (Thao Nguyen et al., NeurIPS 2023): hide the easiest samples, keep the unsure ones.
 
-    From epoch 1, exactly ``q = round(r * n)`` samples are hidden: the lowest latest losses among the samples the
-    model last predicted correctly with confidence (max softmax probability) at least ``tau``; samples predicted
-    wrongly or less confidently are "moved back" (kept), and their hiding slots pass to the next-lowest eligible
-    losses (if fewer than q are eligible, the remaining slots take the lowest-loss others). The epoch's learning rate
-    is multiplied by ``1 / (1 - q/n)``. KAKURENBO lets the moved-back samples shrink the hidden fraction; a fixed
-    count keeps the step count exact (see the README).
+    From epoch 1 (the sampler keeps epoch 0 whole), exactly ``q = round(r * n)`` samples are hidden: the lowest latest
+    losses among the samples the model last predicted correctly with confidence (max softmax probability) at least
+    ``tau``; samples predicted wrongly or less confidently are "moved back" (kept), and their hiding slots pass to the
+    next-lowest eligible losses (if fewer than q are eligible, the remaining slots take the lowest-loss others). The
+    epoch's learning rate is multiplied by ``1 / (1 - q/n)``. KAKURENBO lets the moved-back samples shrink the hidden
+    fraction; a fixed count keeps the step count exact (see the README).
     """
 
     name = "kakurenbo"
@@ -253,16 +260,14 @@ class KakurenboPolicy(_OwnPlanPolicy):
     def buffers(self) -> dict[str, float]:
         return {"kakurenbo_loss": math.inf, "kakurenbo_correct": 0.0, "kakurenbo_confidence": 0.0}
 
-    def _hidden(self, epoch: int) -> int:
-        if epoch == 0:
-            return 0
+    def _hidden(self) -> int:
         return min(_round_half_up(_as_written(self.prune_ratio) * self.num_samples), self.num_samples - 1)
 
     def epoch_size(self, epoch: int) -> int:
-        return self.num_samples - self._hidden(epoch)
+        return self.num_samples - self._hidden()
 
     def plan_epoch(self, state: EvolvedState, epoch: int, generator: torch.Generator) -> EpochPlan:
-        hidden = self._hidden(epoch)
+        hidden = self._hidden()
         if hidden == 0:
             return EpochPlan(torch.arange(self.num_samples))
         loss = state.sample_buffer("kakurenbo_loss").detach().cpu()
@@ -311,8 +316,8 @@ class UCBPolicy(_OwnPlanPolicy):
     """UCB (Raju et al. 2021): keep the samples with the largest upper confidence bound of the loss.
 
     A visit with loss l updates ``d = beta*d + (1-beta)*|l - m|`` then ``m = beta*m + (1-beta)*l`` (the first visit
-    sets ``m = l, d = 0``). From epoch 1, the ``round((1-r) n)`` samples with the largest ``m + c*d`` are kept (ties:
-    lower id first); never-seen samples rank first.
+    sets ``m = l, d = 0``). From epoch 1 (the sampler keeps epoch 0 whole), the ``round((1-r) n)`` samples with the
+    largest ``m + c*d`` are kept (ties: lower id first); never-seen samples rank first.
     """
 
     name = "ucb"
@@ -332,8 +337,6 @@ class UCBPolicy(_OwnPlanPolicy):
         return {"ucb_mean": math.inf, "ucb_deviation": 0.0}
 
     def epoch_size(self, epoch: int) -> int:
-        if epoch == 0:
-            return self.num_samples
         return max(1, _round_half_up((1 - _as_written(self.prune_ratio)) * self.num_samples))
 
     def plan_epoch(self, state: EvolvedState, epoch: int, generator: torch.Generator) -> EpochPlan:

@@ -33,7 +33,17 @@ class EvolvedSampler(Sampler[int]):
 
     Selecting epochs ``anneal_start_epochs <= e < num_epochs - anneal_end_epochs`` keep ``(1 - r) n`` ids (half up)
     drawn without replacement ∝ ``w`` (or ``s``) from the state as it is when the epoch's plan is made (ESWP; r = 0
-    is plain ES). Annealing epochs use every id. The kept ids are shuffled, then sharded: each of the
+    is plain ES). Annealing epochs use every id.
+
+    No sample is pruned before it has been scored: a never-scored sample still holds its initial ``1/n`` against
+    scored weights of the order of their losses, so pruned once it would practically never come back. Hence epoch 0
+    keeps every id whatever the plan (when its plan is drawn nothing has been scored; a pure function of the epoch,
+    so the step counts stay exact), and a later pruning epoch keeps every sample the state has not scored yet
+    (:attr:`EvolvedState.scored`) and draws the rest of its ``(1 - r) n`` ids from the scored ones, with the same
+    law ∝ ``w``. (Only when more samples are unscored than the epoch keeps, after an earlier epoch left many out,
+    are the kept ones drawn among the unscored, ∝ their equal initial weights.)
+
+    The kept ids are shuffled, then sharded: each of the
     ``num_replicas`` ranks gets the same number of ids. When the count does not divide evenly the plan is padded
     with ids from its start (like ``DistributedSampler``); ``is_padding(position)`` tells a loop which positions
     are such repeats; EvolvedTraining drops them, so no sample updates the state twice.
@@ -52,9 +62,10 @@ class EvolvedSampler(Sampler[int]):
         num_replicas, rank: data-parallel world size and this process's rank (default: from the state's
             ``process_group``, else the whole ``torch.distributed`` world), so the sampler shards over exactly the
             ranks the state merges over.
-        planner: a set-level :class:`~es_kernels.policies.SelectionPolicy` that draws every epoch's plan itself
-            (InfoBatch, KAKURENBO, UCB) instead of the ES plan above; its per-sample loss weights and learning-rate
-            scale for the current epoch are then ``loss_weights`` and ``lr_scale``. Bind it to ``state`` first.
+        planner: a set-level :class:`~es_kernels.policies.SelectionPolicy` that draws the plan of every epoch
+            from 1 itself (InfoBatch, KAKURENBO, UCB) instead of the ES plan above (epoch 0 keeps every id, as
+            above); its per-sample loss weights and learning-rate scale for the current epoch are then
+            ``loss_weights`` and ``lr_scale``. Bind it to ``state`` first.
     """
 
     def __init__(
@@ -105,7 +116,7 @@ class EvolvedSampler(Sampler[int]):
             )
         self.planner = planner
         if planner is not None:
-            smallest = min(planner.epoch_size(e) for e in range(self.num_epochs))
+            smallest = min(self.epoch_size(e) for e in range(self.num_epochs))
             if smallest < self.num_replicas:
                 raise ValueError(f"{planner!r} keeps {smallest} samples in some epoch, fewer than num_replicas")
         self.epoch = 0
@@ -119,16 +130,24 @@ class EvolvedSampler(Sampler[int]):
     # ----------------------------------------------------------------- the schedule (pure functions of the epoch)
 
     def is_selecting(self, epoch: int) -> bool:
-        """Whether ``epoch`` selects mini-batches (and prunes): outside the annealing epochs."""
+        """Whether ``epoch`` selects mini-batches (and prunes, from epoch 1): outside the annealing epochs."""
         return self.anneal_start_epochs <= epoch < self.num_epochs - self.anneal_end_epochs
 
     @property
     def selecting(self) -> bool:
-        """Whether the current epoch selects mini-batches and prunes (False in annealing epochs)."""
+        """Whether the current epoch selects mini-batches and prunes, from epoch 1 (False in annealing epochs)."""
         return self.is_selecting(self.epoch)
+
+    @staticmethod
+    def may_prune(epoch: int) -> bool:
+        """Whether any plan (ESWP's or a planner's) may prune in ``epoch``: not in epoch 0, whose plan is drawn
+        before any sample has been scored."""
+        return epoch >= 1
 
     def epoch_size(self, epoch: int) -> int:
         """Ids in the whole plan of ``epoch`` (all ranks, before padding)."""
+        if not self.may_prune(epoch):
+            return self.state.num_samples
         if self.planner is not None:
             return self.planner.epoch_size(epoch)
         pruned = self.is_selecting(epoch) and self.prune_ratio > 0
@@ -181,15 +200,14 @@ class EvolvedSampler(Sampler[int]):
 
     def _make_shard(self) -> torch.Tensor:
         size = self.epoch_size(self.epoch)
-        if self.planner is not None:
+        if self.planner is not None and self.may_prune(self.epoch):
             planned = self.planner.plan_epoch(self.state, self.epoch, self._epoch_generator(torch.device("cpu"), 0))
             if planned.ids.numel() != size:
                 count = planned.ids.numel()
                 raise RuntimeError(f"{self.planner!r} planned {count} ids in epoch {self.epoch}, not {size}")
             plan, self.loss_weights, self.lr_scale = planned.ids.cpu(), planned.loss_weights, planned.lr_scale
         elif size < self.state.num_samples:
-            generator = self._epoch_generator(self.state.device, purpose=0)
-            plan = evolved_prune(self.state, size, by=self.prune_by, generator=generator).cpu()
+            plan = self._prune(size)
         else:
             plan = torch.arange(size)
         if self.shuffle:
@@ -198,6 +216,19 @@ class EvolvedSampler(Sampler[int]):
         if padded > size:
             plan = torch.cat([plan, plan[: padded - size]])
         return plan[self.rank :: self.num_replicas].clone()
+
+    def _prune(self, keep: int) -> torch.Tensor:
+        """ESWP's kept ids: every sample the state has not scored yet, the rest drawn from the scored ones."""
+        generator = self._epoch_generator(self.state.device, purpose=0)
+        draw = dict(by=self.prune_by, generator=generator)
+        scored = self.state.scored
+        unscored = (~scored).nonzero().squeeze(1)
+        if unscored.numel() == 0:
+            return evolved_prune(self.state, keep, **draw).cpu()
+        if unscored.numel() >= keep:
+            return evolved_prune(self.state, keep, among=unscored, **draw).cpu()
+        drawn = evolved_prune(self.state, keep - unscored.numel(), among=scored.nonzero().squeeze(1), **draw)
+        return torch.cat([unscored, drawn]).sort().values.cpu()
 
     def real_size(self) -> int:
         """Ids of this rank's shard in the current epoch that are not padding; the padding trails them."""

@@ -283,14 +283,25 @@ def evolved_prune(
     by: str = "weight",
     generator: torch.Generator | None = None,
     backend: str | Backend = "auto",
+    among: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """ESWP's set-level draw: ``keep`` sample ids (ascending, int64) without replacement ∝ ``w`` (or ``s``).
 
-    Works for any n (no ``torch.multinomial``, which refuses more than 2**24 categories).
+    ``among``: ascending int64 sample ids on the state's device to draw from (default: every sample); the law over
+    them is the same successive sampling ∝ their values. Works for any n (no ``torch.multinomial``, which refuses
+    more than 2**24 categories).
     """
     if not isinstance(state, EvolvedState):
         raise TypeError(f"state must be an EvolvedState, got {type(state).__name__}")
-    keep = _checks.check_int("keep", keep, low=0, high=state.num_samples)
+    if among is not None:
+        among = _checks.check_tensor("among", among)
+        if among.dtype != torch.int64 or among.dim() != 1 or among.device != state.device:
+            raise ValueError(f"among must be 1-D int64 sample ids on {state.device}")
+        inside = among.numel() == 0 or (int(among[0]) >= 0 and int(among[-1]) < state.num_samples)
+        if not inside or bool((among[1:] <= among[:-1]).any()):
+            raise ValueError(f"among must hold ascending, distinct sample ids in [0, {state.num_samples})")
+    pool = state.num_samples if among is None else among.numel()
+    keep = _checks.check_int("keep", keep, low=0, high=pool)
     if by not in ("weight", "score"):
         raise ValueError(f"by must be 'weight' or 'score', got {by!r}")
     generator = _checks.check_generator(generator, state.device)
@@ -298,6 +309,10 @@ def evolved_prune(
     state.check()
     values = state.weight if by == "weight" else state.score
     with torch.no_grad():
+        if among is not None:
+            values = values.index_select(0, among)
         kept = _backend_module(chosen).prune_select(values, keep, generator)
+        if among is not None:
+            kept = among.index_select(0, kept)  # ascending positions of an ascending list: ascending ids
     record_backend(chosen)
     return kept

@@ -70,8 +70,9 @@ class EvolvedState:
         device: where the buffers live; put them where the logits are (the GPU in training).
         sync: how data-parallel ranks keep one state (no effect unless ``torch.distributed`` is initialised with
             more than one rank). ``"epoch"`` (default): each rank updates its own copy and :meth:`sync_epoch` merges
-            the copies exactly at the epoch boundary with one all-reduce of 8 bytes per sample. ``"step"``:
-            :meth:`sync_step` all-gathers every step's ids and losses and every rank applies every rank's update.
+            the copies exactly at the epoch boundary with one all-reduce of 8 bytes per sample (and one of 1 byte for
+            the ``scored`` marks). ``"step"``: :meth:`sync_step` all-gathers every step's ids and losses and every
+            rank applies every rank's update.
             ``"off"``: never communicate (ranks that all see the same data, e.g. tensor-parallel groups).
         process_group: the data-parallel group to synchronise over (default: the whole world). Use the same ranks
             the sampler shards over.
@@ -100,6 +101,9 @@ class EvolvedState:
         initial = 1.0 / num_samples
         self.score = torch.full((num_samples,), initial, dtype=torch.float32, device=device)
         self.weight = torch.full((num_samples,), initial, dtype=torch.float32, device=device)
+        # Which samples have been scored at least once (any update, on any rank): pruning never drops one that has
+        # not, since its 1/n weight says nothing about it (see ``scored``).
+        self._scored = torch.zeros(num_samples, dtype=torch.bool, device=device)
         # Epoch-mode merge base: the (score, weight) values all ranks agreed on at the last merge, stacked as
         # (2, n). None means "the initial 1/n" until a load_state_dict (then "the loaded values"), so single-process
         # runs never pay its 8n bytes.
@@ -260,6 +264,23 @@ class EvolvedState:
             "unchanged; check_values='immediate' raises at the call itself]"
         )
 
+    # ----------------------------------------------------------------- which samples were ever scored
+
+    @property
+    def scored(self) -> torch.Tensor:
+        """Bool (n,): the samples whose loss the state has recorded at least once (read-only view).
+
+        Set by every update (``evolved_select``, :meth:`observe`, other ranks' updates in :meth:`sync_step`, the
+        set-level methods' observations through :meth:`mark_scored`), merged across ranks by :meth:`sync_epoch`,
+        saved by :meth:`state_dict`. The sampler's pruning keeps every sample not scored yet.
+        """
+        return self._scored.detach()
+
+    def mark_scored(self, indices: torch.Tensor) -> None:
+        """Record that ``indices`` (valid ids) have been scored; no host sync."""
+        with torch.no_grad():
+            self._scored.index_fill_(0, indices, True)
+
     # ----------------------------------------------------------------- per-epoch visit marks
 
     def begin_epoch(self, epoch: int) -> None:
@@ -312,11 +333,13 @@ class EvolvedState:
             raise ValueError(_checks.revisit_message(indices[again].tolist(), self._visit_epoch))
 
     def mark_visited(self, indices: torch.Tensor) -> None:
-        """Mark ``indices`` (valid ids, already applied to the state) as visited in this epoch; no host sync.
+        """Mark ``indices`` (valid ids, already applied to the state) as visited in this epoch, and as scored for
+        good; no host sync.
 
         Revisits are also counted on the device, so that with value checks off :meth:`begin_epoch` can still report
         them.
         """
+        self.mark_scored(indices)
         if self._visited is None:
             return
         with torch.no_grad():
@@ -364,6 +387,7 @@ class EvolvedState:
             "weight": self.weight.detach().clone(),
             "beta1": self.beta1,
             "beta2": self.beta2,
+            "scored": self._scored.clone(),
             **self._visits_state(),
         }
         if self.sync_mode == "epoch" and self._world_size() > 1:
@@ -403,10 +427,21 @@ class EvolvedState:
                     f"{snapshot.dtype} {tuple(snapshot.shape)}"
                 )
         visits = self._checked_visits(state_dict)
+        scored = state_dict.get("scored")
+        if scored is not None:
+            scored = _checks.check_tensor("state_dict['scored']", scored)
+            if scored.dtype != torch.bool or scored.shape != (self.num_samples,):
+                raise ValueError(
+                    f"state_dict['scored'] must be bool of shape ({self.num_samples},), got {scored.dtype} "
+                    f"{tuple(scored.shape)}"
+                )
         buffers = self._check_sample_buffers(state_dict)
         # Nothing is assigned before this line: a rejected dict leaves the state (betas included) as it was.
         self.beta1, self.beta2 = beta1, beta2
         self._load_visits(visits)
+        # A checkpoint written before the state kept the mask was written under the rule that any sample may be
+        # pruned: every sample counts as scored.
+        self._scored.copy_(scored if scored is not None else torch.ones_like(self._scored))
         self._load_sample_buffers(*buffers)
         self.score.copy_(tensors["score"])
         self.weight.copy_(tensors["weight"])
@@ -467,7 +502,15 @@ class EvolvedState:
             self.score.copy_(merge_base[0])
             self.weight.copy_(merge_base[1])
         self._sync_snapshot = merge_base
+        self._sync_scored(device)
         self._sync_sample_buffers(device)
+
+    def _sync_scored(self, device: torch.device) -> None:
+        # The marks only ever turn on, so the union over ranks (MAX over 0/1 bytes, n bytes) is the merged mask; it
+        # cannot be read off the merged values, which a visit may leave unchanged (beta1 = beta2 = 1).
+        marks = self._scored.to(device, torch.uint8)
+        dist.all_reduce(marks, op=dist.ReduceOp.MAX, group=self.process_group)
+        self._scored.copy_(marks.to(self.device, torch.bool))
 
     def sync_step(
         self, indices: torch.Tensor, losses: torch.Tensor, *, check_values: bool = True
@@ -513,6 +556,7 @@ class EvolvedState:
             for other, (ids, values) in enumerate(zip(all_ids, all_losses, strict=True)):
                 if other != rank and ids.numel() > 0:
                     ema_update_(self.score, self.weight, ids, values, self.beta1, self.beta2)
+                    self.mark_scored(ids)
         return torch.cat(all_ids), torch.cat(all_losses)
 
     # ----------------------------------------------------------------- extra per-sample buffers (selection policies)

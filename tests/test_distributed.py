@@ -273,8 +273,9 @@ def test_per_rank_checkpoint_mid_epoch_resumes_exactly(training_runs):
         assert torch.equal(resumed["final"], single["final"])
         # The baseline travels only while it carries information: after a merge the values alone restore it.
         marks = ["visit_epoch", "visited"]  # the epoch's visit marks, saved per rank like the shard
-        assert rank["saved_keys"]["mid_epoch"] == ["beta1", "beta2", "score", "sync_snapshot", *marks, "weight"]
-        assert rank["saved_keys"]["merged"] == ["beta1", "beta2", "score", *marks, "weight"]
+        saved = ["beta1", "beta2", "score", "scored"]  # scored: which samples pruning may drop, per rank until merged
+        assert rank["saved_keys"]["mid_epoch"] == [*saved, "sync_snapshot", *marks, "weight"]
+        assert rank["saved_keys"]["merged"] == [*saved, *marks, "weight"]
 
 
 # ----------------------------------------------------------------------------------------- ids above 2**24
@@ -336,7 +337,7 @@ def test_sync_is_a_no_op_without_torch_distributed():
     assert ids.tolist() == [1, 4] and losses.tolist() == [2.0, 0.5]
     state.sync_epoch()
     assert torch.equal(_clone_state(state), before)
-    assert set(EvolvedState(10).state_dict()) == {"score", "weight", "beta1", "beta2"}  # no baseline saved alone
+    assert set(EvolvedState(10).state_dict()) == {"score", "weight", "beta1", "beta2", "scored"}  # no merge base
 
 
 def test_sync_step_accepts_an_empty_step():

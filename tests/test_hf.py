@@ -261,6 +261,28 @@ def test_eswp_scheduler_reaches_its_last_step_exactly_at_the_end(tmp_path, accum
     assert [b - a for a, b in zip([0, *steps.ends], steps.ends, strict=False)] == per_epoch
 
 
+def test_every_sequence_is_scored_in_a_six_epoch_eswp_run(tmp_path):
+    # The paper's 5% annealing covers none of 6 epochs. Epoch 0 used to prune 20% uniformly from w = 1/n; never
+    # scored, those sequences kept 1/n against scored weights ~1 and were practically never drawn again.
+    class Visits(Recording):
+        def _build_evolved(self):
+            evolved = super()._build_evolved()
+            select, self.visited = evolved.select, set()
+
+            def visiting_select(model, indices, *args, **kwargs):
+                self.visited.update(indices.tolist())  # the meta-batch: every row is scored
+                return select(model, indices, *args, **kwargs)
+
+            evolved.select = visiting_select
+            return evolved
+
+    trainer = make_trainer(tmp_path, EvolvedConfig("eswp"), n=40, cls=Visits, num_train_epochs=6, logging_steps=100)
+    trainer.train()
+    assert trainer.evolved.sampler.is_selecting(0)
+    assert trainer.visited == set(range(40))
+    assert trainer.state.global_step == trainer.evolved_total_steps() == 5 + 5 * 4  # 40 ids, then 32 ids, B = 8
+
+
 def test_max_steps_that_disagrees_with_the_plan_fails_before_training(tmp_path):
     trainer = make_trainer(tmp_path, EvolvedConfig("eswp", **NO_ANNEAL), max_steps=5)  # the plan has 2 x 4 steps
     with pytest.raises(ValueError, match="max_steps=5"):
@@ -415,8 +437,9 @@ def _final_params(model):
 
 @pytest.mark.parametrize("checkpoint, left", [(4, 9), (6, 6)])  # mid-epoch 1; end of epoch 1
 def test_resume_continues_exactly(tmp_path, checkpoint, left):
-    # n = 24, B = 4, accumulation 2: epochs 0 and 1 keep 18 ids = 5 batches (3 steps: 2 + 2 + 1 batches), epoch 2
-    # anneals over all 24 (6 batches, 3 steps). Checkpoints every 2 steps; ``left`` batches follow the checkpoint.
+    # n = 24, B = 4, accumulation 2: epoch 0 prunes nothing (nothing scored yet): 24 ids = 6 batches (3 steps);
+    # epoch 1 keeps 18 ids = 5 batches (3 steps: 2 + 2 + 1 batches), epoch 2 anneals over all 24 (6 batches,
+    # 3 steps). Checkpoints every 2 steps; ``left`` batches follow the checkpoint.
     config = EvolvedConfig("eswp", prune_ratio=0.25, anneal_start=0.0, anneal_end=0.34)
     common = dict(
         n=24, num_train_epochs=3, per_device_train_batch_size=4, gradient_accumulation_steps=2,
@@ -432,7 +455,7 @@ def test_resume_continues_exactly(tmp_path, checkpoint, left):
 
     resumed = make_trainer(tmp_path / "resumed", config, **common)
     resumed.train(resume_from_checkpoint=str(folder))  # the user writes nothing else
-    assert len(whole.selected_ids) == 16 and len(resumed.selected_ids) == left  # nothing skipped twice or redone
+    assert len(whole.selected_ids) == 17 and len(resumed.selected_ids) == left  # nothing skipped twice or redone
     assert resumed.selected_ids == whole.selected_ids[-left:]
     assert torch.equal(resumed.evolved.state.score, whole.evolved.state.score)
     assert torch.equal(resumed.evolved.state.weight, whole.evolved.state.weight)
@@ -634,9 +657,9 @@ def test_mixin_works_with_trl_sft_trainer(tmp_path, method):
     trainer.train()
     assert trainer.state.global_step == 4 and trainer.lr_scheduler.get_last_lr()[0] == 0.0
     if method == "eswp":
-        # Each epoch keeps 12 of 16 ids: meta-batches of 8 and 4, k = 2 and 1.
-        assert trained == [2, 1, 2, 1]
-        assert trainer.evolved.state.weight.ne(1 / 16).sum() >= 12
+        # Epoch 0 prunes nothing (meta-batches of 8 and 8, k = 2), epoch 1 keeps 12 of 16 ids (8 and 4, k = 2 and 1).
+        assert trained == [2, 2, 2, 1]
+        assert bool(trainer.evolved.state.scored.all()) and trainer.evolved.state.weight.ne(1 / 16).all()
     else:  # epoch 1 hides round(0.25 * 16) = 4 ids, trains the other 12 whole
         assert trained == [8, 8, 8, 4]
         assert torch.isfinite(trainer.evolved.state.sample_buffer("kakurenbo_loss")).all()

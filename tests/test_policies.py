@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from multiprocess_harness import launch
 
-from es_kernels import EvolvedState, EvolvedTraining
+from es_kernels import EvolvedSampler, EvolvedState, EvolvedTraining
 from es_kernels.policies import POLICIES, InfoBatchPolicy, KakurenboPolicy, UCBPolicy, make_policy
 
 SET_LEVEL = ["infobatch", "kakurenbo", "ucb"]
@@ -28,17 +28,30 @@ def plan(policy, state, epoch: int, seed: int = 0):
     return policy.plan_epoch(state, epoch, torch.Generator().manual_seed(seed))
 
 
+def sampler_plan(policy, state, epoch: int) -> tuple[list[int], torch.Tensor | None, float]:
+    """What the sampler makes of the policy's plan for ``epoch``: sorted ids, loss weights, learning-rate scale."""
+    sampler = EvolvedSampler(state, policy.num_epochs, planner=policy)
+    sampler.set_epoch(epoch)
+    return sorted(sampler), sampler.loss_weights, sampler.lr_scale
+
+
+def sampler_sizes(policy, state) -> list[int]:
+    sampler = EvolvedSampler(state, policy.num_epochs, planner=policy)
+    return [sampler.epoch_size(e) for e in range(policy.num_epochs)]
+
+
 # ----------------------------------------------------------------------------------------- plans by hand
 
 
 def test_infobatch_prunes_half_of_the_lower_half_and_doubles_the_rest():
     state, policy = bound(InfoBatchPolicy(prune_ratio=0.5, delta=0.875), n=8, epochs=8)
     state.sample_buffer("infobatch_loss").copy_(torch.tensor([0.9, 0.1, 0.5, 0.3, 0.8, 0.2, 0.7, 0.4]))
-    # Epoch 0 has seen no loss; round(0.125 * 8) = 1 last epoch is not pruned.
-    assert [policy.epoch_size(e) for e in range(8)] == [8, 6, 6, 6, 6, 6, 6, 8]
+    # Epoch 0 has seen no loss (the sampler prunes no plan there); round(0.125 * 8) = 1 last epoch is not pruned.
+    assert sampler_sizes(policy, state) == [8, 6, 6, 6, 6, 6, 6, 8]
     for epoch in (0, 7):
-        full = plan(policy, state, epoch)
-        assert full.ids.tolist() == list(range(8)) and full.loss_weights is None and full.lr_scale == 1.0
+        assert sampler_plan(policy, state, epoch) == (list(range(8)), None, 1.0)
+    full = plan(policy, state, 7)
+    assert full.ids.tolist() == list(range(8)) and full.loss_weights is None and full.lr_scale == 1.0
     candidates, others = {1, 3, 5, 7}, {0, 2, 4, 6}  # the 4 lowest losses: 0.1, 0.2, 0.3, 0.4
     left_out_pairs = set()
     for seed in range(40):
@@ -72,7 +85,7 @@ def test_kakurenbo_hides_the_lowest_losses_and_moves_back_wrong_or_unsure_ones()
     state.sample_buffer("kakurenbo_loss").copy_(losses)
     state.sample_buffer("kakurenbo_correct").copy_(correct)
     state.sample_buffer("kakurenbo_confidence").copy_(confidence)
-    assert policy.epoch_size(0) == 10 and plan(policy, state, 0).lr_scale == 1.0
+    assert sampler_sizes(policy, state)[0] == 10 and sampler_plan(policy, state, 0) == (list(range(10)), None, 1.0)
     epoch_plan = plan(policy, state, 2)
     # By loss: 1 (0.01), 3 (0.02, wrong: moved back), 5 (0.03, unsure: moved back), 6 (0.04), 0 (0.05): q = 3 hidden.
     assert sorted(set(range(10)) - set(epoch_plan.ids.tolist())) == [0, 1, 6]
@@ -92,7 +105,7 @@ def test_ucb_keeps_the_largest_upper_bounds_from_hand_computed_emas():
     assert state.sample_buffer("ucb_deviation").tolist() == pytest.approx(deviation)
     # Bounds 1.8, 2.0, 3.0, 0.5: keep the 2 largest.
     assert plan(policy, state, 1).ids.tolist() == [1, 2]
-    assert policy.epoch_size(0) == 4 and plan(policy, state, 0).ids.tolist() == [0, 1, 2, 3]
+    assert sampler_sizes(policy, state)[0] == 4 and sampler_plan(policy, state, 0)[0] == [0, 1, 2, 3]
 
 
 @pytest.mark.parametrize(
@@ -250,7 +263,8 @@ def test_a_checkpoint_of_another_method_is_refused_before_loading():
 
 def _visit_all(method: str) -> dict[str, torch.Tensor]:
     """Every epoch of ``method`` with per-id logits and losses from fixed tables, so the state is a pure function of
-    which ids were visited (no batch-size-dependent rounding); returns the merged buffers."""
+    which ids were visited (no batch-size-dependent rounding); returns the merged buffers, ``s``, ``w`` and the
+    scored marks."""
     training, _, _, _ = setup(method)
     generator = torch.Generator().manual_seed(7)
     logits_table = torch.randn(N, 3, generator=generator) * 3
@@ -263,20 +277,26 @@ def _visit_all(method: str) -> dict[str, torch.Tensor]:
             ids = torch.tensor(shard[first : first + BATCH])
             batch = training.select(torch.nn.Identity(), ids, logits_table[ids], labels[ids])
             training.observe(batch, loss_table[batch.indices], outputs=batch.inputs)
-    training.state.sync_epoch()
-    return {name: training.state.sample_buffer(name).clone() for name in training.state.sample_buffer_names}
+    state = training.state
+    state.sync_epoch()
+    merged = {name: state.sample_buffer(name).clone() for name in state.sample_buffer_names}
+    return {**merged, "score": state.score.clone(), "weight": state.weight.clone(), "scored": state.scored.clone()}
+
+
+# ESWP too: its plans keep the samples not scored yet, so ranks that merged other marks would plan other epochs.
+MERGED_METHODS = [*SET_LEVEL, "eswp"]
 
 
 def _distributed_job(rank: int) -> dict:
     torch.set_num_threads(1)
-    return {method: _visit_all(method) for method in SET_LEVEL}
+    return {method: _visit_all(method) for method in MERGED_METHODS}
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 def test_two_gloo_ranks_hold_the_single_process_state(tmp_path: Path):
     ranks = launch(_distributed_job, tmp_path)
-    for method in SET_LEVEL:
+    for method in MERGED_METHODS:
         single = _visit_all(method)  # plans are drawn from the merged state, so one process sees the same plans
         assert set(single) == set(ranks[0][method])
         for name, value in single.items():

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from es_kernels import EvolvedSampler, EvolvedState
+from es_kernels import EvolvedSampler, EvolvedState, evolved_prune, evolved_select, seeds
+from es_kernels.testing import CHI_SQUARE_ALPHA, subset_chi_square_pvalue
 
 
 def test_annealing_epochs_at_both_ends():
@@ -55,11 +56,108 @@ def test_pruning_draws_from_the_weights_at_the_epoch_start():
     state = EvolvedState(10, beta1=0.0)
     state.observe(torch.arange(10), torch.tensor([0.0] * 5 + [1.0] * 5))
     sampler = EvolvedSampler(state, 3, prune_ratio=0.5, anneal_start=0.0, anneal_end=0.0)
+    sampler.set_epoch(1)
     assert sorted(sampler) == [5, 6, 7, 8, 9]
     by_score = EvolvedState(10, beta1=1.0, beta2=0.0)  # s = loss, w stays uniform
     by_score.observe(torch.arange(10), torch.tensor([1.0] * 5 + [0.0] * 5))
     sampler_s = EvolvedSampler(by_score, 3, prune_ratio=0.5, prune_by="score", anneal_start=0.0, anneal_end=0.0)
+    sampler_s.set_epoch(1)
     assert sorted(sampler_s) == [0, 1, 2, 3, 4]
+
+
+# ----------------------------------------------------------------------------------------- never-scored samples
+
+
+def visit_every_epoch(sampler: EvolvedSampler, losses: torch.Tensor, epochs: range, *, visits: int | None = None):
+    """A loop that scores the ids of each epoch's plan (the first ``visits`` of them); returns every id seen."""
+    seen: set[int] = set()
+    for epoch in epochs:
+        sampler.set_epoch(epoch)
+        ids = list(sampler)[:visits]
+        sampler.state.observe(torch.tensor(ids), losses[ids])
+        seen.update(ids)
+    return seen
+
+
+def test_every_sample_is_visited_in_a_six_epoch_eswp_run():
+    # 5% of 6 epochs anneals none: without the rule epoch 0 pruned 20% uniformly from w = 1/n, and those samples,
+    # never scored, stayed at 1/n against weights ~1 and were practically never drawn again.
+    n = 128
+    state = EvolvedState(n, beta1=0.2, beta2=0.8)
+    sampler = EvolvedSampler(state, 6, prune_ratio=0.2, seed=4)
+    assert sampler.anneal_start_epochs == 0 and sampler.is_selecting(0)
+    losses = torch.rand(n, generator=torch.Generator().manual_seed(0)) + 0.5
+    assert visit_every_epoch(sampler, losses, range(6)) == set(range(n))
+    assert [sampler.epoch_size(e) for e in range(6)] == [128] + [102] * 5  # epoch 0 whole: known before training
+    assert bool(state.scored.all())
+
+
+def test_a_pruning_epoch_keeps_every_sample_not_scored_yet():
+    n, keep = 20, 10
+    losses = torch.rand(n, generator=torch.Generator().manual_seed(1)) + 0.5
+    state = EvolvedState(n)
+    sampler = EvolvedSampler(state, 4, prune_ratio=0.5, anneal_start=0.0, anneal_end=0.0, seed=2)
+    visit_every_epoch(sampler, losses, range(1), visits=15)  # a loop that stopped early: 5 ids never scored
+    unscored = set((~state.scored).nonzero().squeeze(1).tolist())
+    assert len(unscored) == 5
+    sampler.set_epoch(1)
+    kept = list(sampler)
+    assert len(kept) == keep and unscored <= set(kept)
+    # More unscored samples than an epoch keeps: those kept are all unscored ones.
+    fresh = EvolvedState(n)
+    early = EvolvedSampler(fresh, 4, prune_ratio=0.5, anneal_start=0.0, anneal_end=0.0, seed=2)
+    visit_every_epoch(early, losses, range(1), visits=5)
+    early.set_epoch(1)
+    kept = list(early)
+    assert len(kept) == keep and not fresh.scored[kept].any()
+
+
+def test_with_every_sample_scored_the_pruning_draw_is_evolved_prune_itself():
+    state = EvolvedState(30, beta1=0.0)
+    state.observe(torch.arange(30), torch.rand(30, generator=torch.Generator().manual_seed(5)))
+    for seed in range(5):
+        sampler = EvolvedSampler(state, 3, prune_ratio=0.4, anneal_start=0.0, anneal_end=0.0, seed=seed)
+        sampler.set_epoch(2)
+        generator = torch.Generator().manual_seed(seeds.epoch_seed(seed, 2, 0))
+        assert sorted(sampler) == evolved_prune(state, 18, generator=generator).tolist()
+
+
+def test_the_scored_samples_are_pruned_by_the_exact_law():
+    # 7 samples, 1 and 4 never scored: a plan of round(0.5 * 7) = 4 ids keeps both and draws 2 of the 5 scored ones
+    # by successive sampling ∝ w.
+    scored_ids, weights = [0, 2, 3, 5, 6], [0.5, 1.0, 2.0, 3.0, 4.0]
+    state = EvolvedState(7, beta1=0.0)
+    state.observe(torch.tensor(scored_ids), torch.tensor(weights))  # w = loss
+    draws = iter(range(10**6))
+
+    def draw() -> torch.Tensor:
+        sampler = EvolvedSampler(state, 2, prune_ratio=0.5, anneal_start=0.0, anneal_end=0.0, seed=next(draws))
+        sampler.set_epoch(1)
+        kept = sorted(sampler)
+        assert len(kept) == 4 and {1, 4} <= set(kept)
+        return torch.tensor([scored_ids.index(i) for i in kept if i not in (1, 4)])
+
+    assert subset_chi_square_pvalue(draw, weights, 2, draws=3000) > CHI_SQUARE_ALPHA
+
+
+def test_the_scored_marks_are_saved_resumed_and_made_by_every_update():
+    state = EvolvedState(6)
+    state.observe(torch.tensor([1, 3]), torch.tensor([0.5, 0.5]))
+    saved = state.state_dict()
+    assert saved["scored"].tolist() == [False, True, False, True, False, False]
+    resumed = EvolvedState(6)
+    resumed.load_state_dict(saved)
+    assert torch.equal(resumed.scored, state.scored)
+    # A visit that leaves the values where they were (uniform sampling, beta1 = beta2 = 1) still scores the sample.
+    uniform = EvolvedState(6, beta1=1.0, beta2=1.0)
+    evolved_select(uniform, torch.tensor([0, 5]), 1, losses=torch.tensor([2.0, 3.0]))
+    assert uniform.scored.tolist() == [True, False, False, False, False, True]
+    with pytest.raises(ValueError, match="scored"):
+        resumed.load_state_dict(dict(saved, scored=saved["scored"][:3]))
+    assert torch.equal(resumed.scored, state.scored)  # a rejected dict changes nothing
+    old = {key: value for key, value in saved.items() if key != "scored"}
+    resumed.load_state_dict(old)  # a checkpoint from before the marks: every sample may be pruned, as it was then
+    assert bool(resumed.scored.all())
 
 
 def test_shuffle_differs_between_epochs_and_is_seeded():
@@ -82,6 +180,7 @@ def test_shards_have_equal_length_and_cover_the_plan_once(n, replicas, prune):
         sampler = EvolvedSampler(
             EvolvedState(n), 3, prune_ratio=prune, anneal_start=0, anneal_end=0, num_replicas=replicas, rank=rank
         )
+        sampler.set_epoch(1)  # epoch 0 prunes nothing
         shard = list(sampler)
         real = [i for p, i in enumerate(shard) if not sampler.is_padding(p)]
         shards.append((shard, real))

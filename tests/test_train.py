@@ -65,6 +65,25 @@ def test_es_selects_k_rows_in_selecting_epochs_and_all_rows_in_annealing():
     assert training.scored_samples == 4 * N  # 4 selecting epochs of N rows
 
 
+def test_every_sample_is_visited_in_a_six_epoch_eswp_run():
+    # The paper's 5% annealing covers none of 6 epochs. Epoch 0 used to prune 20% uniformly from w = 1/n; never
+    # scored, those samples kept 1/n against scored weights ~1 and were practically never drawn again.
+    model, optimizer, training, loader = make_run("eswp", anneal_start=0.05, anneal_end=0.05)
+    assert training.sampler.is_selecting(0)
+    visited: set[int] = set()
+    for epoch in range(EPOCHS):
+        training.set_epoch(epoch)
+        for indices, inputs, targets in loader:
+            visited.update(indices.tolist())  # the meta-batch: every row is scored by select
+            batch = training.select(model, indices, inputs, targets)
+            optimizer.zero_grad()
+            F.cross_entropy(model(batch.inputs), batch.targets).backward()
+            optimizer.step()
+    assert visited == set(range(N))
+    assert bool(training.state.scored.all())
+    assert training.scored_samples == N + 5 * round(0.8 * N)  # epoch 0 whole, then pruned epochs
+
+
 def test_selected_rows_keep_their_inputs_and_targets_together():
     model, _, training, loader = make_run()
     training.set_epoch(2)

@@ -399,6 +399,7 @@ class EvolvedTraining:
             immediate = _checks.check_mode(self.check_values, self.state.device) == _checks.IMMEDIATE
             losses = _checks.check_losses("losses", losses, batch.indices.numel(), self.state.device, immediate)
             self.policy.observe(self.state, batch.indices, losses, outputs, batch.targets)
+            self.state.mark_scored(batch.indices)  # one record of "scored" for every method (EvolvedState.scored)
             return
         self.state.observe(batch.indices, losses, check_values=self.check_values)
         self.state.sync_step(batch.indices, losses, check_values=False)  # no-op unless sync="step" across ranks
