@@ -27,7 +27,8 @@ TORCH_LIBRARY(es_kernels_C, m) {
       "int ignore_index) -> (Tensor, Tensor, Tensor)");
   m.def(
       "deferred_settle(Tensor(a!) score, Tensor(b!) weight, Tensor safe_ids, Tensor snapshot, Tensor status, "
-      "Tensor? losses, Tensor(c!)? visited, Tensor(d!) error_record, Tensor(e!) calls, int classes) -> ()");
+      "Tensor? losses, Tensor(c!)? visited, Tensor(d!) scored, Tensor(e!) error_record, Tensor(f!) calls, "
+      "int classes) -> ()");
 }
 
 namespace {

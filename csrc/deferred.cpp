@@ -82,7 +82,8 @@ PreparedGuard prepare_guard(const at::Tensor& score, const at::Tensor& weight, c
 PreparedSettle prepare_settle(const at::Tensor& score, const at::Tensor& weight, const at::Tensor& safe_ids,
                               const at::Tensor& snapshot, const at::Tensor& status,
                               const c10::optional<at::Tensor>& losses, const c10::optional<at::Tensor>& visited,
-                              const at::Tensor& error_record, const at::Tensor& calls, int64_t classes) {
+                              const at::Tensor& scored, const at::Tensor& error_record, const at::Tensor& calls,
+                              int64_t classes) {
   check_state(score, weight);
   const int64_t batch = safe_ids.numel();
   CHECK_DTYPE("safe_ids", safe_ids, at::kLong);
@@ -102,9 +103,12 @@ PreparedSettle prepare_settle(const at::Tensor& score, const at::Tensor& weight,
     CHECK_DTYPE("visited", marks, at::kBool);
     TORCH_CHECK_VALUE(marks.is_contiguous() && marks.numel() == score.numel(), "visited must have the state's length");
   }
+  CHECK_DTYPE("scored", scored, at::kBool);
+  TORCH_CHECK_VALUE(scored.is_contiguous() && scored.numel() == score.numel(), "scored must have the state's length");
   auto& in = p.in;
   in.score = score.data_ptr<float>();
   in.weight = weight.data_ptr<float>();
+  in.scored = scored.data_ptr<bool>();
   in.safe_ids = safe_ids.data_ptr<int64_t>();
   in.snapshot = snapshot.data_ptr<float>();
   in.batch = batch;

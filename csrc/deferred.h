@@ -32,7 +32,8 @@ struct PreparedSettle {
 PreparedSettle prepare_settle(const at::Tensor& score, const at::Tensor& weight, const at::Tensor& safe_ids,
                               const at::Tensor& snapshot, const at::Tensor& status,
                               const c10::optional<at::Tensor>& losses, const c10::optional<at::Tensor>& visited,
-                              const at::Tensor& error_record, const at::Tensor& calls, int64_t classes);
+                              const at::Tensor& scored, const at::Tensor& error_record, const at::Tensor& calls,
+                              int64_t classes);
 
 using GuardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
@@ -44,7 +45,7 @@ GuardResult deferred_guard_cpu(const at::Tensor& score, const at::Tensor& weight
 
 void deferred_settle_cpu(const at::Tensor& score, const at::Tensor& weight, const at::Tensor& safe_ids,
                          const at::Tensor& snapshot, const at::Tensor& status, const c10::optional<at::Tensor>& losses,
-                         const c10::optional<at::Tensor>& visited, const at::Tensor& error_record,
-                         const at::Tensor& calls, int64_t classes);
+                         const c10::optional<at::Tensor>& visited, const at::Tensor& scored,
+                         const at::Tensor& error_record, const at::Tensor& calls, int64_t classes);
 
 }  // namespace es_kernels

@@ -211,7 +211,7 @@ class EvolvedState:
         if guard.status is not None:
             torch.ops.es_kernels_C.deferred_settle(
                 self.score, self.weight, guard.safe_ids, guard.snapshot, guard.status, computed_losses, self._visited,
-                self._deferred_error, self._calls, classes,
+                self._scored, self._deferred_error, self._calls, classes,
             )  # fmt: skip
             self._mirror_error()
             return
@@ -222,8 +222,9 @@ class EvolvedState:
         with torch.no_grad():
             self.score.index_copy_(0, safe, torch.where(passed, self.score.index_select(0, safe), old[0]))
             self.weight.index_copy_(0, safe, torch.where(passed, self.weight.index_select(0, safe), old[1]))
-            if self._visited is not None:
-                self._visited.index_copy_(0, safe, self._visited.index_select(0, safe) | passed)
+            for marks in (self._scored, self._visited):
+                if marks is not None:
+                    marks.index_copy_(0, safe, marks.index_select(0, safe) | passed)
             self._calls.add_(1)
             code = status[0]
             record = torch.stack((code, status[1], self._calls, torch.full_like(code, classes)))

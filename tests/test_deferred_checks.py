@@ -146,8 +146,8 @@ def test_the_cpp_ops_pass_opcheck(implementation):
     guard = (state.score, state.weight, indices, None, labels, None, 5, None, None, None, -100)
     torch.library.opcheck(torch.ops.es_kernels_C.deferred_guard.default, guard)
     safe, snapshot, status = torch.ops.es_kernels_C.deferred_guard(*guard)
-    settle = (state.score, state.weight, safe, snapshot, status, torch.rand(3), None, state._deferred_error,
-              state._calls, 5)  # fmt: skip
+    settle = (state.score, state.weight, safe, snapshot, status, torch.rand(3), None, state._scored,
+              state._deferred_error, state._calls, 5)  # fmt: skip
     torch.library.opcheck(torch.ops.es_kernels_C.deferred_settle.default, settle)
 
 
@@ -164,3 +164,13 @@ def test_the_guard_reports_the_first_failure_in_the_immediate_order(implementati
     evolved_select(state, torch.tensor([1, 2]), 1, losses=torch.tensor([-1.0, float("inf")]), check_values="deferred")
     with pytest.raises(ValueError, match="losses must be finite"):
         state.check()
+
+
+def test_a_refused_call_marks_nothing_as_scored(backend):
+    state = EvolvedState(6)
+    backend.select(state, torch.tensor([1, 4]), 1, losses=torch.tensor([1.0, -1.0]), check_values="deferred")
+    assert not state.scored.any()
+    with pytest.raises(ValueError, match="non-negative"):
+        state.check()
+    backend.select(state, torch.tensor([1, 4]), 1, losses=torch.tensor([1.0, 2.0]), check_values="deferred")
+    assert state.scored.tolist() == [False, True, False, False, True, False]

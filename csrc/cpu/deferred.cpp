@@ -29,10 +29,10 @@ GuardResult deferred_guard_cpu(const at::Tensor& score, const at::Tensor& weight
 
 void deferred_settle_cpu(const at::Tensor& score, const at::Tensor& weight, const at::Tensor& safe_ids,
                          const at::Tensor& snapshot, const at::Tensor& status, const c10::optional<at::Tensor>& losses,
-                         const c10::optional<at::Tensor>& visited, const at::Tensor& error_record,
-                         const at::Tensor& calls, int64_t classes) {
-  const PreparedSettle p =
-      prepare_settle(score, weight, safe_ids, snapshot, status, losses, visited, error_record, calls, classes);
+                         const c10::optional<at::Tensor>& visited, const at::Tensor& scored,
+                         const at::Tensor& error_record, const at::Tensor& calls, int64_t classes) {
+  const PreparedSettle p = prepare_settle(score, weight, safe_ids, snapshot, status, losses, visited, scored,
+                                          error_record, calls, classes);
   const auto& in = p.in;
   int64_t nonfinite = 0, negative = 0;
   for (int64_t i = 0; in.losses != nullptr && i < in.batch; ++i) {

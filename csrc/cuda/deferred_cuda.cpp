@@ -29,10 +29,11 @@ GuardResult deferred_guard_cuda(const at::Tensor& score, const at::Tensor& weigh
 void deferred_settle_cuda(const at::Tensor& score, const at::Tensor& weight, const at::Tensor& safe_ids,
                           const at::Tensor& snapshot, const at::Tensor& status,
                           const c10::optional<at::Tensor>& losses, const c10::optional<at::Tensor>& visited,
-                          const at::Tensor& error_record, const at::Tensor& calls, int64_t classes) {
+                          const at::Tensor& scored, const at::Tensor& error_record, const at::Tensor& calls,
+                          int64_t classes) {
   const c10::cuda::CUDAGuard guard(score.device());
-  const PreparedSettle p =
-      prepare_settle(score, weight, safe_ids, snapshot, status, losses, visited, error_record, calls, classes);
+  const PreparedSettle p = prepare_settle(score, weight, safe_ids, snapshot, status, losses, visited, scored,
+                                          error_record, calls, classes);
   C10_CUDA_CHECK(cuda::launch_deferred_settle(p.in, c10::cuda::getCurrentCUDAStream()));
   score.unsafeGetTensorImpl()->bump_version();
   weight.unsafeGetTensorImpl()->bump_version();

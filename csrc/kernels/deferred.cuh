@@ -139,6 +139,7 @@ struct SettleInputs {
   const int64_t* status;    // the guard's (code, value)
   const float* losses;      // computed losses to check, or nullptr
   bool* visited;            // nullptr: no epoch marks
+  bool* scored;             // every sample ever scored
   int64_t* error_record;    // (code, value, call, classes): the first failure not yet raised
   int64_t* calls;           // the state's call counter
   int64_t classes;
@@ -154,15 +155,16 @@ ES_HD int64_t settled_code(const SettleInputs& in, int64_t nonfinite, int64_t ne
   return kOk;
 }
 
-// Row i once the code is known: the old values back on failure, the visit marked on success.
+// Row i once the code is known: the old values back on failure, the visit and the scoring marked on success.
 ES_HD void settle_row(const SettleInputs& in, int64_t i, bool passed) {
   const int64_t id = in.safe_ids[i];
   if (!passed) {
     in.score[id] = in.snapshot[i];
     in.weight[id] = in.snapshot[in.batch + i];
-  } else if (in.visited != nullptr) {
-    in.visited[id] = true;
+    return;
   }
+  in.scored[id] = true;
+  if (in.visited != nullptr) in.visited[id] = true;
 }
 
 // Once per call, after every row: count the call and keep its failure if none is pending.
