@@ -116,9 +116,9 @@ class EpochBatches:
 
 
 class PlanLoader:
-    """What ``get_train_dataloader`` returns: ``len()`` is the longest epoch of the plan (the Trainer sizes its
-    loop by it, and by nothing else once the scheduler has the plan's step count), iteration yields what is left of
-    the current ES epoch."""
+    """What ``get_train_dataloader`` returns: ``len()`` is the plan's longest epoch, by which the Trainer sizes the
+    loop of every epoch (its scheduler and ``max_steps`` get the plan's own step count); iteration yields what is
+    left of the current ES epoch, which the trainer's epoch callback moves on at each Trainer epoch start."""
 
     def __init__(self, loader: DataLoader, evolved: EvolvedTraining, length: int) -> None:
         self.loader = loader
@@ -131,6 +131,6 @@ class PlanLoader:
 
     def __iter__(self) -> EpochBatches:
         sampler = self.evolved.sampler
-        if sampler.position >= sampler.shard_size(sampler.epoch):  # the plan is complete
+        if sampler.position >= sampler.shard_size(sampler.epoch):  # the last epoch is done: the plan is complete
             return EpochBatches(iter(()), self.length)
         return EpochBatches(iter(self.loader), self.length)
