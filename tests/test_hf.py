@@ -284,9 +284,32 @@ def test_every_sequence_is_scored_in_a_six_epoch_eswp_run(tmp_path):
 
 
 def test_max_steps_that_disagrees_with_the_plan_fails_before_training(tmp_path):
-    trainer = make_trainer(tmp_path, EvolvedConfig("eswp", **NO_ANNEAL), max_steps=5)  # the plan has 2 x 4 steps
-    with pytest.raises(ValueError, match="max_steps=5"):
-        trainer.train()
+    with pytest.raises(ValueError, match="max_steps=5"):  # the plan has 2 x 4 steps
+        make_trainer(tmp_path, EvolvedConfig("eswp", **NO_ANNEAL), max_steps=5)
+
+
+def test_the_mixin_overrides_no_private_trainer_method():
+    # Private Trainer methods change between releases (5.x moved the epoch loop into _run_epoch, and the values of
+    # set_initial_training_values changed); on public hooks the integration runs on every 5.x release.
+    overridden = {name for name in vars(EvolvedTrainerMixin) if hasattr(transformers.Trainer, name)}
+    private = sorted(name for name in overridden if name.startswith("_") and not name.startswith("__"))
+    assert private == [] and {"get_train_dataloader", "get_batch_samples", "create_scheduler"} <= overridden
+
+
+def test_selected_count_rounds_half_up_as_pruning_does(tmp_path):
+    # B = 32 gives k = 8; the last micro-batch of 26 rows gives 6.5, rounded half up to 7 (half to even gave 6).
+    model = tiny_lm()
+    rows = trained_rows(model)
+    trainer = make_trainer(
+        tmp_path,
+        EvolvedConfig("es", **NO_ANNEAL),
+        model=model,
+        n=58,
+        num_train_epochs=1,
+        per_device_train_batch_size=32,
+    )
+    trainer.train()
+    assert rows == [8, 7] and trainer.evolved.num_selected(10) == 3
 
 
 # n = 37, B = 4, 4 epochs, accumulation 3: a full epoch is 10 batches = 4 steps (3 + 3 + 3 + 1 batches). InfoBatch
@@ -581,11 +604,19 @@ def test_sequence_classification_model_trains(tmp_path, method):
         (dict(method="infobatch-ish"), "method"),
         (dict(sequence_reduction="max"), "sequence_reduction"),
         (dict(scoring_mode="predict"), "scoring_mode"),
+        (dict(select_ratio=float("nan")), r"select_ratio must be in \(0, 1\]"),
+        (dict(backend="bogus"), "backend"),
+        (dict(anneal_start=0.6, anneal_end=0.5), "anneal_start \\+ anneal_end"),
     ],
 )
 def test_bad_settings_fail_when_built_naming_the_setting(settings, match):
     with pytest.raises(ValueError, match=match):
         EvolvedConfig(**settings)
+
+
+def test_a_setting_the_method_does_not_take_fails_when_built():
+    with pytest.raises(TypeError, match="beta1"):
+        EvolvedConfig("infobatch", beta1=0.5)
 
 
 def test_set_level_methods_refuse_a_loss_they_cannot_weight(tmp_path):

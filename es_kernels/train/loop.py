@@ -37,7 +37,7 @@ import torch
 
 from es_kernels import _checks, seeds
 from es_kernels.policies import POLICIES, SelectionPolicy, make_policy
-from es_kernels.sampler import EvolvedSampler
+from es_kernels.sampler import EvolvedSampler, as_written, round_half_up
 from es_kernels.select import evolved_select
 from es_kernels.state import EvolvedState
 
@@ -296,8 +296,9 @@ class EvolvedTraining:
             )
 
     def num_selected(self, batch_size: int) -> int:
-        """k for a meta-batch of ``batch_size`` rows: ``round(select_ratio * B)``, at least 1."""
-        return max(1, round(self.select_ratio * batch_size))
+        """k for a meta-batch of ``batch_size`` rows: ``select_ratio * B`` rounded half up (as pruning rounds its
+        counts: B = 10 at 0.25 gives 3), at least 1."""
+        return max(1, round_half_up(as_written(self.select_ratio) * batch_size))
 
     def select(
         self,
