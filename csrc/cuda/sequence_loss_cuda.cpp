@@ -38,8 +38,7 @@ SequenceTargets sequence_targets(const at::Tensor& targets) {
 }
 
 SequenceLossParams sequence_params(int64_t vocab, int64_t ignore_index, double label_smoothing) {
-  return SequenceLossParams{vocab, ignore_index, static_cast<float>(label_smoothing),
-                            static_cast<float>(1.0 - label_smoothing)};
+  return make_sequence_params(vocab, ignore_index, label_smoothing);
 }
 
 // Token statistics: LsePartial per token (as raw bytes) and the target logits.
