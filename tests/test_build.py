@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -269,6 +270,50 @@ def test_cuda_sources_compile_with_nvcc(source):
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stderr[-5000:]
+
+
+# The loss kernels read the logits with 16-byte vector loads (what bandwidth at large B x C needs) and keep every
+# variable in registers: read from the sm_90 PTX and ptxas' report, as the Triton gate does for its kernels.
+VECTOR_LOADS = {
+    "fused_select.cu": ("row_partial_kernel", "loss_row_kernel"),
+    "sequence_loss.cu": ("sequence_rows_kernel",),
+}
+
+
+def _ptx_entries(ptx: str) -> dict[str, str]:
+    """Kernel (mangled) name -> its PTX body."""
+    starts = [(m.start(), m.group(1)) for m in re.finditer(r"\.entry (\S+)\(", ptx)]
+    return {name: ptx[start : (starts[i + 1][0] if i + 1 < len(starts) else len(ptx))]
+            for i, (start, name) in enumerate(starts)}  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", sorted(VECTOR_LOADS))
+def test_cuda_loss_kernels_use_vector_loads_and_do_not_spill(source, tmp_path):
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found")
+    from es_kernels import _build
+
+    common = [nvcc, "-std=c++17", *_build.NVCC_FLAGS, f"-I{ROOT / 'csrc'}", str(ROOT / "csrc" / "cuda" / source)]
+    ptx = tmp_path / "out.ptx"
+    result = subprocess.run([*common, "-arch=sm_90", "-ptx", "-o", str(ptx)], capture_output=True, text=True,
+                            timeout=1200)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-5000:]
+    entries = _ptx_entries(ptx.read_text())
+    for kernel in VECTOR_LOADS[source]:
+        # Soft-target variants read a second row of another alignment one column at a time: only the others count.
+        variants = {name: body for name, body in entries.items() if kernel in name}
+        assert variants, f"no {kernel} in the PTX"
+        vectorised = [name for name, body in variants.items() if "ld.global.nc.v4" in body]
+        assert len(vectorised) >= len(variants) // 2, f"{kernel}: no 16-byte loads in {sorted(variants)}"
+    result = subprocess.run([*common, "-gencode", "arch=compute_90,code=sm_90", "-Xptxas", "-v", "-c", "-o",
+                             str(tmp_path / "out.o")], capture_output=True, text=True, timeout=1200)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-5000:]
+    spills = re.findall(r"Function properties for (\S+)\n\s+\d+ bytes stack frame, (\d+) bytes spill stores",
+                        result.stderr)  # fmt: skip
+    assert spills, result.stderr[-2000:]
+    assert [name for name, stores in spills if int(stores) > 0] == []
 
 
 # ----------------------------------------------------------------------------------------- CUDA row loss on the host
