@@ -42,8 +42,12 @@ ES_HD bool sequence_target_valid(int64_t target, int64_t vocab) { return target 
 // Rows of one launch of the CUDA row kernel: row r is (r / rows_per_outer, r % rows_per_outer) with strides (outer,
 // inner), and it is token token_offset + r of the (B, T) targets. (B, T, V) logits: rows_per_outer = T; a contiguous
 // (rows, columns) chunk of the hidden-state form: rows_per_outer = rows, inner stride = columns.
+// `splits` > 1 (token-logit form only, one launch over the whole vocabulary): each row is read as `splits` column
+// ranges of `split_columns` by as many blocks, each writing its own partial (token * splits + split), merged in
+// order by the reduction; a small number of tokens then still fills every SM.
 struct SequenceRows {
   int64_t rows_per_outer, outer_stride, inner_stride, column_stride, columns, column_offset, token_offset;
+  int64_t splits = 1, split_columns = 0;
 };
 
 struct SequenceTargets {
@@ -65,33 +69,45 @@ namespace cuda {
 
 constexpr int kSequenceThreads = kRowThreads;
 
-// One block per row: the row's partial over `columns` columns (one pass, vector loads where the row allows; each
-// thread over a fixed set, then a fixed tree: deterministic), merged into the token's running partial (`first`:
-// overwrite instead, so no initialisation launch is needed); the target's logit is taken when the target's column
-// lies in this launch. Rows of ignored tokens return at once.
+// Block (row, split): the partial of the row's columns in the split (all of them when splits = 1), by one pass with
+// vector loads where the row allows, each thread over a fixed set, then a fixed tree (deterministic). With one
+// split it is merged into the token's running partial (`first`: overwrite instead, so no initialisation launch is
+// needed); with several it is stored in the token's slot `split`. The target's logit is taken by the block whose
+// columns hold it. Rows of ignored tokens return at once.
 template <typename T>
 __global__ void __launch_bounds__(kSequenceThreads)
     sequence_rows_kernel(const T* __restrict__ logits, SequenceRows rows, SequenceTargets targets,
                          SequenceLossParams params, bool first, LsePartial* stats, float* target_logit) {
-  const int64_t r = blockIdx.x;
+  const int64_t r = blockIdx.x, split = blockIdx.y;
   const int64_t token = rows.token_offset + r;
   const int64_t target = sequence_target(targets, token);
   if (target == params.ignore_index) return;
   const T* row = logits + (r / rows.rows_per_outer) * rows.outer_stride + (r % rows.rows_per_outer) * rows.inner_stride;
-  const LsePartial chunk = block_partial<T, false>(row, nullptr, rows.columns, rows.column_stride);
+  int64_t begin = 0, end = rows.columns;
+  if (rows.splits > 1) {
+    begin = split * rows.split_columns;
+    end = begin + rows.split_columns < rows.columns ? begin + rows.split_columns : rows.columns;
+  }
+  const LsePartial part =
+      block_partial<T, false>(row + begin * rows.column_stride, nullptr, end - begin, rows.column_stride);
   if (threadIdx.x != 0) return;
-  stats[token] = first ? chunk : lse_merge(stats[token], chunk);
+  if (rows.splits > 1) {
+    stats[token * rows.splits + split] = part;
+  } else {
+    stats[token] = first ? part : lse_merge(stats[token], part);
+  }
   const int64_t local = target - rows.column_offset;
   if (!sequence_target_valid(target, params.loss.num_classes)) {
-    target_logit[token] = NAN;
-  } else if (local >= 0 && local < rows.columns) {
+    if (split == 0) target_logit[token] = NAN;
+  } else if (local >= begin && local < end) {
     target_logit[token] = lse_to_float(row[local * rows.column_stride]);
   }
 }
 
 // One block per sequence: its scored tokens' losses summed over a fixed strided split and a fixed tree.
-__global__ void sequence_reduce_kernel(const LsePartial* stats, const float* target_logit, SequenceTargets targets,
-                                       SequenceLossParams params, bool mean, float* out) {
+// `splits` partials per token (sequence_rows_kernel), merged in split order.
+__global__ void sequence_reduce_kernel(const LsePartial* stats, int64_t splits, const float* target_logit,
+                                       SequenceTargets targets, SequenceLossParams params, bool mean, float* out) {
   __shared__ float totals[kSequenceThreads];
   __shared__ int64_t counts[kSequenceThreads];
   const int64_t b = blockIdx.x;
@@ -100,7 +116,9 @@ __global__ void sequence_reduce_kernel(const LsePartial* stats, const float* tar
   for (int64_t t = threadIdx.x; t < targets.time; t += kSequenceThreads) {
     const int64_t token = b * targets.time + t;
     if (sequence_target(targets, token) == params.ignore_index) continue;
-    total += sequence_token_loss(stats[token], target_logit[token], params);
+    LsePartial p = stats[token * splits];
+    for (int64_t split = 1; split < splits; ++split) p = lse_merge(p, stats[token * splits + split]);
+    total += sequence_token_loss(p, target_logit[token], params);
     ++count;
   }
   totals[threadIdx.x] = total;
