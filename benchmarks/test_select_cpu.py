@@ -61,3 +61,94 @@ def test_evolved_select_cpu(benchmark, batch, classes, dtype, backend, check_val
 
     chosen = benchmark(call)
     assert chosen.numel() == batch // 4
+
+
+# ----------------------------------------------------------------------------------------- interleaved comparison
+#
+#     taskset -c 0,1 python -m benchmarks.test_select_cpu [--rounds 15] [--calls 200]
+#
+# The contenders in one process, interleaved round by round (a loaded machine slows them alike), each round the
+# median of `calls` calls; prints per contender the median over rounds and their spread (quartiles and minimum of
+# the round medians; repeat on a loaded machine until the quartiles are close). "op" is the extension's dispatcher
+# op alone (seed tensor included, as the Python path draws it); "evolved_select" adds the Python path; "torch ES"
+# is the hand-written step: F.cross_entropy(reduction="none"), the EMA by index, torch.multinomial without
+# replacement; "loss only" rows time the log-sum-exp passes alone.
+
+
+def _contenders(batch: int, classes: int, dtype: torch.dtype) -> dict:
+    import torch.nn.functional as F
+
+    generator = torch.Generator().manual_seed(0)
+    state = EvolvedState(NUM_SAMPLES)
+    logits = torch.randn(batch, classes, generator=generator).to(dtype)
+    labels = torch.randint(0, classes, (batch,), generator=generator)
+    indices = torch.randperm(NUM_SAMPLES, generator=generator)[:batch]
+    score, weight = state.score.clone(), state.weight.clone()
+    k = batch // 4
+    ops = torch.ops.es_kernels_C
+    tokens, token_labels = logits[:, None, :], labels[:, None]
+
+    def op(check: bool):
+        seed = torch.randint(0, 2**62, (1,), generator=generator)
+        return ops.fused_select(state.score, state.weight, indices, seed, k, 0.2, 0.9, logits, labels, None, None,
+                                1.0, None, 0.0, check, check)  # fmt: skip
+
+    def select(check: bool):
+        return evolved_select(state, indices, k, logits=logits, targets=labels, generator=generator,
+                              backend="extension", check_values=check)  # fmt: skip
+
+    def torch_es():
+        losses = F.cross_entropy(logits, labels, reduction="none").float()
+        old = score[indices]
+        weight[indices] = old * 0.2 + losses * 0.8
+        score[indices] = old * 0.9 + losses * 0.1
+        return torch.multinomial(weight[indices] + 1e-12, k, replacement=False, generator=generator)
+
+    return {
+        "op, checks off": lambda: op(False),
+        "op, checks on": lambda: op(True),
+        "evolved_select, checks off": lambda: select(False),
+        "torch ES (hand-written)": torch_es,
+        # The loss pass alone: the extension's SIMD log-sum-exp (as token losses, T = 1) against torch's.
+        "loss only: extension": lambda: ops.token_sequence_losses(tokens, token_labels, -100, "sum", 0.0),
+        "loss only: F.cross_entropy": lambda: F.cross_entropy(logits, labels, reduction="none"),
+    }
+
+
+def _interleaved(rounds: int, calls: int, shapes: list[tuple[int, int, torch.dtype]]) -> None:
+    import statistics
+    import time
+
+    torch.set_num_threads(2)
+    for batch, classes, dtype in shapes:
+        contenders = _contenders(batch, classes, dtype)
+        medians: dict[str, list[float]] = {name: [] for name in contenders}
+        for _ in range(rounds):
+            for name, function in contenders.items():
+                function()
+                times = []
+                for _ in range(calls):
+                    start = time.perf_counter()
+                    function()
+                    times.append(time.perf_counter() - start)
+                medians[name].append(statistics.median(times) * 1e6)
+        print(f"B={batch} C={classes} {str(dtype)[6:]}, 2 threads, {rounds} rounds x {calls} calls (µs per call)")
+        for name, values in medians.items():
+            low, _, high = statistics.quantiles(values, n=4)
+            print(f"  {name:28s} median {statistics.median(values):8.1f}   quartiles {low:8.1f} .. {high:8.1f}"
+                  f"   min {min(values):8.1f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--shapes", default="256x1000xfloat32,64x10xfloat32,256x1000xbfloat16,1024x32000xfloat32")
+    options = parser.parse_args()
+    chosen = []
+    for item in options.shapes.split(","):
+        b, c, d = item.split("x")
+        chosen.append((int(b), int(c), getattr(torch, d)))
+    _interleaved(options.rounds, options.calls, chosen)

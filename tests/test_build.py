@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -271,10 +272,55 @@ def test_cuda_sources_compile_with_nvcc(source):
     assert result.returncode == 0, result.stderr[-5000:]
 
 
+# The loss kernels read the logits with 16-byte vector loads (what bandwidth at large B x C needs) and keep every
+# variable in registers: read from the sm_90 PTX and ptxas' report, as the Triton gate does for its kernels.
+VECTOR_LOADS = {
+    "fused_select.cu": ("row_partial_kernel", "loss_row_kernel"),
+    "sequence_loss.cu": ("sequence_rows_kernel",),
+}
+
+
+def _ptx_entries(ptx: str) -> dict[str, str]:
+    """Kernel (mangled) name -> its PTX body."""
+    starts = [(m.start(), m.group(1)) for m in re.finditer(r"\.entry (\S+)\(", ptx)]
+    return {name: ptx[start : (starts[i + 1][0] if i + 1 < len(starts) else len(ptx))]
+            for i, (start, name) in enumerate(starts)}  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", sorted(VECTOR_LOADS))
+def test_cuda_loss_kernels_use_vector_loads_and_do_not_spill(source, tmp_path):
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found")
+    from es_kernels import _build
+
+    common = [nvcc, "-std=c++17", *_build.NVCC_FLAGS, f"-I{ROOT / 'csrc'}", str(ROOT / "csrc" / "cuda" / source)]
+    ptx = tmp_path / "out.ptx"
+    result = subprocess.run([*common, "-arch=sm_90", "-ptx", "-o", str(ptx)], capture_output=True, text=True,
+                            timeout=1200)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-5000:]
+    entries = _ptx_entries(ptx.read_text())
+    for kernel in VECTOR_LOADS[source]:
+        # Soft-target variants read a second row of another alignment one column at a time: only the others count.
+        variants = {name: body for name, body in entries.items() if kernel in name}
+        assert variants, f"no {kernel} in the PTX"
+        vectorised = [name for name, body in variants.items() if "ld.global.nc.v4" in body]
+        assert len(vectorised) >= len(variants) // 2, f"{kernel}: no 16-byte loads in {sorted(variants)}"
+    result = subprocess.run([*common, "-gencode", "arch=compute_90,code=sm_90", "-Xptxas", "-v", "-c", "-o",
+                             str(tmp_path / "out.o")], capture_output=True, text=True, timeout=1200)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-5000:]
+    spills = re.findall(r"Function properties for (\S+)\n\s+\d+ bytes stack frame, (\d+) bytes spill stores",
+                        result.stderr)  # fmt: skip
+    assert spills, result.stderr[-2000:]
+    assert [name for name, stores in spills if int(stores) > 0] == []
+
+
 # ----------------------------------------------------------------------------------------- CUDA row loss on the host
 
-# The CUDA extension's row loss, compiled for the host with g++ and run with the kernel's exact thread striding and
-# shuffle tree (tests/cuda_row_loss_host.cpp), against fp64 at large common offsets of the logits. Sums of x and
+# The CUDA extension's row loss, compiled for the host with g++ and run with the kernel's exact column schedule
+# (vector groups after a scalar head to the 16-byte boundary, column splits merged in order) and shuffle tree
+# (tests/cuda_row_loss_host.cpp), against fp64 at large common offsets of the logits. Sums of x and
 # t * x taken plainly and shifted by the max only at the end lose everything to cancellation at an offset of 1e4
 # (relative error ~2e-4); kept relative to the running max they stay within 2e-6.
 
@@ -292,21 +338,21 @@ def host_row_loss(tmp_path_factory):
     command = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-I", str(ROOT / "csrc"),
                str(ROOT / "tests" / "cuda_row_loss_host.cpp"), "-o", str(library)]  # fmt: skip
     subprocess.run(command, check=True)
-    function = ctypes.CDLL(str(library)).row_losses
-    function.restype = None
-    return function
+    return ctypes.CDLL(str(library))
 
 
-def run(function, logits, kind, smoothing, soft=None, labels=None, labels_b=None, lam=1.0):
+def _pointer(array):
+    return None if array is None else array.ctypes.data_as(ctypes.c_void_p)
+
+
+def run(library, logits, kind, smoothing, soft=None, labels=None, labels_b=None, lam=1.0, chunk=0):
+    """The CUDA row loss replayed on the host; ``chunk`` > 0 reads each row as column splits of that width."""
     batch, classes = logits.shape
     out = np.empty(batch, np.float32)
-
-    def pointer(array):
-        return None if array is None else array.ctypes.data_as(ctypes.c_void_p)
-
-    function(pointer(logits), pointer(soft), pointer(labels), pointer(labels_b), ctypes.c_int64(batch),
-             ctypes.c_int64(classes), ctypes.c_int32(KIND[kind]), ctypes.c_float(smoothing), ctypes.c_float(lam),
-             pointer(out))  # fmt: skip
+    library.row_losses.restype = None
+    library.row_losses(_pointer(logits), _pointer(soft), _pointer(labels), _pointer(labels_b), ctypes.c_int64(batch),
+                       ctypes.c_int64(classes), ctypes.c_int32(KIND[kind]), ctypes.c_float(smoothing),
+                       ctypes.c_float(lam), ctypes.c_int64(chunk), _pointer(out))  # fmt: skip
     return out
 
 
@@ -329,7 +375,10 @@ def fp64_losses(logits, smoothing, soft=None, labels=None, labels_b=None, lam=1.
 @pytest.mark.parametrize("offset", [0.0, 1e3, 1e4])
 @pytest.mark.parametrize("classes", [1000, 4099])
 @pytest.mark.parametrize("kind", ["soft", "hard", "mixup"])
-def test_row_loss_is_accurate_at_large_common_offsets(host_row_loss, offset, classes, kind):
+@pytest.mark.parametrize("chunk", [0, 1040])
+def test_row_loss_is_accurate_at_large_common_offsets(host_row_loss, offset, classes, kind, chunk):
+    """Rows of 4099 fp32 columns start at every alignment mod 16 bytes across the batch, so the
+    scalar head, the vector groups and the tail all run; chunk=1040 adds the merge of column splits."""
     rng = np.random.default_rng(classes)
     batch, smoothing = 8, 0.1
     logits = (offset + 3 * rng.standard_normal((batch, classes))).astype(np.float32)
@@ -340,9 +389,25 @@ def test_row_loss_is_accurate_at_large_common_offsets(host_row_loss, offset, cla
         given["labels"] = rng.integers(0, classes, batch)
         if kind == "mixup":
             given.update(labels_b=rng.integers(0, classes, batch), lam=0.3)
-    got = run(host_row_loss, logits, kind, smoothing, **given)
+    got = run(host_row_loss, logits, kind, smoothing, chunk=chunk, **given)
     expected = fp64_losses(logits, smoothing, **given)
     assert np.max(np.abs(got - expected) / np.abs(expected)) <= 2e-6
+
+
+@pytest.mark.parametrize("batch", [1, 2, 7, 300, 1024, 4096])
+def test_one_block_top_k_matches_a_stable_sort(host_row_loss, batch):
+    """The bitonic network of the one-block select (kernels/top_k.cuh) picks the k smallest complemented keys with
+    equal keys to the lower position, as the stable radix sort of the large-batch schedule does; positions come
+    back ascending. Keys are drawn from a few values so ties are common."""
+    rng = np.random.default_rng(batch)
+    keys = rng.integers(0, 5, batch).astype(np.uint64) * np.uint64(2**40) + np.uint64(0x8000000000000000)
+    function = host_row_loss.top_k_positions
+    function.restype = None
+    for k in sorted({1, max(1, batch // 3), batch}):
+        out = np.full(k, -1, np.int64)
+        function(_pointer(keys), ctypes.c_int32(batch), ctypes.c_int32(k), _pointer(out))
+        expected = np.sort(np.argsort(keys, kind="stable")[:k])
+        assert np.array_equal(out, expected), (batch, k)
 
 
 def test_row_loss_special_values(host_row_loss):

@@ -163,3 +163,80 @@ def test_value_checks_report_a_code_before_any_write():
         evolved_select(state, torch.arange(4), 2, logits=LOGITS, targets=(LABELS, LABELS + 2, 0.5),
                        backend="extension")  # fmt: skip
     assert torch.equal(state.score, before[0]) and torch.equal(state.weight, before[1])
+
+
+# ----------------------------------------------------------------------------------------- CUDA against CPU
+
+needs_cuda_extension = pytest.mark.skipif(
+    not torch.cuda.is_available() or extension_unavailable_reason("cuda") is not None,
+    reason="needs a GPU and the CUDA extension",
+)
+
+
+@needs_cuda_extension
+@pytest.mark.parametrize("batch", [1, 64, 1000, 4096, 4097, 6000])
+def test_cuda_schedules_draw_what_the_cpu_draws(batch):
+    """Given losses, the CUDA select (one block with a bitonic top-k up to B = 4096, row kernel and radix sorts
+    beyond) updates the state and picks the same positions as the CPU build for the same seed: the same Philox
+    numbers, the same fp32 visit rule, the same fp64 keys. With every weight 0 all keys tie and the k lowest
+    positions win on both."""
+    n, k = 3 * batch, max(1, batch // 3)
+    generator = torch.Generator().manual_seed(batch)
+    indices = torch.randperm(n, generator=generator)[:batch]
+    for losses in (torch.rand(batch, generator=generator) * 5, torch.zeros(batch)):
+        seed = torch.randint(0, 2**62, (1,), generator=generator)
+        results = {}
+        for device in ("cpu", "cuda"):
+            score, weight = torch.zeros(n, device=device), torch.zeros(n, device=device)
+            positions, _, _ = torch.ops.es_kernels_C.fused_select(
+                score, weight, indices.to(device), seed.to(device), k, 0.2, 0.9, None, None, None, None, 1.0,
+                losses.to(device), 0.0, False, False,
+            )  # fmt: skip
+            results[device] = positions.cpu(), score.cpu(), weight.cpu()
+        assert torch.equal(results["cpu"][0], results["cuda"][0])
+        assert torch.equal(results["cpu"][1], results["cuda"][1]) and torch.equal(results["cpu"][2], results["cuda"][2])
+    assert torch.equal(results["cuda"][0], torch.arange(k))
+
+
+def _on(tensor, device):
+    return None if tensor is None else tensor.to(device)
+
+
+@needs_cuda_extension
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch, classes", [(2, 151936), (8, 50001), (600, 4099), (4200, 37)])
+def test_cuda_losses_match_the_cpu_across_splits_and_alignments(batch, classes, dtype):
+    """The CUDA loss pass (column splits for small B, vector loads after a scalar head on rows that are not 16-byte
+    aligned, the one-block and the row-kernel schedules) against the CPU build, hard labels with smoothing and soft
+    targets."""
+    generator = torch.Generator().manual_seed(classes)
+    logits = (torch.randn(batch, classes, generator=generator) * 4 + 100).to(dtype)
+    labels = torch.randint(0, classes, (batch,), generator=generator)
+    soft = torch.rand(batch, classes, generator=generator).softmax(dim=1)
+    seed = torch.zeros(1, dtype=torch.int64)
+    for hard, soft_targets in ((labels, None), (None, soft)):
+        losses = {}
+        for device in ("cpu", "cuda"):
+            state = EvolvedState(batch, device=device)
+            _, losses[device], _ = torch.ops.es_kernels_C.fused_select(
+                state.score, state.weight, torch.arange(batch, device=device), seed.to(device), 1, 0.2, 0.9,
+                logits.to(device), _on(hard, device), None, _on(soft_targets, device), 1.0, None, 0.1, False, False,
+            )  # fmt: skip
+        torch.testing.assert_close(losses["cuda"].cpu(), losses["cpu"], rtol=1e-5, atol=1e-5)
+
+
+@needs_cuda_extension
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [50257, 32000])
+def test_cuda_token_losses_match_the_cpu(vocab, dtype):
+    """The CUDA token-logit pass (one pass, vector loads where a row is contiguous, the scalar schedule for a
+    strided vocabulary; 15 tokens, so each row is split over ~13 blocks and merged by the reduction) against the
+    CPU build, with ignored tokens and label smoothing."""
+    generator = torch.Generator().manual_seed(vocab)
+    logits = (torch.randn(3, 5, vocab, generator=generator) * 3).to(dtype)
+    targets = torch.randint(0, vocab, (3, 5), generator=generator)
+    targets[0, 1] = -100
+    for view in (logits, logits.transpose(1, 2).contiguous().transpose(1, 2)):
+        expected = torch.ops.es_kernels_C.token_sequence_losses(view, targets, -100, "mean", 0.1)
+        got = torch.ops.es_kernels_C.token_sequence_losses(view.cuda(), targets.cuda(), -100, "mean", 0.1)
+        torch.testing.assert_close(got.cpu(), expected, rtol=1e-5, atol=1e-5)

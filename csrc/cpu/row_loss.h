@@ -1,9 +1,10 @@
-// Row-range entry point of the CPU loss kernel (row_loss.cpp), called from at::parallel_for chunks.
+// Entry points of the CPU loss kernel (row_loss.cpp): a range of class-logit rows, called from at::parallel_for
+// chunks, and one row's log-sum-exp partial.
 #pragma once
 
 #include <cstdint>
 
-#include "kernels/common.cuh"
+#include "kernels/lse.cuh"
 
 namespace es_kernels {
 namespace cpu {
@@ -22,6 +23,9 @@ struct RowLossArgs {
 
 // `scratch` holds C floats; rows of fp16/bf16 logits are widened into it.
 void loss_rows(const RowLossArgs& args, int64_t begin, int64_t end, float* scratch);
+
+// The log-sum-exp partial of n contiguous fp32 logits (no targets), by the same SIMD loop; for the sequence losses.
+LsePartial row_partial(const float* x, int64_t n);
 
 }  // namespace cpu
 }  // namespace es_kernels

@@ -3,8 +3,8 @@
 //
 // The hidden-state form never holds the (B*T, V) logits: for each block of tokens and each chunk of the vocabulary
 // one fp32 GEMM (at::mm_out into a reused buffer) produces the chunk's logits, bias/scale/soft cap are applied in
-// place, ATen's vectorised passes take the chunk's max, exp and sums, and each token's log-sum-exp statistics absorb
-// the chunk (kernels/sequence.cuh), so peak extra memory is one chunk however large V is.
+// place, and each row of the chunk, still in cache, gives its log-sum-exp partial (the SIMD loop of cpu/lse_vector.h)
+// merged into the token's (kernels/lse.cuh), so peak extra memory is one chunk however large V is.
 #include "sequence_loss.h"
 
 #include <torch/library.h>
@@ -12,17 +12,17 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/amax.h>
-#include <ATen/ops/sum.h>
 #include <ATen/ops/mm.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "checks.h"
+#include "cpu/row_loss.h"
 #include "kernels/sequence.cuh"
 
 namespace es_kernels {
@@ -87,8 +87,7 @@ bool check_hidden_arguments(const at::Tensor& hidden, const at::Tensor& weight, 
 namespace {
 
 SequenceLossParams make_params(int64_t vocab, int64_t ignore_index, double label_smoothing) {
-  return SequenceLossParams{vocab, ignore_index, static_cast<float>(label_smoothing),
-                            static_cast<float>(1.0 - label_smoothing)};
+  return make_sequence_params(vocab, ignore_index, label_smoothing);
 }
 
 int64_t target_at(const at::Tensor& targets, int64_t b, int64_t t) {
@@ -114,14 +113,17 @@ at::Tensor reduce_per_sequence(const std::vector<float>& token_losses, const at:
   return out;
 }
 
+// Rows of fp32 logits with unit stride are read in place; others are widened into a per-chunk scratch row first.
 template <typename T>
 void token_losses_rows(const at::Tensor& logits, const at::Tensor& targets, const SequenceLossParams& p,
                        std::vector<float>& out) {
   const int64_t time = logits.size(1), vocab = logits.size(2);
   const int64_t s0 = logits.stride(0), s1 = logits.stride(1), s2 = logits.stride(2);
   const T* base = logits.const_data_ptr<T>();
+  const bool in_place = std::is_same<T, float>::value && s2 == 1;
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(vocab, 1));
   at::parallel_for(0, logits.size(0) * time, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(in_place ? 0 : vocab);
     for (int64_t token = begin; token < end; ++token) {
       const int64_t b = token / time, t = token % time;
       const int64_t target = target_at(targets, b, t);
@@ -130,9 +132,14 @@ void token_losses_rows(const at::Tensor& logits, const at::Tensor& targets, cons
         continue;
       }
       const T* row = base + b * s0 + t * s1;
-      const LsePartial stats = lse_of_range([&](int64_t j) { return static_cast<float>(row[j * s2]); }, vocab);
-      const float target_logit = sequence_target_valid(target, vocab) ? static_cast<float>(row[target * s2])
-                                                                      : std::numeric_limits<float>::quiet_NaN();
+      const float* z = reinterpret_cast<const float*>(row);
+      if (!in_place) {
+        for (int64_t j = 0; j < vocab; ++j) scratch[j] = static_cast<float>(row[j * s2]);
+        z = scratch.data();
+      }
+      const LsePartial stats = cpu::row_partial(z, vocab);
+      const float target_logit =
+          sequence_target_valid(target, vocab) ? z[target] : std::numeric_limits<float>::quiet_NaN();
       out[token] = sequence_token_loss(stats, target_logit, p);
     }
   });
@@ -178,9 +185,6 @@ at::Tensor hidden_sequence_losses_cpu(const at::Tensor& hidden, const at::Tensor
   std::vector<LsePartial> stats(static_cast<size_t>(block));
   std::vector<float> target_logit(static_cast<size_t>(block));
   const float scale = static_cast<float>(logit_scale);
-  const bool smoothing = label_smoothing != 0.0;
-  at::Tensor anchor = at::empty({block}, hidden.options().dtype(at::kFloat));
-  float* anchor_data = anchor.mutable_data_ptr<float>();
 
   for (int64_t row0 = 0; row0 < tokens; row0 += block) {
     const int64_t rows = std::min(block, tokens - row0);
@@ -197,27 +201,16 @@ at::Tensor hidden_sequence_losses_cpu(const at::Tensor& hidden, const at::Tensor
       if (bias32.has_value()) z.add_(bias32->narrow(0, column0, columns));
       if (scale != 1.0f) z.mul_(scale);
       if (logit_softcap.has_value()) z.div_(*logit_softcap).tanh_().mul_(*logit_softcap);
-      // The passes over the chunk are ATen's vectorised, threaded kernels (max, subtract, sum, exp, sum); the
-      // per-row merge is scalar. Sums are taken relative to anchor = max(running max, chunk max), so the chunk's
-      // partial statistics use the anchor as their reference point.
-      const at::Tensor chunk_max = z.amax(1);
-      const float* chunk_max_data = chunk_max.const_data_ptr<float>();
-      for (int64_t r = 0; r < rows; ++r) {
-        const float top = std::max(stats[r].max, chunk_max_data[r]);
-        anchor_data[r] = top == -std::numeric_limits<float>::infinity() ? 0.0f : top;
-        const int64_t local = target_at(targets, (row0 + r) / time, (row0 + r) % time) - column0;
-        if (local >= 0 && local < columns) target_logit[r] = z.const_data_ptr<float>()[r * columns + local];
-      }
-      const at::Tensor anchor_rows = anchor.narrow(0, 0, rows);
-      z.sub_(anchor_rows.unsqueeze(1));
-      const at::Tensor chunk_shifted = smoothing ? z.sum(1) : at::Tensor();
-      const at::Tensor chunk_exp = z.exp_().sum(1);
-      const float* exp_data = chunk_exp.const_data_ptr<float>();
-      const float* shifted_data = smoothing ? chunk_shifted.const_data_ptr<float>() : nullptr;
-      for (int64_t r = 0; r < rows; ++r) {
-        const LsePartial part{anchor_data[r], exp_data[r], smoothing ? shifted_data[r] : 0.0f, columns};
-        stats[r] = lse_combine(stats[r], part);
-      }
+      // One more pass per row of the chunk: its partial by the SIMD loop, merged into the token's.
+      const float* chunk_data = z.const_data_ptr<float>();
+      at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / columns), [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          const float* row = chunk_data + r * columns;
+          stats[r] = lse_merge(stats[r], cpu::row_partial(row, columns));
+          const int64_t local = target_at(targets, (row0 + r) / time, (row0 + r) % time) - column0;
+          if (local >= 0 && local < columns) target_logit[r] = row[local];
+        }
+      });
     }
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t target = target_at(targets, (row0 + r) / time, (row0 + r) % time);

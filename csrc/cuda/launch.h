@@ -38,7 +38,8 @@ struct FusedSelectLaunch {
   bool losses_only;  // write the losses and stop: no update, no draw (the host checks them first)
 };
 
-size_t fused_select_workspace_bytes(int64_t batch, int64_t k);
+// num_classes: 0 when losses are given.
+size_t fused_select_workspace_bytes(int64_t batch, int64_t k, int64_t num_classes);
 cudaError_t launch_fused_select(const FusedSelectLaunch& launch, cudaStream_t stream);
 
 struct PruneLaunch {

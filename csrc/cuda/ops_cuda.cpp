@@ -21,13 +21,14 @@ namespace es_kernels {
 
 namespace {
 
-// The kernels read the seed from device memory, as in a captured graph; the Philox offset is a zero the call owns
-// (every call has its own seed, so its counters start at zero).
-PhiloxArgs device_philox(const at::Tensor& seed, const at::Tensor& zero) {
+// The kernels read the seed from device memory, as in a captured graph; the Philox offset is the constant 0 (every
+// call has its own seed, so its counters start at zero), which costs no fill launch.
+PhiloxArgs device_philox(const at::Tensor& seed) {
   PhiloxArgs args;
   args.captured = true;
   args.seed_ptr = seed.data_ptr<int64_t>();
-  args.offset_ptr = zero.data_ptr<int64_t>();
+  args.offset_ptr = nullptr;
+  args.offset = 0;
   return args;
 }
 
@@ -66,7 +67,7 @@ SelectResult fused_select_cuda(const SelectArgs& args) {
   launch.losses_out = losses.data_ptr<float>();
   at::Tensor positions = at::empty({args.k}, at::TensorOptions().dtype(at::kLong).device(device));
   launch.positions_out = positions.data_ptr<int64_t>();
-  const at::Tensor scratch = workspace(cuda::fused_select_workspace_bytes(p.batch, args.k), device);
+  const at::Tensor scratch = workspace(cuda::fused_select_workspace_bytes(p.batch, args.k, p.num_classes), device);
   launch.workspace = scratch.data_ptr();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor checked;
@@ -88,8 +89,7 @@ SelectResult fused_select_cuda(const SelectArgs& args) {
     losses = at::empty({p.batch}, float_options);  // the output never aliases what the kernel reads
     launch.losses_out = losses.data_ptr<float>();
   }
-  const at::Tensor zero = at::zeros({1}, at::TensorOptions().dtype(at::kLong).device(device));
-  launch.philox = device_philox(args.seed, zero);
+  launch.philox = device_philox(args.seed);
   C10_CUDA_CHECK(cuda::launch_fused_select(launch, stream));
   // Raw-pointer writes do not bump autograd's version counters; do it so misuse of the buffers is detected.
   args.score.unsafeGetTensorImpl()->bump_version();
@@ -106,9 +106,8 @@ at::Tensor prune_select_cuda(const at::Tensor& values_in, const at::Tensor& seed
   if (keep == 0) return at::empty({0}, long_options);
   if (keep == n) return at::arange(n, long_options);
   at::Tensor kept = at::empty({keep}, long_options);
-  const at::Tensor zero = at::zeros({1}, long_options);
   cuda::PruneLaunch launch{};
-  launch.philox = device_philox(seed, zero);
+  launch.philox = device_philox(seed);
   const at::Tensor scratch = workspace(cuda::prune_workspace_bytes(n), device);
   launch.values = values.data_ptr<float>();
   launch.n = n;

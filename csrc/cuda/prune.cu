@@ -1,6 +1,6 @@
 // Launcher of the CUDA pruning draw (kernels in kernels/prune_kernels.cuh): 3 histogram passes with on-device
-// bucket choices, then count / scan / write over tiles. Eight launches, no host synchronisation; workspace is
-// 4 bytes per id plus O(n / 4096).
+// bucket choices, then count / scan / write over tiles. Nine kernels and a memset, no host synchronisation;
+// workspace is 4 bytes per id plus O(n / 4096).
 #include "cuda/launch.h"
 #include "kernels/prune_kernels.cuh"
 
@@ -47,7 +47,8 @@ cudaError_t launch_prune(const PruneLaunch& a, cudaStream_t stream) {
 
   status = cudaMemsetAsync(histograms, 0, sizeof(int64_t) * kRadixPasses * kRadixBins, stream);
   if (status != cudaSuccess) return status;
-  prune_keys_kernel<<<grid_for((a.n + 3) / 4), kPruneThreads, 0, stream>>>(a.values, a.n, a.philox, keys,
+  const bool aligned = reinterpret_cast<uintptr_t>(a.values) % 16 == 0;
+  prune_keys_kernel<<<grid_for((a.n + 3) / 4), kPruneThreads, 0, stream>>>(a.values, aligned, a.n, a.philox, keys,
                                                                            histograms);
   prune_choose_kernel<<<1, 1, 0, stream>>>(histograms, 0, a.keep, state);
   for (int pass = 1; pass < kRadixPasses; ++pass) {

@@ -38,26 +38,28 @@ SequenceTargets sequence_targets(const at::Tensor& targets) {
 }
 
 SequenceLossParams sequence_params(int64_t vocab, int64_t ignore_index, double label_smoothing) {
-  return SequenceLossParams{vocab, ignore_index, static_cast<float>(label_smoothing),
-                            static_cast<float>(1.0 - label_smoothing)};
+  return make_sequence_params(vocab, ignore_index, label_smoothing);
 }
 
 // Token statistics: LsePartial per token (as raw bytes) and the target logits.
 struct TokenState {
   at::Tensor stats, target_logit;
+  int64_t splits;
   LsePartial* stats_ptr() { return reinterpret_cast<LsePartial*>(stats.mutable_data_ptr<uint8_t>()); }
 };
 
-TokenState token_state(int64_t tokens, const at::Device& device) {
+// `splits` partials per token (column splits of the token-logit form), one otherwise.
+TokenState token_state(int64_t tokens, const at::Device& device, int64_t splits = 1) {
   const auto options = at::TensorOptions().device(device);
-  return TokenState{at::empty({tokens * static_cast<int64_t>(sizeof(LsePartial))}, options.dtype(at::kByte)),
-                    at::empty({tokens}, options.dtype(at::kFloat))};
+  return TokenState{at::empty({tokens * splits * static_cast<int64_t>(sizeof(LsePartial))}, options.dtype(at::kByte)),
+                    at::empty({tokens}, options.dtype(at::kFloat)), splits};
 }
 
 at::Tensor reduce(TokenState& state, const at::Tensor& targets, const SequenceLossParams& params, bool mean,
                   cudaStream_t stream) {
   at::Tensor out = at::empty({targets.size(0)}, targets.options().dtype(at::kFloat));
-  C10_CUDA_CHECK(cuda::launch_sequence_reduce(state.stats_ptr(), state.target_logit.const_data_ptr<float>(),
+  C10_CUDA_CHECK(cuda::launch_sequence_reduce(state.stats_ptr(), state.splits,
+                                              state.target_logit.const_data_ptr<float>(),
                                               targets.size(0), sequence_targets(targets), params, mean,
                                               out.mutable_data_ptr<float>(), stream));
   return out;
@@ -75,9 +77,17 @@ at::Tensor token_sequence_losses_cuda(const at::Tensor& logits, const at::Tensor
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(logits.device().index());
   const int64_t batch = logits.size(0), time = logits.size(1);
   const SequenceLossParams params = sequence_params(logits.size(2), ignore_index, label_smoothing);
-  TokenState state = token_state(batch * time, logits.device());
+  const int64_t vocab = logits.size(2);
+  // Few tokens: split each row's columns over several blocks so every SM has work, in chunks of a multiple of 16
+  // columns so every split of a contiguous row starts at the row's own alignment.
+  int64_t splits = batch * time > 0 ? cuda::sequence_splits(batch * time, vocab) : 1;
+  const int64_t split_columns = ((vocab + splits - 1) / splits + 15) / 16 * 16;
+  splits = (vocab + split_columns - 1) / split_columns;
+  TokenState state = token_state(batch * time, logits.device(), splits);
   if (batch * time > 0) {
-    const SequenceRows rows{time, logits.stride(0), logits.stride(1), logits.stride(2), logits.size(2), 0, 0};
+    SequenceRows rows{time, logits.stride(0), logits.stride(1), logits.stride(2), vocab, 0, 0};
+    rows.splits = splits;
+    rows.split_columns = split_columns;
     C10_CUDA_CHECK(cuda::launch_sequence_rows(logits.const_data_ptr(), dtype, batch * time, rows,
                                               sequence_targets(targets), params, true, state.stats_ptr(),
                                               state.target_logit.mutable_data_ptr<float>(), stream));

@@ -13,7 +13,8 @@ struct Philox4 {
 };
 
 // Seed and offset of one call. On CUDA under graph capture the values live in device memory and are read inside
-// the kernel, exactly as at::cuda::philox::unpack does (a torch-free mirror of at::PhiloxCudaState).
+// the kernel, exactly as at::cuda::philox::unpack does (a torch-free mirror of at::PhiloxCudaState); without an
+// offset pointer the offset is the constant `offset`.
 struct PhiloxArgs {
   uint64_t seed = 0;
   uint64_t offset = 0;
@@ -26,7 +27,8 @@ struct PhiloxArgs {
 ES_HD void unpack_philox(const PhiloxArgs& args, uint64_t* seed, uint64_t* offset) {
   if (args.captured) {
     *seed = args.seed_ptr != nullptr ? static_cast<uint64_t>(*args.seed_ptr) : args.seed;
-    *offset = static_cast<uint64_t>(*args.offset_ptr) + args.offset_intragraph;
+    *offset = (args.offset_ptr != nullptr ? static_cast<uint64_t>(*args.offset_ptr) : args.offset) +
+              args.offset_intragraph;
   } else {
     *seed = args.seed;
     *offset = args.offset;

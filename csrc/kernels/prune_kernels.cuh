@@ -6,6 +6,7 @@
 
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
+#include <cooperative_groups.h>
 
 #include "common.cuh"
 #include "philox.cuh"
@@ -18,6 +19,16 @@ constexpr int kPruneThreads = 256;
 constexpr int kTileItems = 16;  // per thread: a tile is 4096 consecutive ids
 constexpr int64_t kTile = kPruneThreads * kTileItems;
 
+// Adds one to bin `bin` of a shared histogram, one atomic per distinct bin in the warp: keys cluster in a few bins
+// (a pruning state's weights span a few octaves, and the top digit is mostly the exponent), and plain shared atomics
+// on one address serialise the whole warp.
+__device__ __forceinline__ void count_in_warp(unsigned* histogram, uint32_t bin) {
+  namespace cg = cooperative_groups;
+  const cg::coalesced_group active = cg::coalesced_threads();
+  const cg::coalesced_group peers = cg::labeled_partition(active, bin);
+  if (peers.thread_rank() == 0) atomicAdd(&histogram[bin], peers.size());
+}
+
 __device__ __forceinline__ void flush_histogram(const unsigned* shared, int64_t* global) {
   __syncthreads();
   for (int b = threadIdx.x; b < kRadixBins; b += blockDim.x) {
@@ -26,8 +37,8 @@ __device__ __forceinline__ void flush_histogram(const unsigned* shared, int64_t*
 }
 
 __global__ void __launch_bounds__(kPruneThreads)
-    prune_keys_kernel(const float* __restrict__ values, int64_t n, PhiloxArgs philox, uint32_t* __restrict__ keys,
-                      int64_t* __restrict__ histogram) {
+    prune_keys_kernel(const float* __restrict__ values, bool aligned, int64_t n, PhiloxArgs philox,
+                      uint32_t* __restrict__ keys, int64_t* __restrict__ histogram) {
   __shared__ unsigned local[kRadixBins];
   for (int b = threadIdx.x; b < kRadixBins; b += blockDim.x) local[b] = 0;
   __syncthreads();
@@ -37,8 +48,21 @@ __global__ void __launch_bounds__(kPruneThreads)
   for (int64_t block = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; block < blocks;
        block += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const Philox4 r = philox4x32_10(seed, offset, static_cast<uint64_t>(block));
+    const int64_t base = block * 4;
+    if (aligned && base + 4 <= n) {
+      // A whole Philox block: one 16-byte load and one 16-byte store (`keys` is 16-byte aligned: workspace).
+      const float4 w = reinterpret_cast<const float4*>(values)[block];
+      const uint4 bits{order_bits(prune_key(w.x, uniform_float(r.x))), order_bits(prune_key(w.y, uniform_float(r.y))),
+                       order_bits(prune_key(w.z, uniform_float(r.z))), order_bits(prune_key(w.w, uniform_float(r.w)))};
+      reinterpret_cast<uint4*>(keys)[block] = bits;
+      count_in_warp(local, bits.x >> radix_shift(0));
+      count_in_warp(local, bits.y >> radix_shift(0));
+      count_in_warp(local, bits.z >> radix_shift(0));
+      count_in_warp(local, bits.w >> radix_shift(0));
+      continue;
+    }
     for (int lane = 0; lane < 4; ++lane) {
-      const int64_t i = block * 4 + lane;
+      const int64_t i = base + lane;
       if (i >= n) break;
       const uint32_t bits = order_bits(prune_key(values[i], uniform_float(philox_word(r, lane))));
       keys[i] = bits;
@@ -60,6 +84,7 @@ __global__ void __launch_bounds__(kPruneThreads)
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const uint32_t bits = keys[i];
+    // Only keys in the chosen bucket count; those are spread over the next digit, so plain atomics do.
     if (radix_matches(bits, pass, prefix)) atomicAdd(&local[(bits >> shift) & mask], 1u);
   }
   flush_histogram(local, histogram);
