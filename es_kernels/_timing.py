@@ -164,6 +164,24 @@ def spread(samples: Sequence[float]) -> float:
     return (high - low) / middle if middle > 0 else math.inf
 
 
+def relative_spread(samples: Sequence[float]) -> float | None:
+    """The spread a training command prints beside a median: interquartile range over median from 4 samples, the
+    whole range over median for 2 or 3 (the quartiles of so few mean nothing), None for fewer."""
+    if len(samples) < 2:
+        return None
+    if len(samples) >= 4:
+        return spread(samples)
+    middle = statistics.median(samples)
+    return (max(samples) - min(samples)) / middle if middle > 0 else math.inf
+
+
+def with_spread(value: float | None, spread_value: float | None, digits: int) -> str:
+    """``1.23 (4%)``: a median with its :func:`relative_spread` ("n/a" for a single sample, "—" for no value)."""
+    if value is None:
+        return "—"
+    return f"{value:.{digits}f} ({'n/a' if spread_value is None else f'{100 * spread_value:.0f}%'})"
+
+
 def spread_of_stats(stats: dict) -> float:
     """:func:`spread` from a pytest-benchmark ``stats`` record (its ``iqr`` and ``median``; 0 if absent)."""
     iqr, median = stats.get("iqr"), stats.get("median")
@@ -173,11 +191,13 @@ def spread_of_stats(stats: dict) -> float:
 
 
 def spread_reason(samples: Sequence[float], limit: float = SPREAD_LIMIT) -> str | None:
-    """Why these repeated timings of one thing disagree too much to quote (spread above ``limit``), or None."""
-    value = spread(samples)
-    if value <= limit:
+    """Why these repeated timings of one thing disagree too much to quote (:func:`relative_spread` above
+    ``limit``), or None (also for a single timing: nothing to compare)."""
+    value = relative_spread(samples)
+    if value is None or value <= limit:
         return None
-    return f"timings spread: interquartile range {100 * value:.0f}% of the median over {len(samples)} runs"
+    measure = "interquartile range" if len(samples) >= 4 else "range"
+    return f"timings spread: {measure} {100 * value:.0f}% of the median over {len(samples)} runs"
 
 
 def unreliable_reason(

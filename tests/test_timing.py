@@ -106,3 +106,11 @@ def test_spread_limit_is_the_callers():
     samples = [1.0, 1.0, 1.2, 1.2]  # interquartile range 0.2 over the median 1.1: 18%
     assert _timing.spread_reason(samples) is None
     assert "timings spread" in _timing.spread_reason(samples, limit=0.10)
+
+
+def test_relative_spread_of_a_few_repeats():
+    assert _timing.relative_spread([2.0]) is None  # nothing to compare
+    assert _timing.relative_spread([1.0, 1.2, 1.1]) == pytest.approx(0.2 / 1.1)  # the range, under 4
+    assert _timing.relative_spread([1.0, 2.0, 3.0, 4.0, 5.0]) == _timing.spread([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert "range 18% of the median over 3 runs" in _timing.spread_reason([1.0, 1.2, 1.1], limit=0.10)
+    assert _timing.with_spread(1.234, 0.041, 2) == "1.23 (4%)" and _timing.with_spread(1.0, None, 1) == "1.0 (n/a)"

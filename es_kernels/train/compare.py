@@ -14,10 +14,10 @@ curves would compare first epochs, not methods).
 
 Timing: every (method, seed) run is repeated ``--repeats`` times, round-robin over repeats, seeds and methods, so a
 load swing on a shared machine hits every method alike; the table prints each method's median over its runs and
-the spread (interquartile range over the median), and the median of its per-round ratios to the baseline. Before the
-clock starts, every method trains two tiny epochs (the selection backend's first load or compilation, Adam's first
-step, each policy's first plan): no first-call cost is charged to a method. A warning follows the table when the
-spread exceeds 10% or other processes kept cores busy while the runs were timed.
+the spread (interquartile range over the median; the range under 4 runs), and the median of its per-round ratios
+to the baseline. Before the clock starts, every method trains two tiny epochs (the selection backend's first load or
+compilation, Adam's first step, each policy's first plan): no first-call cost is charged to a method. A warning
+follows the table when the spread exceeds 10% or other processes kept cores busy while the runs were timed.
 
 Prints, per method: final clean test accuracy (mean ± std over seeds), training wall-clock (evaluation excluded),
 the process's CPU time over the same spans, back-propagated samples, and the time to reach the target accuracy:
@@ -191,11 +191,6 @@ def schedule(methods: list[str], seeds: list[int], repeats: int) -> list[tuple[i
     return order
 
 
-def relative_spread(samples: list[float]) -> float | None:
-    """Interquartile range over the median (:func:`es_kernels._timing.spread`), None for fewer than 4 samples."""
-    return _timing.spread(samples) if len(samples) >= 4 else None
-
-
 def seed_curve(group: list[dict[str, object]]) -> list[dict[str, object]]:
     """One seed's curve over its repeats: accuracy and samples of the first repeat (the runs are deterministic;
     ``summarise`` checks it), and at each epoch the median over repeats of the training seconds so far."""
@@ -237,10 +232,10 @@ def summarise(runs: list[dict[str, object]], methods: list[str]) -> list[dict[st
                 "repeats_agree": all(len({round(r["test_accuracy"], 12) for r in by[method, s]}) == 1 for s in seeds),
                 "runs": len(group),
                 "seconds_median": statistics.median(seconds),
-                "seconds_spread": relative_spread(seconds),
+                "seconds_spread": _timing.relative_spread(seconds),
                 "seconds_samples": seconds,
                 "ratio_median": statistics.median(ratios) if ratios else None,
-                "ratio_spread": relative_spread(ratios) if ratios else None,
+                "ratio_spread": _timing.relative_spread(ratios) if ratios else None,
                 "cpu_seconds_median": statistics.median(r["cpu_seconds"] for r in group),
                 "backprop_samples": statistics.fmean(r["backprop_samples"] for r in group),
                 "target_accuracy": target,
@@ -264,12 +259,6 @@ TABLE_COLUMNS = (
 )
 
 
-def with_spread(value: float | None, spread: float | None, digits: int) -> str:
-    if value is None:
-        return "—"
-    return f"{value:.{digits}f} ({'n/a' if spread is None else f'{100 * spread:.0f}%'})"
-
-
 def format_table(rows: list[dict[str, object]]) -> str:
     lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
     for row in rows:
@@ -284,9 +273,10 @@ def format_table(rows: list[dict[str, object]]) -> str:
         accuracy_text = f"{100 * row['test_accuracy_mean']:.1f} ± {100 * row['test_accuracy_std']:.1f}"
         if not row["repeats_agree"]:
             accuracy_text += " (repeats differ)"
+        seconds = _timing.with_spread(row["seconds_median"], row["seconds_spread"], 1)
+        ratio = _timing.with_spread(row["ratio_median"], row["ratio_spread"], 2)
         lines.append(
-            f"| {row['method']} | {accuracy_text} | {with_spread(row['seconds_median'], row['seconds_spread'], 1)} | "
-            f"{with_spread(row['ratio_median'], row['ratio_spread'], 2)} | {row['cpu_seconds_median']:.1f} | "
+            f"| {row['method']} | {accuracy_text} | {seconds} | {ratio} | {row['cpu_seconds_median']:.1f} | "
             f"{row['backprop_samples']:,.0f} | {reach} |"
         )
     return "\n".join(lines)
@@ -433,8 +423,8 @@ def run(argv: list[str] | None = None) -> list[dict[str, object]]:
     runs_per_method = len(args.seeds) * args.repeats
     print(
         f"medians over {runs_per_method} runs per method ({len(args.seeds)} seeds x {args.repeats} repeats, "
-        "interleaved); spread = interquartile range / median (n/a under 4 runs); / baseline = the run's time over "
-        "the baseline's in the same round"
+        "interleaved); spread = interquartile range / median (range / median under 4 runs); / baseline = the run's "
+        "time over the baseline's in the same round"
         + (
             ""
             if target is None
