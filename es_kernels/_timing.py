@@ -6,7 +6,16 @@ while a single-threaded kernel barely moved): a ratio of two such timings means 
 (``python -m es_kernels.selfcheck``, ``python -m es_kernels.train.digits``, ``python -m benchmarks.report``) ask
 :func:`unreliable_reason` and say so instead of printing figures they cannot stand behind.
 
-The load source is injectable (``load_source=``, or monkeypatch :data:`LOAD_SOURCE`) so the verdict can be tested.
+Two measures of the load. The 1-minute load average lags: a job that starts beside a run of a few minutes barely
+moves it, and it cannot tell this process's threads from others'. So the training commands (``es-compare``,
+``es-vit --demo``, ``es-sft --demo``) hold a :class:`LoadMeter` over their timed section instead: the machine's busy
+CPU time (``/proc/stat``) minus this process's own CPU time, over the wall-clock of the section, is the number of
+cores other processes kept busy while the figures were taken. Live child processes (DataLoader workers) count as
+others: they take cores from the timed threads all the same. Where ``/proc/stat`` is missing, the load average
+decides.
+
+The sources are injectable (``load_source=``/``busy_source=``, or monkeypatch :data:`LOAD_SOURCE`/
+:data:`BUSY_SOURCE`) so the verdicts can be tested.
 """
 
 from __future__ import annotations
@@ -26,6 +35,69 @@ def _system_load() -> tuple[float, float, float]:
 
 
 LOAD_SOURCE: LoadSource | None = _system_load if hasattr(os, "getloadavg") else None
+
+BusySource = Callable[[], "float | None"]
+
+
+def _machine_busy_seconds() -> float | None:
+    """CPU seconds every core of the machine spent busy since boot (user, nice, system, irq, softirq, steal: steal is
+    time a hypervisor gave another guest), or None where ``/proc/stat`` cannot be read."""
+    try:
+        with open("/proc/stat", encoding="ascii") as handle:
+            fields = handle.readline().split()
+        ticks = os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not fields or fields[0] != "cpu" or len(fields) < 9:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(value) for value in fields[1:9])
+    return (user + nice + system + irq + softirq + steal) / ticks
+
+
+BUSY_SOURCE: BusySource | None = _machine_busy_seconds
+
+
+def _own_cpu_seconds() -> float:
+    """This process's CPU seconds (all its threads) and those of its children that have ended."""
+    times = os.times()
+    return time.process_time() + times.children_user + times.children_system
+
+
+class LoadMeter:
+    """Cores that other processes kept busy from its construction (or :meth:`restart`) to each :meth:`others` call.
+
+    ``(machine busy CPU time - own CPU time) / wall-clock``, both over the same span. ``busy_source`` defaults to
+    :data:`BUSY_SOURCE` (``/proc/stat``); when it gives None the meter knows nothing and :meth:`others` is None.
+    """
+
+    def __init__(
+        self,
+        busy_source: BusySource | None = None,
+        own_source: Callable[[], float] | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self._busy_source = busy_source if busy_source is not None else BUSY_SOURCE
+        self._own_source = own_source if own_source is not None else _own_cpu_seconds
+        self._clock = clock
+        self.restart()
+
+    def _busy(self) -> float | None:
+        return None if self._busy_source is None else self._busy_source()
+
+    def restart(self) -> None:
+        self._wall = self._clock()
+        self._own = self._own_source()
+        self._machine = self._busy()
+
+    def others(self) -> float | None:
+        """Mean number of cores other processes used since the start, or None when the machine's counters are
+        unreadable or no time has passed."""
+        machine = self._busy()
+        wall = self._clock() - self._wall
+        if machine is None or self._machine is None or wall <= 0.0:
+            return None
+        return max(0.0, (machine - self._machine - (self._own_source() - self._own)) / wall)
+
 
 # Cores the timed threads may need beyond the free ones before the figures count as disturbed: half a core of
 # competition already shows up in a 2-thread timing on a 2-core machine, but noise below it does not.
@@ -51,19 +123,30 @@ def load_reason(
     load_source: LoadSource | None = None,
     own: float | None = None,
     num_cores: int | None = None,
+    meter: LoadMeter | None = None,
 ) -> str | None:
     """Why the machine is too busy to time ``threads`` threads, or None when it is not (or the load is unknown).
 
-    Busy when the 1-minute load of other processes plus ``threads`` exceeds the cores by more than
-    :data:`LOAD_MARGIN`. ``own`` is this process's share of that load (default :func:`own_load`); ``num_cores``
-    the machine's cores (default :func:`cores`; a report of figures taken elsewhere passes the recorded count).
+    Busy when other processes' load plus ``threads`` exceeds the cores by more than :data:`LOAD_MARGIN`. With a
+    ``meter`` that could read the machine's counters, other processes' load is the cores it measured them using;
+    otherwise the 1-minute load average less ``own``, this process's share of it (default :func:`own_load`).
+    ``num_cores`` is the machine's cores (default :func:`cores`; a report of figures taken elsewhere passes the
+    recorded count).
     """
+    available = cores() if num_cores is None else num_cores
+    measured = None if meter is None else meter.others()
+    if measured is not None:
+        if measured + threads <= available + LOAD_MARGIN:
+            return None
+        return (
+            f"machine loaded: other processes kept {measured:.1f} of {available} cores busy on average while "
+            f"{threads} thread(s) were timed"
+        )
     source = LOAD_SOURCE if load_source is None else load_source
     if source is None:
         return None
     load = float(source()[0])
     others = max(0.0, load - (own_load(threads) if own is None else own))
-    available = cores() if num_cores is None else num_cores
     if others + threads <= available + LOAD_MARGIN:
         return None
     return (
@@ -81,6 +164,24 @@ def spread(samples: Sequence[float]) -> float:
     return (high - low) / middle if middle > 0 else math.inf
 
 
+def relative_spread(samples: Sequence[float]) -> float | None:
+    """The spread a training command prints beside a median: interquartile range over median from 4 samples, the
+    whole range over median for 2 or 3 (the quartiles of so few mean nothing), None for fewer."""
+    if len(samples) < 2:
+        return None
+    if len(samples) >= 4:
+        return spread(samples)
+    middle = statistics.median(samples)
+    return (max(samples) - min(samples)) / middle if middle > 0 else math.inf
+
+
+def with_spread(value: float | None, spread_value: float | None, digits: int) -> str:
+    """``1.23 (4%)``: a median with its :func:`relative_spread` ("n/a" for a single sample, "—" for no value)."""
+    if value is None:
+        return "—"
+    return f"{value:.{digits}f} ({'n/a' if spread_value is None else f'{100 * spread_value:.0f}%'})"
+
+
 def spread_of_stats(stats: dict) -> float:
     """:func:`spread` from a pytest-benchmark ``stats`` record (its ``iqr`` and ``median``; 0 if absent)."""
     iqr, median = stats.get("iqr"), stats.get("median")
@@ -89,33 +190,46 @@ def spread_of_stats(stats: dict) -> float:
     return iqr / median
 
 
-def spread_reason(samples: Sequence[float]) -> str | None:
-    """Why these repeated timings of one thing disagree too much to quote, or None."""
-    value = spread(samples)
-    if value <= SPREAD_LIMIT:
+def spread_reason(samples: Sequence[float], limit: float = SPREAD_LIMIT) -> str | None:
+    """Why these repeated timings of one thing disagree too much to quote (:func:`relative_spread` above
+    ``limit``), or None (also for a single timing: nothing to compare)."""
+    value = relative_spread(samples)
+    if value is None or value <= limit:
         return None
-    return f"timings spread: interquartile range {100 * value:.0f}% of the median over {len(samples)} runs"
+    measure = "interquartile range" if len(samples) >= 4 else "range"
+    return f"timings spread: {measure} {100 * value:.0f}% of the median over {len(samples)} runs"
 
 
 def unreliable_reason(
-    threads: int, samples: Sequence[Sequence[float]] = (), *, load_source: LoadSource | None = None
+    threads: int,
+    samples: Sequence[Sequence[float]] = (),
+    *,
+    load_source: LoadSource | None = None,
+    meter: LoadMeter | None = None,
+    spread_limit: float = SPREAD_LIMIT,
 ) -> str | None:
     """The first reason the figures are not trustworthy (machine load, then each series' spread), or None."""
-    reason = load_reason(threads, load_source=load_source)
+    reason = load_reason(threads, load_source=load_source, meter=meter)
     if reason is not None:
         return reason
     for series in samples:
-        reason = spread_reason(series)
+        reason = spread_reason(series, spread_limit)
         if reason is not None:
             return reason
     return None
 
 
 def warn_if_unreliable(
-    threads: int, samples: Sequence[Sequence[float]] = (), *, load_source: LoadSource | None = None, file=None
+    threads: int,
+    samples: Sequence[Sequence[float]] = (),
+    *,
+    load_source: LoadSource | None = None,
+    meter: LoadMeter | None = None,
+    spread_limit: float = SPREAD_LIMIT,
+    file=None,
 ) -> str | None:
     """Print one warning line when the figures just printed are not trustworthy; return the reason (or None)."""
-    reason = unreliable_reason(threads, samples, load_source=load_source)
+    reason = unreliable_reason(threads, samples, load_source=load_source, meter=meter, spread_limit=spread_limit)
     if reason is not None:
         out = sys.stdout if file is None else file
         print(f"warning: the timings above are not trustworthy ({reason}); rerun on an idle machine", file=out)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -53,3 +56,61 @@ def test_warning_line(monkeypatch):
     assert out.getvalue().startswith("warning: the timings above are not trustworthy (machine loaded")
     quiet = io.StringIO()
     assert _timing.warn_if_unreliable(2, load_source=loaded(0.0), file=quiet) is None and quiet.getvalue() == ""
+
+
+def counter(*values):
+    """A source returning ``values`` one call after another."""
+    items = iter(values)
+    return lambda: next(items)
+
+
+def test_meter_counts_the_cores_other_processes_kept_busy(monkeypatch):
+    monkeypatch.setattr(_timing, "cores", lambda: 2)
+    # 10 s of wall-clock; the machine's cores were busy 21 s, of which this process 9 s: others held 1.2 cores.
+    meter = _timing.LoadMeter(busy_source=counter(100.0, 121.0), own_source=counter(5.0, 14.0), clock=counter(0, 10))
+    assert meter.others() == pytest.approx(1.2)
+    meter = _timing.LoadMeter(busy_source=counter(100.0, 121.0), own_source=counter(5.0, 14.0), clock=counter(0, 10))
+    reason = _timing.load_reason(2, meter=meter, load_source=loaded(0.0))  # the meter wins over the load average
+    assert reason.startswith("machine loaded: other processes kept 1.2 of 2 cores busy")
+    # Only the timed process working: not loaded, whatever the lagging load average says.
+    meter = _timing.LoadMeter(busy_source=counter(100.0, 118.0), own_source=counter(5.0, 23.0), clock=counter(0, 10))
+    assert _timing.load_reason(2, meter=meter, load_source=loaded(40.0)) is None
+    # Counters unreadable (no /proc/stat): the load average decides.
+    meter = _timing.LoadMeter(busy_source=lambda: None)
+    assert _timing.load_reason(2, meter=meter, load_source=loaded(40.0)).startswith("machine loaded: load average")
+
+
+def test_meter_sees_a_cpu_burning_process_started_beside_the_timed_code():
+    """The 1-minute load average barely moves in a second; the machine's CPU counters do."""
+    if _timing.BUSY_SOURCE is None or _timing.BUSY_SOURCE() is None:
+        pytest.skip("no /proc/stat on this platform")
+    burners = [
+        subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 4\nwhile time.time() < end: pass"])
+        for _ in range(_timing.cores())
+    ]
+    try:
+        time.sleep(0.3)  # the burners are running
+        meter = _timing.LoadMeter()
+        time.sleep(1.0)  # the "timed" code waits, so every busy core is another process's
+        others = meter.others()
+        reason = _timing.load_reason(1, meter=meter)
+    finally:
+        for burner in burners:
+            burner.kill()
+            burner.wait()
+    assert others > _timing.cores() - 1
+    assert reason is not None and reason.startswith("machine loaded: other processes kept")
+
+
+def test_spread_limit_is_the_callers():
+    samples = [1.0, 1.0, 1.2, 1.2]  # interquartile range 0.2 over the median 1.1: 18%
+    assert _timing.spread_reason(samples) is None
+    assert "timings spread" in _timing.spread_reason(samples, limit=0.10)
+
+
+def test_relative_spread_of_a_few_repeats():
+    assert _timing.relative_spread([2.0]) is None  # nothing to compare
+    assert _timing.relative_spread([1.0, 1.2, 1.1]) == pytest.approx(0.2 / 1.1)  # the range, under 4
+    assert _timing.relative_spread([1.0, 2.0, 3.0, 4.0, 5.0]) == _timing.spread([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert "range 18% of the median over 3 runs" in _timing.spread_reason([1.0, 1.2, 1.1], limit=0.10)
+    assert _timing.with_spread(1.234, 0.041, 2) == "1.23 (4%)" and _timing.with_spread(1.0, None, 1) == "1.0 (n/a)"

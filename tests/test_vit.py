@@ -8,6 +8,7 @@ import json
 import math
 import os
 import socket
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -202,7 +203,8 @@ def test_torchrun_two_ranks_share_one_state(data, tmp_path):
 def test_demo_writes_its_data_and_runs(tmp_path):
     results = cli.run(
         ["--demo", "--out", str(tmp_path), "--method", "es", "--epochs", "1", "--batch-size", "512", "--threads", "1",
-         "--model-kwargs", "img_size=32", "patch_size=8", "embed_dim=32", "depth=1", "num_heads=2", "--no-progress"]
+         "--model-kwargs", "img_size=32", "patch_size=8", "embed_dim=32", "depth=1", "num_heads=2", "--no-progress",
+         "--from-scratch"]
     )  # fmt: skip
     assert len(list((tmp_path / "data" / "train").glob("*/*.png"))) == 1347
     assert len(list((tmp_path / "data" / "val").glob("*/*.png"))) == 450
@@ -352,3 +354,127 @@ def test_the_recipe_modules_import_each_other_without_a_cycle():
     code = "import sys, es_kernels.train.vit; print(sorted({'timm', 'torchvision', 'matplotlib'} & set(sys.modules)))"
     done_run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done_run.returncode == 0 and done_run.stdout.strip() == "[]", done_run.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------------------- timing and the demo's regime
+
+
+def test_interleaved_methods_train_exactly_as_they_would_alone(data, tmp_path, all_methods, capsys):
+    """Epochs round-robin over the methods; each method keeps its own random streams, so its records are the ones
+    of the sequential run (augmentation and drop-path draw from global generators the others also draw from)."""
+    _, results = all_methods
+    capsys.readouterr()
+    interleaved = cli.run(cli_args(data, tmp_path, "--method", "baseline", "es", "eswp", "--interleave"))
+    lines = [line.split(" epoch ")[0] for line in capsys.readouterr().out.splitlines() if " epoch " in line[:15]]
+    assert lines == ["baseline", "es", "eswp", "baseline", "es", "eswp"]
+    for method in ("baseline", "es", "eswp"):
+        for key in ("train_loss", "test_loss", "test_accuracy", "backprop_samples", "scored_samples"):
+            assert [r[key] for r in interleaved[method]] == [r[key] for r in results[method]], (method, key)
+
+
+def test_summary_gives_steady_epoch_medians_with_their_spread():
+    def record(epoch, seconds, selecting=True, accuracy=0.5):
+        return {"epoch": epoch, "epoch_seconds": seconds, "selecting": selecting, "test_accuracy": accuracy,
+                "train_seconds": float(epoch + 1), "backprop_samples": 10 * (epoch + 1)}  # fmt: skip
+
+    base = [record(e, 2.0 + 0.1 * e, selecting=False, accuracy=0.5 + 0.1 * e) for e in range(6)]
+    # ES: an annealing first epoch (trains every row), then five selecting epochs at about half the baseline's.
+    es = [record(0, 9.0, selecting=False)] + [record(e, 1.0 + 0.05 * e, accuracy=0.9) for e in range(1, 6)]
+    rows = recipe.summary_rows({"baseline": base, "es": es})
+    assert rows[1]["epoch_seconds_samples"] == [r["epoch_seconds"] for r in es[1:]]  # epoch 0 left out
+    assert rows[1]["epoch_seconds"] == pytest.approx(1.15)
+    assert rows[1]["epoch_spread"] == pytest.approx(
+        (statistics.quantiles([1.05, 1.1, 1.15, 1.2, 1.25], n=4)[2] - statistics.quantiles([1.05, 1.1, 1.15, 1.2,
+         1.25], n=4)[0]) / 1.15
+    )  # fmt: skip
+    assert rows[1]["ratio"] == pytest.approx(1.15 / 2.3)
+    assert rows[1]["target"] == pytest.approx(0.995) and rows[0]["to_target"]["epoch"] == 5
+    table = recipe.format_summary(rows)
+    assert "| es | 90.00% | 60 | 6.0 | 1.15 (13%) | 0.50 (0%) | never |" in table  # 90% never reaches 99.5%
+    assert "| baseline | 100.00% | 60 | 6.0 | 2.30 (13%) | 1.00 (0%) | 6.0 s, 60 samples |" in table
+
+
+def test_warm_up_takes_first_calls_out_of_the_clock_and_changes_nothing(data, tmp_path, monkeypatch):
+    from es_kernels.train.vit import runtime as runtime_module
+
+    args = cli.parse_args(cli_args(data, tmp_path, "--method", "eswp", "--anneal", "0", "0"))
+    run_time = runtime_module.resolve_runtime(args)
+    datasets = config.check_data(args.data)
+    run = recipe.Run.build(args, "eswp", run_time, datasets, None)
+    calls = []
+    real_select = recipe.evolved_select
+    monkeypatch.setattr(recipe, "evolved_select", lambda *a, **k: calls.append(a[1].numel()) or real_select(*a, **k))
+    weights = {k: v.clone() for k, v in run.bare.state_dict().items()}
+    state = {k: v.clone() for k, v in run.training.state.state_dict().items() if isinstance(v, torch.Tensor)}
+    rng = torch.get_rng_state()
+    run.warm_up()
+    # Full meta-batches of 8, and the last batch of ESWP's pruned epoch 1: round(0.8 * 24) = 19 ids, 19 % 8 = 3.
+    assert sorted(calls) == [3, 8]
+    assert all(torch.equal(v, weights[k]) for k, v in run.bare.state_dict().items())
+    assert all(p.grad is None for p in run.bare.parameters()) and not run.optimizer.state
+    assert all(torch.equal(v, state[k]) for k, v in run.training.state.state_dict().items() if k in state)
+    assert torch.equal(torch.get_rng_state(), rng) and run.bare.training
+
+
+def test_training_steps_never_read_a_device_value(data, tmp_path, monkeypatch):
+    """The progress bar used to read the running loss every 10 steps: a host sync in the middle of the step."""
+    from es_kernels.train.vit import runtime as runtime_module
+
+    args = cli.parse_args(cli_args(data, tmp_path, "--method", "es", "--batch-size", "2"))
+    run_time = runtime_module.resolve_runtime(args)
+    run = recipe.Run.build(args, "es", run_time, config.check_data(args.data), None)
+    run.start_fresh()
+    run.training.set_epoch(0)
+    monkeypatch.setattr(recipe, "progress_bar", lambda **kwargs: ShownBar())
+    reads = []
+    real_item = torch.Tensor.item
+
+    def item(tensor):
+        reads.append(Path(sys._getframe(1).f_code.co_filename).name)
+        return real_item(tensor)
+
+    monkeypatch.setattr(torch.Tensor, "item", item)
+    run.train_epoch(0)  # 12 steps
+    assert reads.count("recipe.py") == 1  # the epoch's total, once, after the steps
+
+
+class ShownBar:
+    """A progress bar that is drawn (so the loop fills its postfix), drawing nothing."""
+
+    disable = False
+
+    def update(self, n=1):
+        pass
+
+    def set_postfix(self, **kwargs):
+        pass
+
+    def close(self):
+        pass
+
+
+def test_demo_fine_tunes_weights_pre_trained_once_and_cached(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("sklearn")
+    from es_kernels.train.vit import demo
+
+    tiny = ["--model-kwargs", "img_size=32", "patch_size=8", "embed_dim=16", "depth=1", "num_heads=1"]
+    argv = ["--demo", "--method", "es", "--epochs", "1", "--batch-size", "512", "--threads", "1", "--no-progress",
+            "--pretrain-epochs", "1", "--cache-dir", str(tmp_path / "cache"), *tiny]  # fmt: skip
+    loaded = []
+    real_build = model.build_model
+    monkeypatch.setattr(model, "build_model", lambda a, n, w: loaded.append(w) or real_build(a, n, w))
+    cli.run([*argv, "--out", str(tmp_path / "first")])
+    assert "pre-training the demo model on digit pairs" in capsys.readouterr().out
+    (cached,) = (tmp_path / "cache").glob("vit-demo-pairs-*.pt")
+    pairs = torch.load(cached, weights_only=True)
+    assert pairs["head.weight"].shape[0] == demo.PAIRS  # trained on the 5 pairs, not the 10 digits
+    fine_tuned_from = loaded[-1]
+    assert "head.weight" not in fine_tuned_from  # the 5-way head is dropped; the 10-way one starts fresh
+    assert all(torch.equal(fine_tuned_from[k], pairs[k]) for k in fine_tuned_from)
+    stamp = cached.stat().st_mtime_ns
+    cli.run([*argv, "--out", str(tmp_path / "second")])
+    assert "pre-training" not in capsys.readouterr().out and cached.stat().st_mtime_ns == stamp  # reused
+    cli.run([*argv, "--out", str(tmp_path / "scratch"), "--from-scratch"])
+    assert loaded[-1] is None
+    with pytest.raises(SystemExit, match=r"--from-scratch .* needs --demo"):
+        cli.run(["--data", str(tmp_path), "--from-scratch"])

@@ -10,6 +10,12 @@ is scored. Baseline (batch k) vs ES and ESWP (meta-batch B = k / select_ratio, k
 epochs; prints held-out loss and perplexity, wall-clock, back-propagated sequences and tokens and the time saved,
 writes them as JSON and plots held-out loss against wall-clock and against back-propagated tokens.
 
+Timing: each method's run is repeated (``--repeats``, round-robin over the methods, their order rotated each round)
+and the table gives the median wall-clock with its spread, and the median of the per-round ratios to the baseline's
+time with their spread (time saved = 1 - that median). Before the
+clock starts, every method trains one step on a throwaway model (the scoring path's first call: Triton compiling its
+kernels on a GPU took 3.8 s, more than the baseline's whole quick run): no first-call cost is charged to a method.
+
 With ``--model`` (a hub name or a local folder) and ``--data`` (JSON lines with ``prompt`` and ``completion``, or
 ``text``), the same trainer fine-tunes a real model; without a reachable hub or local folder it stops at once.
 """
@@ -17,10 +23,11 @@ With ``--model`` (a hub name or a local folder) and ``--data`` (JSON lines with 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
-import os
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,6 +35,7 @@ from typing import Any
 
 import torch
 
+from es_kernels import _timing
 from es_kernels.command import HelpFormatter, prog_name
 from es_kernels.policies import POLICIES
 from es_kernels.train.progress import add_progress_argument, shows_progress
@@ -35,6 +43,7 @@ from es_kernels.train.progress import add_progress_argument, shows_progress
 BOS, EOS, PAD = 256, 257, 258
 DEMO_VOCAB = 259
 METHOD_CHOICES = tuple(POLICIES)  # every method of es_kernels.policies
+SPREAD_LIMIT = 0.10  # a median whose runs spread more than this is not quoted without a warning
 
 
 # ------------------------------------------------------------------------------------------ demo data
@@ -130,11 +139,14 @@ def run_method(method: str, model, train, held_out, options: argparse.Namespace)
     clock = {"train": 0.0, "since": None}
 
     class Curve(TrainerCallback):
-        # Wall-clock of training only: evaluation time is taken out.
+        # Wall-clock of training only: evaluation time is taken out. On a GPU the queue is drained at both ends, so
+        # an epoch's kernels are charged to it, not to the evaluation that follows.
         def on_epoch_begin(self, args, state, control, **kwargs):
+            synchronize()
             clock["since"] = time.perf_counter()
 
         def on_epoch_end(self, args, state, control, **kwargs):
+            synchronize()
             clock["train"] += time.perf_counter() - clock["since"]
 
         def on_evaluate(self, args, state, control, metrics=None, **kwargs):
@@ -174,6 +186,56 @@ def run_method(method: str, model, train, held_out, options: argparse.Namespace)
     }
 
 
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def warm_up(methods: list[str], train, held_out, options: argparse.Namespace) -> None:
+    """One training step of every method on a throwaway model, outside the clock: the scoring path's first call
+    (Triton compiling its kernels on a GPU), the optimizer's first step and the Trainer's own set-up."""
+    tiny = copy.copy(options)
+    tiny.epochs = 1
+    tiny.out = str(Path(options.out) / "warm-up")
+    rows = round(options.batch_size / options.select_ratio)  # one meta-batch: the shapes of a real step
+    for method in methods:
+        model = demo_model(options.layers, options.hidden, options.seed)
+        run_method(method, model, Rows(train.rows[:rows]), Rows(held_out.rows[:2]), tiny)
+
+
+def schedule(methods: list[str], repeats: int) -> list[tuple[int, str]]:
+    """(repeat, method) in running order: round-robin, the methods' order rotated by one each round."""
+    order = []
+    for repeat in range(repeats):
+        shift = repeat % len(methods)
+        order.extend((repeat, method) for method in methods[shift:] + methods[:shift])
+    return order
+
+
+def summarise(runs: list[dict[str, Any]], methods: list[str]) -> list[dict[str, Any]]:
+    """Per method: the first repeat's losses and counts (repeats differ in time only), the median wall-clock over
+    repeats with its spread, and the median of its per-round time over the baseline's with its spread."""
+    baseline = {r["repeat"]: r["seconds"] for r in runs if r["method"] == "baseline"}
+    results = []
+    for method in methods:
+        group = [r for r in runs if r["method"] == method]
+        seconds = [r["seconds"] for r in group]
+        ratios = [r["seconds"] / baseline[r["repeat"]] for r in group if baseline]
+        first = min(group, key=lambda r: r["repeat"])
+        results.append(
+            {
+                **first,
+                "seconds": statistics.median(seconds),
+                "seconds_spread": _timing.relative_spread(seconds),
+                "seconds_samples": seconds,
+                "ratio": statistics.median(ratios) if ratios else None,
+                "ratio_spread": _timing.relative_spread(ratios) if ratios else None,
+                "repeats_agree": len({r["held_out_loss"] for r in group}) == 1,
+            }
+        )
+    return results
+
+
 def plot(results: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -197,17 +259,19 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    base = next((r for r in results if r["method"] == "baseline"), None)
     lines = [
-        "| method | batch | held-out loss | perplexity | wall-clock (s) | back-prop sequences | back-prop tokens "
-        "| time saved |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | batch | held-out loss | perplexity | wall-clock (s), median (spread) | / baseline, median (spread) "
+        "| back-prop sequences | back-prop tokens | time saved |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        saved = f"{1 - r['seconds'] / base['seconds']:.0%}" if base and r is not base else "-"
+        ratio = r.get("ratio")
+        saved = "-" if ratio is None or r["method"] == "baseline" else f"{1 - ratio:.0%}"
+        loss = f"{r['held_out_loss']:.3f}" + ("" if r.get("repeats_agree", True) else " (repeats differ)")
         lines.append(
-            f"| {r['method']} | {r['batch']} | {r['held_out_loss']:.3f} | {r['perplexity']:.2f} | {r['seconds']:.1f} "
-            f"| {r['sequences']:,} | {r['tokens']:,} | {saved} |"
+            f"| {r['method']} | {r['batch']} | {loss} | {r['perplexity']:.2f} | "
+            f"{_timing.with_spread(r['seconds'], r.get('seconds_spread'), 1)} | "
+            f"{_timing.with_spread(ratio, r.get('ratio_spread'), 2)} | {r['sequences']:,} | {r['tokens']:,} | {saved} |"
         )
     return "\n".join(lines)
 
@@ -219,18 +283,27 @@ def demo(options: argparse.Namespace) -> list[dict[str, Any]]:
     rows = rows[: held + (64 if options.quick else options.train_size)]
     held_out, train = Rows(rows[:held]), Rows(rows[held:])
     print(f"es-sft demo: {len(train)} training and {len(held_out)} held-out sequences of {options.length} bytes")
-    results = []
     started = time.perf_counter()
-    for method in options.methods:
+    warm_up(options.methods, train, held_out, options)
+    meter = _timing.LoadMeter()
+    runs = []
+    for repeat, method in schedule(options.methods, options.repeats):
         model = demo_model(options.layers, options.hidden, options.seed)
-        results.append(run_method(method, model, train, held_out, options))
+        runs.append({**run_method(method, model, train, held_out, options), "repeat": repeat})
+    results = summarise(runs, options.methods)
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
     print(table(results))
     print(
-        f"total {time.perf_counter() - started:.0f}s; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+        f"medians over {options.repeats} interleaved run(s) per method; spread = interquartile range / median "
+        "(range / median under 4 runs); every method trained one untimed step first (scoring path's first call, "
+        "kernel compilation, optimizer set-up): no first-call cost is charged to a method"
     )
-    (out / "sft_demo.json").write_text(json.dumps(results, indent=1))
+    print(f"total {time.perf_counter() - started:.0f}s; {options.threads} torch thread(s), {_timing.cores()} cores")
+    _timing.warn_if_unreliable(
+        options.threads, [r["seconds_samples"] for r in results], meter=meter, spread_limit=SPREAD_LIMIT
+    )
+    (out / "sft_demo.json").write_text(json.dumps(results, indent=1))  # each row holds its repeats' seconds
     plot(results, out / "sft_demo.png")
     print(f"wrote {out / 'sft_demo.json'} and {out / 'sft_demo.png'}")
     return results
@@ -322,6 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="methods to run one after another from the same initial model",
     )
     parser.add_argument("--epochs", type=int, default=None, help="default: 3 (demo), 1 (--quick)")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="demo runs per method, interleaved; default: 3 (demo), 1 (--quick)"
+    )
     parser.add_argument("--batch-size", type=int, default=16, help="k: sequences back-propagated per step")
     parser.add_argument(
         "--select-ratio", type=float, default=0.25, help="k/B; ES-family methods score B = k / ratio per step"
@@ -343,6 +419,10 @@ def run(argv: list[str] | None = None) -> list[dict[str, Any]]:
     options = build_parser().parse_args(argv)
     if options.epochs is None:
         options.epochs = 1 if options.quick else 3
+    if options.repeats is None:
+        options.repeats = 1 if options.quick else 3
+    if options.repeats < 1:
+        raise SystemExit(f"es-sft: --repeats must be at least 1, got {options.repeats}")
     if not 0.0 < options.select_ratio <= 1.0:
         raise SystemExit(f"es-sft: --select-ratio must be in (0, 1], got {options.select_ratio}")
     if options.model is not None:

@@ -75,6 +75,10 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise ConfigError("--pretrained and --checkpoint both give initial weights; pass one")
     if args.workers < 0 or (args.threads is not None and args.threads < 1):
         raise ConfigError("--workers must be >= 0 and --threads >= 1")
+    if args.from_scratch and not args.demo:
+        raise ConfigError("--from-scratch skips the demo's pre-training; it needs --demo")
+    if args.pretrain_epochs < 1:
+        raise ConfigError(f"--pretrain-epochs must be at least 1, got {args.pretrain_epochs}")
     if args.eval_batch_size is not None and args.eval_batch_size < 1:
         raise ConfigError(f"--eval-batch-size must be at least 1, got {args.eval_batch_size}")
 

@@ -17,14 +17,19 @@ import argparse
 import copy
 import dataclasses
 import json
+import statistics
 import time
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from es_kernels import _timing
 from es_kernels.reference import per_sample_cross_entropy
+from es_kernels.select import evolved_select
+from es_kernels.state import EvolvedState
 from es_kernels.train.data import IndexedDataset, corrupt_labels
 from es_kernels.train.loop import EvolvedTraining
 from es_kernels.train.progress import progress_bar
@@ -51,20 +56,45 @@ def run_all(args: argparse.Namespace) -> Records:
 
 def _run_all(args: argparse.Namespace, runtime: Runtime) -> Records:
     datasets, weights, baseline_log = check_everything(args, runtime)
-    results: Records = {}
-    log_paths: list[Path] = []
-    for method in args.method:
-        baseline = baseline_log
-        own_baseline = args.out / "baseline" / logs.LOG_NAME
-        if baseline is None and method != "baseline" and own_baseline.exists():
-            baseline = logs.read_log(own_baseline)
-        records = run_method(args, method, runtime, datasets, weights, baseline, log_paths)
-        results[method] = records if runtime.main else []
-        log_paths.append(args.out / method / logs.LOG_NAME)
+    log_paths = [args.out / method / logs.LOG_NAME for method in args.method]
+    # Other processes' use of the cores while the CPU runs are timed (on a GPU the host's load matters less, and the
+    # DataLoader workers, child processes, would count as others).
+    meter = _timing.LoadMeter() if runtime.device.type == "cpu" else None
+    epochs = {
+        method: method_epochs(args, method, runtime, datasets, weights, baseline_log, log_paths)
+        for method in args.method
+    }
+    records = drive(epochs, interleave=args.interleave)
+    results: Records = {method: records[method] if runtime.main else [] for method in args.method}
     if runtime.main and len(args.method) > 1:
         logs.plot_logs(plot_inputs(args, log_paths), args.out)
     if runtime.main:
-        print_summary(results)
+        rows = summary_rows(results)
+        print(format_summary(rows))
+        print(SUMMARY_NOTE)
+        if meter is not None:
+            threads = torch.get_num_threads()
+            samples = [row["epoch_seconds_samples"] for row in rows]
+            _timing.warn_if_unreliable(threads, samples, meter=meter, spread_limit=SPREAD_LIMIT)
+    return results
+
+
+def drive(epochs: dict[str, Iterator[dict[str, Any]]], *, interleave: bool) -> Records:
+    """Run each method's epochs (generators that return the method's records): one method after another, or with
+    ``interleave`` one epoch of each in turn, so a load swing on a shared machine hits every method alike."""
+    results: Records = {}
+    pending = dict(epochs)
+    while pending:
+        for method in list(pending):
+            while True:
+                try:
+                    next(pending[method])
+                except StopIteration as finished:
+                    results[method] = finished.value
+                    del pending[method]
+                    break
+                if interleave:
+                    break
     return results
 
 
@@ -83,6 +113,15 @@ def check_everything(args: argparse.Namespace, runtime: Runtime) -> tuple[tuple[
     datasets = config.check_data(args.data)  # scanned once: listing ImageNet's 1.3M files takes a while
     train_set = datasets[0]
     meta_model = model.check_model(args, len(train_set.classes))
+    if args.demo and not args.from_scratch and args.checkpoint is None and not args.pretrained:
+        # The paper's regime: every method fine-tunes the same pre-trained weights (trained once, then cached).
+        path = demo.pretrained_path(args)
+        if runtime.main and not path.exists():
+            print(f"pre-training the demo model on digit pairs ({args.pretrain_epochs} epochs; cached in {path})")
+            demo.pretrain(args, runtime.device)
+        if runtime.distributed:
+            dist.barrier()
+        args.checkpoint = path
     weights = None
     if args.checkpoint is not None:
         weights = model.match_weights(
@@ -322,6 +361,50 @@ class Run:
         self.start_epoch = int(saved["epoch"])
         self.train_seconds, self.wall_clock = float(saved["train_seconds"]), float(saved["wall_clock"])
 
+    def warm_up(self) -> None:
+        """One untimed step of every kind the epochs will take, on throwaway state: the model's first forward and
+        backward, and the selection backend's first calls (loading the extension, compiling Triton kernels on a GPU)
+        for the full meta-batch and for each selecting epoch's shorter last batch (a kernel's block size follows the
+        batch). The weights, the optimizer, the ES state and every random stream are left as they were; the model
+        runs in eval mode, so no BatchNorm statistics move."""
+        runtime, training, bare = self.runtime, self.training, self.bare
+        per_rank_batch = self.loader.batch_size
+        sizes = {per_rank_batch}
+        if training.selects:
+            sampler = training.sampler
+            for epoch in range(self.args.epochs):
+                if sampler.is_selecting(epoch) and sampler.epoch_size(epoch) % per_rank_batch:
+                    sizes.add(sampler.epoch_size(epoch) % per_rank_batch)
+        devices = [runtime.device] if runtime.device.type == "cuda" else []
+        was_training = bare.training
+        bare.eval()
+        try:
+            with torch.random.fork_rng(devices=devices):
+                images, labels = next(iter(self.val_loader))  # the eval transform: the training input's shape
+                repeat = -(-per_rank_batch // labels.numel())
+                images = images.repeat(repeat, *([1] * (images.dim() - 1)))[:per_rank_batch].to(runtime.device)
+                labels = labels.repeat(repeat)[:per_rank_batch].to(runtime.device)
+                with runtime.autocast():
+                    logits = bare(images)
+                per_sample_cross_entropy(logits, labels, self.args.label_smoothing).mean().backward()
+                self.optimizer.zero_grad(set_to_none=True)
+                if training.selects:
+                    generator = torch.Generator(device=runtime.device).manual_seed(0)
+                    for size in sorted(sizes):
+                        state = EvolvedState(size, device=runtime.device)
+                        ids = torch.arange(size, device=runtime.device)
+                        evolved_select(
+                            state, ids, training.num_selected(size), logits=logits[:size].detach(),
+                            targets=labels[:size], label_smoothing=training.label_smoothing,
+                            generator=generator, backend=training.backend, check_values=training.check_values,
+                        )  # fmt: skip
+                        # Annealing epochs update the state from the training forward's losses.
+                        state.observe(ids, torch.ones(size, device=runtime.device), check_values=training.check_values)
+        finally:
+            bare.train(was_training)
+        if runtime.device.type == "cuda":
+            torch.cuda.synchronize(runtime.device)
+
     def start_fresh(self) -> None:
         """This rank's own augmentation, drop-path and mixup streams (a resume restores them instead)."""
         checkpoint.seed_all(self.args.seed * 1_000_003 + self.runtime.rank + 1)
@@ -351,8 +434,12 @@ class Run:
         rows = 0
         scored0, trained0 = training.scored_samples, training.trained_samples
         seen = 0
+        # The iterator (and any worker start-up) before the clock: the epoch's time is its steps'.
+        batches = iter(self.loader)
         began = time.perf_counter()
-        for step, (indices, images, labels) in enumerate(self.loader):
+        for step, (indices, images, labels) in enumerate(batches):
+            # All three copies asynchronous: a blocking copy of the ids would wait for the GPU's queue every step.
+            indices = indices.to(runtime.device, non_blocking=True)
             images = images.to(runtime.device, non_blocking=True)
             labels = labels.to(runtime.device, non_blocking=True)
             seen += labels.numel()
@@ -380,8 +467,8 @@ class Run:
                 elapsed = max(time.perf_counter() - began, 1e-9)
                 scored = training.scored_samples - scored0
                 trained = training.trained_samples - trained0
+                # Host values only: reading the running loss would stall the GPU's queue (the epoch line gives it).
                 bar.set_postfix(
-                    loss=f"{loss_sum.item() / max(rows, 1):.3f}",
                     img_s=f"{seen / elapsed:.0f}",
                     sel=f"{trained / scored:.2f}" if scored else "1.00",
                     lr=f"{self.scheduler.get_last_lr()[0]:.2e}",
@@ -441,16 +528,17 @@ class Run:
         logs.plot_logs([p for p in plotted if p.exists()], self.out)
 
 
-def run_method(
+def method_epochs(
     args: argparse.Namespace,
     method: str,
     runtime: Runtime,
     datasets: tuple[Any, Any],
     weights: dict[str, torch.Tensor] | None,
-    baseline: dict[str, Any] | None,
-    earlier_logs: list[Path],
-) -> list[dict[str, Any]]:
-    """Train one method to ``--epochs`` (or ``--stop-after``), from its checkpoint under ``--resume``."""
+    baseline_log: dict[str, Any] | None,
+    log_paths: list[Path],
+) -> Generator[dict[str, Any], None, list[dict[str, Any]]]:
+    """Train one method to ``--epochs`` (or ``--stop-after``), from its checkpoint under ``--resume``: yields each
+    new epoch's record, returns all records. Nothing is built before the first ``next``."""
     path = args.out / method / checkpoint.CHECKPOINT_NAME
     saved = checkpoint.load_checkpoint(path) if args.resume and path.exists() else None
     if saved is not None and saved["epoch"] >= args.epochs:
@@ -459,6 +547,7 @@ def run_method(
         return list(saved["records"])
 
     run = Run.build(args, method, runtime, datasets, weights)
+    run.warm_up()  # before any random stream is set: the warm-up leaves them as they were anyway
     if saved is not None:
         run.load_state_dict(saved)
         if runtime.main:
@@ -467,23 +556,34 @@ def run_method(
         run.start_fresh()
     del saved
     run.wrap()
+    others = [p for p in log_paths if p != args.out / method / logs.LOG_NAME]
+    # This method's own random streams, put back before each of its epochs: interleaved with other methods (whose
+    # epochs draw from the same global generators) it trains exactly as it would alone, and resumes exactly.
+    streams = checkpoint.rng_state(runtime)
     for epoch in range(run.start_epoch, min(args.epochs, args.stop_after or args.epochs)):
+        checkpoint.set_rng_state(runtime, streams)
         began = time.perf_counter()
         run.training.set_epoch(epoch)
         totals = run.train_epoch(epoch)
-        if (
-            run.training.policy.keeps_state
-        ):  # merge this epoch's updates now: the checkpoint and log hold the agreed state
+        if run.training.policy.keeps_state:  # merge this epoch's updates now: the checkpoint and log agree
             run.training.state.sync_epoch()
-        record = run.record(epoch, totals, baseline)
+        record = run.record(epoch, totals, baseline_log or own_baseline(args, method))
         run.records.append(record)
         state = run.state_dict()
         run.wall_clock += time.perf_counter() - began
         record["wall_clock"] = state["wall_clock"] = run.wall_clock
+        streams = checkpoint.rng_state(runtime)
         if runtime.main:
-            run.write(state, earlier_logs)
+            run.write(state, others)
             print(epoch_line(record), flush=True)
+        yield record
     return run.records
+
+
+def own_baseline(args: argparse.Namespace, method: str) -> dict[str, Any] | None:
+    """This run's own baseline log, read afresh (interleaved, it grows while the other methods train)."""
+    path = args.out / "baseline" / logs.LOG_NAME
+    return logs.read_log(path) if method != "baseline" and path.exists() else None
 
 
 def time_saved(seconds: float, epoch: int, baseline: dict[str, Any] | None, method: str) -> float | None:
@@ -502,22 +602,70 @@ def epoch_line(record: dict[str, Any]) -> str:
     )
 
 
-def print_summary(results: Records) -> None:
-    lines = [
-        "| method | test accuracy | back-propagated samples | training time (s) | time saved vs baseline |",
-        "|---|---|---|---|---|",
-    ]
+SPREAD_LIMIT = 0.10  # a median whose epochs spread more than this is not quoted without a warning
+SUMMARY_NOTE = (
+    "steady epochs: every epoch after the first that trains like the last one (same selection), each timed alone; "
+    "spread = interquartile range / median (range / median under 4 epochs); / baseline = the epoch's time over the "
+    "baseline's same epoch. Before its first epoch every method ran one untimed step (model, selection backend, "
+    "first-call compilation): no first-call cost is charged to a method"
+)
+
+
+def steady(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The epochs after the first that select like the last epoch: an epoch's time then measures the method's
+    steady-state step, not its warm-up, nor an annealing epoch that trains every row."""
+    return [r for r in records[1:] if r["selecting"] == records[-1]["selecting"]]
+
+
+def summary_rows(results: Records) -> list[dict[str, Any]]:
+    baseline = {r["epoch"]: r["epoch_seconds"] for r in results.get("baseline", [])}
+    target = None
+    if results.get("baseline"):
+        target = max(r["test_accuracy"] for r in results["baseline"]) - 0.005
+    rows = []
     for method, records in results.items():
         if not records:
             continue
-        last = records[-1]
-        saved = last["time_saved_vs_baseline"]
-        saved_text = "—" if saved is None else f"{100 * saved:+.0f}%"
-        lines.append(
-            f"| {method} | {100 * last['test_accuracy']:.2f}% | {last['backprop_samples']:,} | "
-            f"{last['train_seconds']:.1f} | {saved_text} |"
+        epochs = steady(records)
+        seconds = [r["epoch_seconds"] for r in epochs]
+        ratios = [r["epoch_seconds"] / baseline[r["epoch"]] for r in epochs if baseline.get(r["epoch"])]
+        reached = None if target is None else next((r for r in records if r["test_accuracy"] >= target), None)
+        rows.append(
+            {
+                "method": method,
+                "last": records[-1],
+                "epoch_seconds_samples": seconds,
+                "epoch_seconds": statistics.median(seconds) if seconds else None,
+                "epoch_spread": _timing.relative_spread(seconds),
+                "ratio": statistics.median(ratios) if ratios else None,
+                "ratio_spread": _timing.relative_spread(ratios),
+                "target": target,
+                "to_target": reached,
+            }
         )
-    print("\n".join(lines))
+    return rows
+
+
+def format_summary(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| method | test accuracy | back-propagated samples | training time (s) | steady epoch (s), median (spread) "
+        "| / baseline, median (spread) | to baseline's best − 0.5 pt |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        last, reached = row["last"], row["to_target"]
+        if row["target"] is None:
+            reach = "—"
+        elif reached is None:
+            reach = "never"
+        else:
+            reach = f"{reached['train_seconds']:.1f} s, {reached['backprop_samples']:,} samples"
+        lines.append(
+            f"| {row['method']} | {100 * last['test_accuracy']:.2f}% | {last['backprop_samples']:,} | "
+            f"{last['train_seconds']:.1f} | {_timing.with_spread(row['epoch_seconds'], row['epoch_spread'], 2)} | "
+            f"{_timing.with_spread(row['ratio'], row['ratio_spread'], 2)} | {reach} |"
+        )
+    return "\n".join(lines)
 
 
 __all__ = ["ConfigError", "Run", "run_all"]
