@@ -138,7 +138,7 @@ class EvolvedTrainerMixin:
         self.evolved_config = evolved if evolved is not None else EvolvedConfig()
         self.evolved_policy = self.evolved_config.make_policy()
         self.evolved: EvolvedTraining | None = None
-        self.evolved_stats = dict.fromkeys(
+        self._evolved_counts = dict.fromkeys(
             ("scored_sequences", "trained_sequences", "scored_tokens", "trained_tokens"), 0
         )
         self.evolved_times = {"scoring_s": 0.0, "training_s": 0.0}
@@ -274,7 +274,7 @@ class EvolvedTrainerMixin:
             evolved.observe(selected, evolved.scoring_forward(scorer, selected.inputs))
         if evolved.selects:
             self.evolved_times["scoring_s"] += time.perf_counter() - start
-        stats = self.evolved_stats
+        stats = self._evolved_counts
         stats["scored_sequences"] += rows
         stats["scored_tokens"] += self._tokens(inputs)
         stats["trained_sequences"] += selected.indices.numel()
@@ -296,13 +296,26 @@ class EvolvedTrainerMixin:
             )
         return losses.to(self.evolved.state.device)
 
-    def _tokens(self, inputs: dict[str, Any]) -> int:
+    def _tokens(self, inputs: dict[str, Any]) -> torch.Tensor | int:
+        # A count on the batch's device: int() here would stop the host twice per step. The stats holding it are
+        # read as ints only when logged or saved (_stats), where the host waits anyway.
         if self.evolved_scoring.kind == "lm" and "labels" in inputs:
             labels = inputs["labels"][:, 1:] if self.evolved_scoring.shift else inputs["labels"]
-            return int((labels != self.evolved_config.ignore_index).sum())
+            return (labels != self.evolved_config.ignore_index).sum()
         if "attention_mask" in inputs:
-            return int(inputs["attention_mask"].sum())
-        return int(next(v for v in inputs.values() if isinstance(v, torch.Tensor)).numel())
+            return inputs["attention_mask"].sum()
+        return next(v for v in inputs.values() if isinstance(v, torch.Tensor)).numel()
+
+    def _stats(self) -> dict[str, int]:
+        """The counts as ints (the token counts accumulate on the device until read here)."""
+        for key, value in self._evolved_counts.items():
+            self._evolved_counts[key] = int(value)
+        return self._evolved_counts
+
+    @property
+    def evolved_stats(self) -> dict[str, int]:
+        """Sequences and tokens scored and trained so far (reading it waits for the device's token counts)."""
+        return self._stats()
 
     # ---------------------------------------------------------------- training
 
@@ -381,7 +394,7 @@ class EvolvedTrainerMixin:
     def evolved_metrics(self) -> dict[str, float]:
         """Fractions of sequences and tokens back-propagated so far, and the estimated wall-clock saved: the
         skipped tokens at the measured training cost per token, minus the time spent scoring."""
-        stats, times = self.evolved_stats, self.evolved_times
+        stats, times = self._stats(), self.evolved_times
         if stats["scored_sequences"] == 0:
             return {}
         per_token = times["training_s"] / max(stats["trained_tokens"], 1)
@@ -409,7 +422,7 @@ class EvolvedTrainerMixin:
         os.makedirs(folder, exist_ok=True)
         saved = {
             "training": self.evolved.state_dict(),
-            "stats": dict(self.evolved_stats),
+            "stats": dict(self._stats()),
             "times": dict(self.evolved_times),
         }
         path = self._evolved_file(folder)
@@ -425,7 +438,7 @@ class EvolvedTrainerMixin:
             )
         saved = torch.load(path, map_location="cpu", weights_only=True)
         self.evolved.load_state_dict(saved["training"])
-        self.evolved_stats.update(saved["stats"])
+        self._evolved_counts.update(saved["stats"])
         self.evolved_times.update(saved["times"])
 
 
