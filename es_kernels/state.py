@@ -334,12 +334,14 @@ class EvolvedState:
             raise ValueError(_checks.revisit_message(indices[again].tolist(), self._visit_epoch))
 
     def mark_visited(self, indices: torch.Tensor) -> None:
-        """Mark ``indices`` (valid ids, already applied to the state) as visited in this epoch, and as scored for
-        good; no host sync.
+        """Mark ``indices`` (already applied to the state) as visited in this epoch, and as scored for good; no host
+        sync.
 
         Revisits are also counted on the device, so that with value checks off :meth:`begin_epoch` can still report
-        them.
+        them. With value checks off the ids were never read, so they are clamped into range first: a bad id marks a
+        wrong sample (undefined behaviour, as its update) but never indexes out of bounds.
         """
+        indices = indices.clamp(0, self.num_samples - 1)
         self.mark_scored(indices)
         if self._visited is None:
             return
