@@ -12,9 +12,10 @@ from es_kernels.reference.sampling import largest_keys
 from es_kernels.triton import kernels
 
 # Default configuration: the only one the launchers use, and the one the AOT gate proves spill-free.
-# Columns per block of the row loss by the logits' element size: 8 per thread (fp32: two 16-byte loads) or 16 per
-# thread (bf16/fp16: two 16-byte loads), so every thread has 32 bytes in flight per block whatever the dtype.
-BLOCK_C_BY_ITEMSIZE = {8: 512, 4: 1024, 2: 2048}
+# Columns per block of the row loss by the widest element of the logits and soft targets: 8 per thread (with
+# NUM_WARPS = 4), so fp32 keeps 32 bytes per thread in flight per block (two 16-byte loads) and bf16/fp16 16 bytes;
+# 16 per thread for bf16/fp16 spills in this kernel (the radix select shares it), as does fp32 with fp64 targets.
+BLOCK_C_BY_ITEMSIZE = {8: 512, 4: 1024, 2: 1024}
 BLOCK_B = 1024
 NUM_WARPS = 4
 PRUNE_BLOCK = 1024
@@ -77,7 +78,8 @@ def fused_select_arguments(
         beta1, 1.0 - beta1, beta2, 1.0 - beta2,
         seed, losses_out, keys, ticket, positions,
     )  # fmt: skip
-    block_c = BLOCK_C_BY_ITEMSIZE[logits.element_size()] if losses is None else BLOCK_C_BY_ITEMSIZE[4]
+    widest = max((tensor.element_size() for tensor in (logits, soft_targets) if tensor is not None), default=4)
+    block_c = BLOCK_C_BY_ITEMSIZE[widest if losses is None else 4]
     kwargs = {"MODE": mode, "BLOCK_C": block_c, "BLOCK_B": BLOCK_B, "num_warps": NUM_WARPS, **COMPILE_OPTIONS}
     layouts = [tensor for tensor in (logits, soft_targets) if tensor is not None and losses is None]
     aligned = all(_row_major_aligned(tensor) for tensor in layouts)

@@ -35,7 +35,6 @@ import torch
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from es_kernels.triton import launch
 from es_kernels.triton.kernels import (
     LOG2E,
     MAX_START,
@@ -52,6 +51,9 @@ from es_kernels.triton.kernels import (
 _INTERPRETED = tl.constexpr(isinstance(tl.randint, InterpretedFunction))
 
 # Default configuration: the only one the launchers use, and the one the AOT gate proves spill-free.
+# Vocabulary columns per block of the token loss by the logits' element size: 32 bytes per thread per block
+# (two 16-byte loads) whatever the dtype.
+TOKEN_BLOCK_V_BY_ITEMSIZE = {8: 512, 4: 1024, 2: 2048}
 TOKEN_NUM_WARPS = 4
 REDUCE_BLOCK_T = 1024
 REDUCE_NUM_WARPS = 4
@@ -79,7 +81,7 @@ _ANY_LAYOUT = HiddenConfig(block_m=64, block_n=64, block_k=16, num_warps=8, num_
 HIDDEN_CONFIGS = {
     (torch.bfloat16, True): HiddenConfig(block_m=128, block_n=64, block_k=64, num_warps=8, num_stages=3),
     (torch.float16, True): HiddenConfig(block_m=128, block_n=64, block_k=64, num_warps=8, num_stages=3),
-    (torch.float32, True): HiddenConfig(block_m=64, block_n=64, block_k=32, num_warps=4, num_stages=2),
+    (torch.float32, True): HiddenConfig(block_m=32, block_n=64, block_k=32, num_warps=4, num_stages=2),
     (torch.bfloat16, False): _ANY_LAYOUT,
     (torch.float16, False): _ANY_LAYOUT,
     (torch.float32, False): _ANY_LAYOUT,
@@ -139,7 +141,8 @@ def _soft_cap(z, cap):
 
 def hidden_partials_kernel(
     hidden_ptr,
-    hidden_token_stride,
+    hidden_batch_stride,
+    hidden_time_stride,
     hidden_dim_stride,
     weight_ptr,
     weight_vocab_stride,
@@ -162,7 +165,7 @@ def hidden_partials_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """Program (i, j): tokens [i * BLOCK_M, (i + 1) * BLOCK_M) of the (B*T, D) hidden states against vocabulary
+    """Program (i, j): tokens [i * BLOCK_M, (i + 1) * BLOCK_M) of the (B, T, D) hidden states against vocabulary
     split j (``split_columns`` columns, a multiple of BLOCK_N). Tiles of ``H @ W.T`` (``tl.dot``, fp32
     accumulation) stay in registers; per token it keeps the running max m and sum of exp(z - m) (``lse_reduce``
     of the tile, ``lse_combine`` into the running pair), the sum of z - m, and the target's raw logit z_y (0 unless
@@ -180,7 +183,10 @@ def hidden_partials_kernel(
     )  # fmt: skip
     # Rows past the end read the last token instead of loading masked, so the full K blocks carry no mask at all
     # (those rows' results are never stored); columns past the vocabulary likewise read its last row of W.
-    hidden_rows = hidden_ptr + tl.minimum(rows, tokens - 1).to(tl.int64) * hidden_token_stride
+    clamped_rows = tl.minimum(rows, tokens - 1)
+    b = (clamped_rows // time).to(tl.int64)
+    t = (clamped_rows % time).to(tl.int64)
+    hidden_rows = hidden_ptr + b * hidden_batch_stride + t * hidden_time_stride
     k_offsets = tl.arange(0, BLOCK_K)
     n_offsets = tl.arange(0, BLOCK_N)
     row_max = tl.full([BLOCK_M], MAX_START, tl.float32)
@@ -348,7 +354,7 @@ _HIDDEN_COUNTS = [
     "tokens", "time", "vocab", "dim", "split_columns", "targets_batch_stride", "targets_time_stride",
 ]  # fmt: skip
 _HIDDEN_LAYOUT = [
-    "hidden_token_stride", "hidden_dim_stride", "weight_vocab_stride", "weight_dim_stride",
+    "hidden_batch_stride", "hidden_time_stride", "hidden_dim_stride", "weight_vocab_stride", "weight_dim_stride",
 ]  # fmt: skip
 hidden_partials_kernel, hidden_partials_kernel_any_layout = jit_layout_forms(
     hidden_partials_kernel, _HIDDEN_COUNTS, ["targets_ptr"], _HIDDEN_LAYOUT, ["hidden_ptr", "weight_ptr"]
@@ -377,7 +383,7 @@ def token_loss_arguments(logits, targets, ignore_index, label_smoothing, token_l
         logits, *logits.stride(), targets, *targets.stride(), token_losses, time, vocab, int(ignore_index),
         *_smoothing_args(label_smoothing),
     )  # fmt: skip
-    kwargs = {"BLOCK_V": launch.BLOCK_C_BY_ITEMSIZE[logits.element_size()], "num_warps": TOKEN_NUM_WARPS}
+    kwargs = {"BLOCK_V": TOKEN_BLOCK_V_BY_ITEMSIZE[logits.element_size()], "num_warps": TOKEN_NUM_WARPS}
     return kernel, args, kwargs, (batch * time,)
 
 
@@ -407,9 +413,6 @@ def hidden_loss_arguments(hidden, weight, bias, targets, logit_scale, logit_soft
     batch, time, dim = hidden.shape
     vocab = weight.shape[0]
     tokens = batch * time
-    # (B, T, D) as (B*T, D): a view whenever the (B, T) strides allow one; any other layout is copied once (the
-    # size of H, never of the logits) rather than gathered row by row in the kernel.
-    hidden = hidden.reshape(tokens, dim)
     aligned = _aligned(hidden) and _aligned(weight)
     kernel = hidden_partials_kernel if aligned else hidden_partials_kernel_any_layout
     config = HIDDEN_CONFIGS[hidden.dtype, aligned]
