@@ -18,6 +18,7 @@ import torch
 SHAPES = ((8, 1024, 2048, 32000), (4, 4096, 4096, 128256))
 # (block_m, block_n, block_k, num_warps, num_stages); the first is the default.
 CONFIGS = (
+    (128, 64, 32, 8, 3),
     (128, 64, 64, 8, 3),
     (128, 64, 64, 8, 4),
     (128, 128, 64, 8, 3),

@@ -76,12 +76,13 @@ class HiddenConfig:
 # and the one the AOT gate proves spill-free on sm_80 and sm_90 (and, for bf16/fp16, on Hopper's wgmma).
 # ``benchmarks/tune_hidden.py`` sweeps alternatives on a GPU; set the winner here. fp32 runs on CUDA cores (no
 # TF32), hence its smaller tiles; the any-layout forms keep a 64-bit pointer per tile element (no vectorised,
-# pipelined copies), hence theirs. 128 x 128 bf16 tiles are spill-free on sm_90 but spill on sm_80.
+# pipelined copies), hence theirs. Larger bf16 tiles (128 x 128 x 64, or 128 x 64 x 64 with a bias) are
+# spill-free on sm_90 but spill on sm_80.
 _ANY_LAYOUT = HiddenConfig(block_m=64, block_n=64, block_k=16, num_warps=8, num_stages=2)
 HIDDEN_CONFIGS = {
-    (torch.bfloat16, True): HiddenConfig(block_m=128, block_n=64, block_k=64, num_warps=8, num_stages=3),
-    (torch.float16, True): HiddenConfig(block_m=128, block_n=64, block_k=64, num_warps=8, num_stages=3),
-    (torch.float32, True): HiddenConfig(block_m=32, block_n=64, block_k=32, num_warps=4, num_stages=2),
+    (torch.bfloat16, True): HiddenConfig(block_m=128, block_n=64, block_k=32, num_warps=8, num_stages=3),
+    (torch.float16, True): HiddenConfig(block_m=128, block_n=64, block_k=32, num_warps=8, num_stages=3),
+    (torch.float32, True): HiddenConfig(block_m=32, block_n=32, block_k=32, num_warps=4, num_stages=2),
     (torch.bfloat16, False): _ANY_LAYOUT,
     (torch.float16, False): _ANY_LAYOUT,
     (torch.float32, False): _ANY_LAYOUT,
