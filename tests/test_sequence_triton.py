@@ -127,7 +127,7 @@ def test_evolved_select_with_triton_matches_fp64_and_the_reference_state(form, m
 
 @pytest.mark.parametrize("programs", [1, 40])
 def test_hidden_losses_do_not_depend_on_the_vocabulary_splits(kernels, monkeypatch, programs):
-    """One split (the whole vocabulary in one program) or one 64-column tile per split: the merge of the partials
+    """One split (the whole vocabulary in one program) or one tile per split: the merge of the partials
     gives the fp64 losses either way, with a common offset of 1e3 (from the bias) that the logit sums must not
     lose to cancellation, a block of -inf bias (a masked vocabulary) and smoothing."""
     monkeypatch.setattr(kernels, "_CPU_PROGRAMS", programs)
@@ -138,9 +138,11 @@ def test_hidden_losses_do_not_depend_on_the_vocabulary_splits(kernels, monkeypat
     weight = torch.randn(vocab, dim, generator=generator) / dim**0.5 * 3
     bias = torch.full((vocab,), 1e3)
     targets = shifted_targets(batch, time, vocab, generator)
+    tile = kernels.HIDDEN_CONFIGS[torch.float32, True].block_n
+    tiles = -(-vocab // tile)
     splits, split_columns = kernels.vocabulary_splits(batch * time, vocab, kernels.HIDDEN_CONFIGS[torch.float32, True],
                                                       kernels._programs_target(hidden.device))  # fmt: skip
-    assert (splits, split_columns) == ((1, 320) if programs == 1 else (5, 64))
+    assert (splits, split_columns) == ((1, tiles * tile) if programs == 1 else (tiles, tile))
     try:
         actual = kernels.hidden_sequence_losses(hidden, weight, bias, targets, IGNORE, "sum", 0.1)
         expected = fp64_sequence_losses(fp64_logits(hidden, weight, bias), targets, IGNORE, "sum", 0.1)

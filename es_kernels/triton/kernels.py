@@ -1,4 +1,6 @@
-"""Triton device code: the fused select kernel (loss, state update, race keys, top-k) and the pruning keys.
+"""Triton device code: the fused select kernel (loss, state update, race keys, top-k) and the pruning keys, and
+the one log-sum-exp of every Triton loss form (``lse_combine``, ``lse_reduce``, ``row_statistics``,
+``smoothed_loss``; ``sequence_kernels.py`` uses them for token logits and hidden-state tiles).
 
 Imported lazily (only when a kernel is launched or compiled). Kernels are built in the mode triton itself was
 imported in (interpreted if ``TRITON_INTERPRET=1`` was set then), whatever the variable says by the time this module
