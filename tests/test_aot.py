@@ -33,7 +33,7 @@ def test_one_fused_variant_compiles_for_sm80_and_sm90_without_spills():
     assert done.returncode == 0, done.stdout + done.stderr
     rows = table_rows(done.stdout)
     assert [row[1] for row in rows] == ["sm_80", "sm_90"]
-    for variant, _, registers, spilled, shared, vector_loads, status in rows:
+    for variant, _, registers, spilled, shared, vector_loads, _, status in rows:
         assert variant == "fused labels logits=bf16 aligned"
         assert int(registers) > 0 and int(spilled) == 0 and int(shared) >= 0 and status == "ok"
         # Full column blocks load without a mask: 16-byte loads (eight bf16 per thread), not eight ld.global.b16.
@@ -63,6 +63,30 @@ def test_gate_flags_an_aligned_variant_without_vector_loads():
     vectorised = {v.name for v in aot.variants() if v.vectorised}
     assert "prune_keys values=fp32" in vectorised and "fused labels logits=bf16 aligned" in vectorised
     assert not any("any-layout" in name or "losses=" in name for name in vectorised)
+
+
+def test_a_bf16_hidden_state_variant_runs_on_hopper_tensor_cores():
+    done = run_gate("--only", "hidden_loss H,W=bf16 aligned bias=False softcap=False", "--arch", "90")
+    assert done.returncode == 0, done.stdout + done.stderr
+    [(variant, target, _, spilled, _, vector_loads, wgmma, status)] = table_rows(done.stdout)
+    assert variant == "sequence hidden_loss H,W=bf16 aligned bias=False softcap=False"
+    assert target == "sm_90" and int(spilled) == 0 and status == "ok"
+    assert int(wgmma) > 0 and int(vector_loads) > 0
+
+
+def test_gate_flags_a_half_precision_hidden_state_variant_without_wgmma():
+    from es_kernels.triton import aot
+
+    assert aot.wgmma_instructions("\twgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%f1}, %rd1, %rd2;\n") == 1
+    assert aot.wgmma_instructions("\tmma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%f1}, {%r1}, {%r2};\n") == 0
+    name = "sequence hidden_loss H,W=bf16 aligned bias=False softcap=False"
+    without = aot.Result(name, 90, registers=200, spill_bytes=0, vector_loads=4, wgmma=0, tensor_cores=True)
+    assert any("no wgmma" in problem for problem in aot._failures(without))
+    # sm_80 has no wgmma; fp32 (no TF32) never uses tensor cores.
+    assert aot._failures(aot.Result(name, 80, registers=200, spill_bytes=0, wgmma=0, tensor_cores=True)) == []
+    required = {v.name for v in aot.variants() if v.tensor_cores}
+    assert name in required and not any("fp32" in n or "token" in n for n in required)
+    assert len(required) == 16  # bf16/fp16 x aligned/any-layout x bias x softcap
 
 
 def test_gate_fails_on_a_fused_multiply_add_in_the_update():
@@ -97,4 +121,4 @@ def test_full_gate():
     done = run_gate("--jobs", "2")
     assert done.returncode == 0, done.stdout + done.stderr
     rows = table_rows(done.stdout)
-    assert len(rows) >= 2 * 45 and all(row[-1] == "ok" for row in rows)
+    assert len(rows) >= 2 * 81 and all(row[-1] == "ok" for row in rows)

@@ -27,7 +27,8 @@ def assert_losses(actual, expected, dtype):
     torch.testing.assert_close(actual.double(), expected, **LOSS_TOLERANCES[dtype])
 
 
-TOKEN_SHAPES = [(1, 1, 2), (1, 7, 1000), (3, 7, 2), (3, 7, 1000), (3, 129, 2)]
+# The interpreter's cost is per program and per helper call: 3 x 33 tokens stand for long sequences.
+TOKEN_SHAPES = [(1, 1, 2), (1, 7, 1000), (3, 7, 2), (3, 7, 1000), (3, 33, 2)]
 
 
 @pytest.mark.parametrize("batch, time, vocab", TOKEN_SHAPES, ids=[f"B{b}-T{t}-V{v}" for b, t, v in TOKEN_SHAPES])
@@ -122,3 +123,45 @@ def test_evolved_select_with_triton_matches_fp64_and_the_reference_state(form, m
     ema_update_(expected.score, expected.weight, indices, losses, 0.3, 0.8)
     assert torch.equal(state.score, expected.score) and torch.equal(state.weight, expected.weight)
     assert len(positions) == 2 and 1 not in positions.tolist()  # the all-ignored sequence has weight 0
+
+
+@pytest.mark.parametrize("programs", [1, 40])
+def test_hidden_losses_do_not_depend_on_the_vocabulary_splits(kernels, monkeypatch, programs):
+    """One split (the whole vocabulary in one program) or one tile per split: the merge of the partials
+    gives the fp64 losses either way, with a common offset of 1e3 (from the bias) that the logit sums must not
+    lose to cancellation, a block of -inf bias (a masked vocabulary) and smoothing."""
+    monkeypatch.setattr(kernels, "_CPU_PROGRAMS", programs)
+    kernels._programs_target.cache_clear()
+    generator = torch.Generator().manual_seed(programs)
+    batch, time, vocab, dim = 2, 9, 300, 16
+    hidden = torch.randn(batch, time, dim, generator=generator)
+    weight = torch.randn(vocab, dim, generator=generator) / dim**0.5 * 3
+    bias = torch.full((vocab,), 1e3)
+    targets = shifted_targets(batch, time, vocab, generator)
+    tile = kernels.HIDDEN_CONFIGS[torch.float32, True].block_n
+    tiles = -(-vocab // tile)
+    splits, split_columns = kernels.vocabulary_splits(batch * time, vocab, kernels.HIDDEN_CONFIGS[torch.float32, True],
+                                                      kernels._programs_target(hidden.device))  # fmt: skip
+    assert (splits, split_columns) == ((1, tiles * tile) if programs == 1 else (tiles, tile))
+    try:
+        actual = kernels.hidden_sequence_losses(hidden, weight, bias, targets, IGNORE, "sum", 0.1)
+        expected = fp64_sequence_losses(fp64_logits(hidden, weight, bias), targets, IGNORE, "sum", 0.1)
+        assert_losses(actual, expected, torch.float32)
+        masked = bias.clone()
+        masked[64:200] = float("-inf")
+        scored_targets = torch.where(targets.ge(64) & targets.lt(200), 3, targets)
+        actual = kernels.hidden_sequence_losses(hidden, weight, masked, scored_targets, IGNORE, "mean", 0.0)
+        expected = fp64_sequence_losses(fp64_logits(hidden, weight, masked), scored_targets, IGNORE, "mean", 0.0)
+        assert torch.isfinite(expected).all()
+        assert_losses(actual, expected, torch.float32)
+    finally:
+        kernels._programs_target.cache_clear()
+
+
+def test_vocabulary_splits_fill_the_grid_without_empty_splits(kernels):
+    config = kernels.HIDDEN_CONFIGS[torch.bfloat16, True]
+    for tokens, vocab, programs in ((8192, 32000, 264), (16384, 128256, 264), (1, 2, 264), (100, 64, 1000)):
+        splits, split_columns = kernels.vocabulary_splits(tokens, vocab, config, programs)
+        token_blocks = -(-tokens // config.block_m)
+        assert split_columns % config.block_n == 0 and (splits - 1) * split_columns < vocab <= splits * split_columns
+        assert token_blocks * splits >= min(programs, token_blocks * -(-vocab // config.block_n))

@@ -65,7 +65,7 @@ def select_and_expect(state, ids, k, generator_seed, **kwargs):
 
 def test_rows_starting_with_a_block_of_minus_inf(monkeypatch):
     # Masked vocabularies put -inf in whole column blocks; the running max must not rescale by exp(-inf + inf).
-    monkeypatch.setattr(launch, "BLOCK_C", 16)
+    monkeypatch.setattr(launch, "BLOCK_C_BY_ITEMSIZE", {8: 16, 4: 16, 2: 16})
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(3))
     logits[0, :20] = float("-inf")
     logits[2, 16:40] = float("-inf")
@@ -83,7 +83,7 @@ def test_rows_starting_with_a_block_of_minus_inf(monkeypatch):
 def test_large_common_offset_does_not_cancel_the_sums(monkeypatch, kind):
     # Soft targets and smoothing need sum(t * x) and sum(x); kept relative to the running max, an offset of 1e4
     # (fp32 ulp 1e-3) shared by a row's logits cannot cancel them against the max.
-    monkeypatch.setattr(launch, "BLOCK_C", 16)
+    monkeypatch.setattr(launch, "BLOCK_C_BY_ITEMSIZE", {8: 16, 4: 16, 2: 16})
     generator = torch.Generator().manual_seed(5)
     logits = torch.randn(4, 70, generator=generator) * 3 + torch.tensor([[0.0], [1e3], [1e4], [-1e4]])
     targets = make_targets(kind, 4, 70, generator)

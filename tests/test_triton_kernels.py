@@ -79,7 +79,7 @@ def test_fused_select_treats_a_subnormal_weight_as_zero():
     assert chosen.tolist() == [0, 2]
 
 
-@pytest.mark.parametrize("classes", [launch.BLOCK_C, 2 * launch.BLOCK_C + 5, 7])
+@pytest.mark.parametrize("classes", [launch.BLOCK_C_BY_ITEMSIZE[4], 2 * launch.BLOCK_C_BY_ITEMSIZE[4] + 5, 7])
 def test_row_loss_on_both_sides_of_the_unmasked_blocks(classes):
     generator = torch.Generator().manual_seed(classes)
     logits = 100.0 + 3 * torch.randn(3, classes, generator=generator)
@@ -102,3 +102,48 @@ def test_prune_keys_on_both_sides_of_the_unmasked_blocks(n):
     # Keys depend on (seed, i) only: the tail's keys equal those of the same positions in a longer launch.
     longer = launch.prune_keys(torch.cat([values, torch.ones(launch.PRUNE_BLOCK)]), seed)
     assert torch.equal(keys, longer[:n]) and torch.isfinite(keys).all()
+
+
+@kernels._jit
+def fold_kernel(values_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    """log-sum-exp of n values three ways: folded one by one (lse_combine), reduced per lane then merged
+    (lse_reduce), and in two halves merged with lse_combine."""
+    offsets = tl.arange(0, BLOCK)
+    x = tl.load(values_ptr + offsets, mask=offsets < n, other=float("-inf"))
+    lane_max = tl.full([BLOCK], kernels.MAX_START, tl.float32)
+    lane_sum = tl.zeros([BLOCK], tl.float32)
+    lane_max, lane_sum = kernels.lse_combine(lane_max, lane_sum, x, 1.0)
+    folded_max, folded_sum = kernels.lse_reduce(lane_max, lane_sum, 0)
+    block_max, block_sum = kernels.lse_reduce(x, 1.0, 0)
+    low = tl.where(offsets < n // 2, x, float("-inf"))
+    high = tl.where(offsets >= n // 2, x, float("-inf"))
+    low_max, low_sum = kernels.lse_reduce(low, 1.0, 0)
+    high_max, high_sum = kernels.lse_reduce(high, 1.0, 0)
+    merged_max, merged_sum = kernels.lse_combine(low_max, low_sum, high_max, high_sum)
+    tl.store(out_ptr + 0, folded_max + tl.log(folded_sum))
+    tl.store(out_ptr + 1, block_max + tl.log(block_sum))
+    tl.store(out_ptr + 2, merged_max + tl.log(merged_sum))
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        [0.5, -3.0, 80.0, 79.0, -1e4],
+        [float("-inf"), 2.0, float("-inf"), -2.0],
+        [float("-inf"), float("-inf"), 1e4 + 1.0, 1e4],
+        [-50.0] * 7,
+    ],
+    ids=["mixed", "masked", "offset", "flat"],
+)
+def test_the_one_log_sum_exp_helper_in_every_form(values):
+    values = torch.tensor(values)
+    out = torch.empty(3)
+    fold_kernel[(1,)](values, out, len(values), BLOCK=8)
+    expected = torch.logsumexp(values.double(), 0).float().repeat(3)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=0.0)
+
+
+def test_a_nan_logit_gives_a_nan_log_sum_exp():
+    out = torch.empty(3)
+    fold_kernel[(1,)](torch.tensor([1.0, float("nan"), 2.0]), out, 3, BLOCK=4)
+    assert out[0].isnan()

@@ -2,9 +2,9 @@
 
 Run ``python -m es_kernels.triton.aot`` (``--help`` for options). For each variant and target (sm_80, sm_90) it
 prints registers, spilled bytes, shared memory and vector global loads, and exits non-zero on any compile error,
-any spill in a default configuration, a fused multiply-add in the state update, or an aligned variant (and the
+any spill in a default configuration, a fused multiply-add in the state update, an aligned variant (and the
 pruning kernel) whose PTX has no vector load (``ld.global.v2/v4``, or an 8/16-byte ``cp.async`` for ``tl.dot``
-operands).
+operands), or a bf16/fp16 hidden-state variant whose sm_90 PTX has no ``wgmma`` (Hopper's tensor cores).
 
 Coverage: the kernel is built so Triton can only specialise on its constexprs and one layout class (see
 ``kernels.py``); before compiling, the gate binds a grid of user-like launches (odd sizes, offset views, transposes,
@@ -46,6 +46,8 @@ class Variant:
     kwargs: dict
     # The variant's bulk loads must compile to vector loads (ld.global.v2/v4); the gate fails if none do.
     vectorised: bool = False
+    # The variant's tl.dot must run on Hopper's tensor cores (wgmma in its sm_90 PTX); the gate fails if not.
+    tensor_cores: bool = False
 
 
 @dataclass
@@ -60,6 +62,8 @@ class Result:
     fma_in_update: int = 0
     vector_loads: int | None = None
     vectorised: bool = False
+    wgmma: int | None = None
+    tensor_cores: bool = False
 
 
 def variants() -> Iterator[Variant]:
@@ -109,7 +113,8 @@ def variants() -> Iterator[Variant]:
     from es_kernels.triton import sequence_kernels
 
     for name, kernel, args, kwargs in sequence_kernels.aot_variants():
-        yield Variant(name, kernel, args, kwargs, vectorised=" aligned" in name)
+        tensor_cores = "hidden_loss" in name and ("bf16" in name or "fp16" in name)
+        yield Variant(name, kernel, args, kwargs, vectorised=" aligned" in name, tensor_cores=tensor_cores)
 
 
 def _bind(kernel, args: tuple, kwargs: dict, backend) -> tuple:
@@ -232,6 +237,11 @@ def vector_loads(ptx: str) -> int:
     return len(plain) + len(copies)
 
 
+def wgmma_instructions(ptx: str) -> int:
+    """Number of Hopper warpgroup matrix multiply-accumulates (``wgmma.mma_async``) in ``ptx``."""
+    return len(re.findall(r"^\s*(?:@!?%\w+\s+)?wgmma\.mma_async\.", ptx, flags=re.MULTILINE))
+
+
 def _ptxas_numbers(log: str) -> tuple[int | None, int | None]:
     registers = re.findall(r"Used (\d+) registers", log)
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
@@ -245,7 +255,7 @@ def compile_variant(variant: Variant, arch: int) -> Result:
     from triton.backends.compiler import GPUTarget
     from triton.compiler.compiler import make_backend
 
-    result = Result(variant.name, arch, vectorised=variant.vectorised)
+    result = Result(variant.name, arch, vectorised=variant.vectorised, tensor_cores=variant.tensor_cores)
     start = time.perf_counter()
     try:
         target = GPUTarget("cuda", arch, 32)
@@ -268,6 +278,7 @@ def compile_variant(variant: Variant, arch: int) -> Result:
         result.registers, result.spill_bytes = _ptxas_numbers(log.getvalue())
         result.shared_bytes = int(compiled.metadata.shared)
         result.vector_loads = vector_loads(compiled.asm["ptx"])
+        result.wgmma = wgmma_instructions(compiled.asm["ptx"])
         if variant.kernel.__name__ == "fused_select_kernel":
             result.fma_in_update, rounded = _update_instructions(compiled.asm["ptx"], _update_lines())
             if rounded < 4:
@@ -291,17 +302,20 @@ def _failures(result: Result) -> list[str]:
         problems.append(f"{result.fma_in_update} fma in the state update")
     if result.vectorised and result.vector_loads == 0:
         problems.append("no vector load (ld.global.v2/v4) in a variant that must vectorise")
+    if result.tensor_cores and result.arch >= 90 and result.wgmma == 0:
+        problems.append("no wgmma in the sm_90 PTX of a variant that must use tensor cores")
     return problems
 
 
 def table(results: list[Result]) -> str:
     rows = [
-        "| kernel variant | target | registers | spilled bytes | shared memory (bytes) | vector loads | status |",
-        "|---|---|---|---|---|---|---|",
+        "| kernel variant | target | registers | spilled bytes | shared memory (bytes) | vector loads | wgmma "
+        "| status |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         status = "; ".join(_failures(r)) or "ok"
-        cells = [r.variant, f"sm_{r.arch}", r.registers, r.spill_bytes, r.shared_bytes, r.vector_loads, status]
+        cells = [r.variant, f"sm_{r.arch}", r.registers, r.spill_bytes, r.shared_bytes, r.vector_loads, r.wgmma, status]
         rows.append("| " + " | ".join("-" if c is None else str(c) for c in cells) + " |")
     return "\n".join(rows)
 

@@ -1,4 +1,6 @@
-"""Triton device code: the fused select kernel (loss, state update, race keys, top-k) and the pruning keys.
+"""Triton device code: the fused select kernel (loss, state update, race keys, top-k) and the pruning keys, and
+the one log-sum-exp of every Triton loss form (``lse_combine``, ``lse_reduce``, ``row_statistics``,
+``smoothed_loss``; ``sequence_kernels.py`` uses them for token logits and hidden-state tiles).
 
 Imported lazily (only when a kernel is launched or compiled). Kernels are built in the mode triton itself was
 imported in (interpreted if ``TRITON_INTERPRET=1`` was set then), whatever the variable says by the time this module
@@ -41,6 +43,8 @@ MODE_LABELS = 1  # int64 class ids; the mixup form is two label vectors and lam
 MODE_SOFT = 2  # dense (B, C) target weights
 
 LOG2E = tl.constexpr(1.4426950408889634)
+# Where running maxima start: the most negative finite fp32, so no max is ever -inf (see ``lse_combine``).
+MAX_START = tl.constexpr(-3.4028234663852886e38)
 # Private histogram copies per radix pass of select_top_k (see there).
 SPREAD = tl.constexpr(8)
 
@@ -130,50 +134,113 @@ def select_top_k(keys_ptr, batch, k, positions_ptr, BLOCK_B: tl.constexpr):
 
 
 @_jit
-def row_block(
-    row_start,
-    logits_col_stride,
-    soft_start,
-    soft_col_stride,
-    start,
-    num_classes,
-    row_max,
-    exp_sum,
-    shifted_logit_sum,
-    target_sum,
-    shifted_target_sum,
-    MODE: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+def lse_combine(max_a, sum_a, max_b, sum_b):
+    """The one log-sum-exp step every loss form uses: merge two partial statistics (max m, sum of exp(x - m)) into
+    one, with a single exp2.
+
+    Folding one value x is ``lse_combine(m, s, x, 1.0)`` (element-wise, per lane); merging the partials of
+    vocabulary splits is a loop over it; statistics along an axis merge with ``lse_reduce``. Of the two rescalings
+    exp(m_a - M) and exp(m_b - M) one is exp(0) = 1, so only exp(-|m_a - m_b|) is computed. Running maxima start
+    at ``MAX_START`` (finite), so ``m_b - m_a`` is never -inf + inf: a -inf value (masked column) adds exp(-inf) = 0.
+    A NaN value makes the sum NaN (the loss reports it).
+    """
+    difference = max_b - max_a
+    smaller = tl.exp2(tl.abs(difference) * -LOG2E)
+    total = tl.where(difference > 0.0, sum_a * smaller + sum_b, sum_a + sum_b * smaller)
+    return tl.maximum(max_a, max_b), total
+
+
+@_jit
+def lse_reduce(maxes, sums, AXIS: tl.constexpr):
+    """Merge statistics (max, sum of exp(x - max)) along ``AXIS`` into one: the largest max and the sums rescaled
+    to it. A block of values is ``lse_reduce(values, 1.0, AXIS)``; -inf maxes (masked columns) add 0 and the
+    result's max is kept finite (at least ``MAX_START``), ready for ``lse_combine``."""
+    merged_max = tl.maximum(tl.max(maxes, AXIS), MAX_START)
+    total = tl.sum(sums * tl.exp2((maxes - tl.expand_dims(merged_max, AXIS)) * LOG2E), AXIS)
+    return merged_max, total
+
+
+@_jit
+def smoothed_loss(nll, log_sum, shifted_logit_sum, num_classes, label_smoothing, one_minus_smoothing):
+    """(1 - eps) * nll + eps * (log s - sum(x - m) / C): label smoothing's uniform target over the C classes."""
+    loss = one_minus_smoothing * nll
+    if label_smoothing > 0.0:
+        # Skipped at 0 so an overflowing logit sum cannot turn 0 * inf into NaN.
+        loss += label_smoothing * (log_sum - shifted_logit_sum / num_classes)
+    return loss
+
+
+@_jit
+def row_lanes(
+    row_start, col_stride, soft_start, soft_col_stride, start, num_classes, anchor,
+    lane_max, lane_sum, lane_logits, lane_targets, lane_weighted, SOFT: tl.constexpr, BLOCK: tl.constexpr,
     MASKED: tl.constexpr,
-):
-    """Fold columns [start, start + BLOCK_C) of a row into the running statistics of ``row_loss``; only the last,
-    partial block is ``MASKED``."""
-    cols = start + tl.arange(0, BLOCK_C)
+):  # fmt: skip
+    """Fold columns [start, start + BLOCK) of a row into per-lane running statistics: no reduction across lanes
+    (and so no barrier) inside the column loop, only element-wise work between two loads. Only the last, partial
+    block is ``MASKED``."""
+    cols = start + tl.arange(0, BLOCK)
     inside = cols < num_classes
-    logit_pointers = row_start + cols.to(tl.int64) * logits_col_stride
+    pointers = row_start + cols.to(tl.int64) * col_stride
     if MASKED:
-        x = tl.load(logit_pointers, mask=inside, other=float("-inf")).to(tl.float32)
+        x = tl.load(pointers, mask=inside, other=float("-inf")).to(tl.float32)
+        relative = tl.where(inside, x - anchor, 0.0)
     else:
-        x = tl.load(logit_pointers).to(tl.float32)
-    new_max = tl.maximum(row_max, tl.max(x, 0))
-    # A block (or a row so far) of -inf logits must not turn the rescaling into exp(-inf + inf) = NaN.
-    anchor = tl.where(new_max == float("-inf"), 0.0, new_max)
-    seen_any = row_max != float("-inf")
-    shift = tl.where(seen_any, row_max - anchor, 0.0)
-    exp_sum = exp_sum * tl.exp2(shift * LOG2E) + tl.sum(tl.exp2((x - anchor) * LOG2E), 0)
-    x_shifted = x - anchor
-    if MASKED:
-        x_shifted = tl.where(inside, x_shifted, 0.0)
-    shifted_logit_sum += start * shift + tl.sum(x_shifted, 0)
-    if MODE == 2:
+        x = tl.load(pointers).to(tl.float32)
+        relative = x - anchor
+    lane_max, lane_sum = lse_combine(lane_max, lane_sum, x, 1.0)
+    lane_logits += relative
+    if SOFT:
         target_pointers = soft_start + cols.to(tl.int64) * soft_col_stride
         if MASKED:
             t = tl.load(target_pointers, mask=inside, other=0.0).to(tl.float32)
         else:
             t = tl.load(target_pointers).to(tl.float32)
-        shifted_target_sum += target_sum * shift + tl.sum(t * x_shifted, 0)
-        target_sum += tl.sum(t, 0)
-    return new_max, exp_sum, shifted_logit_sum, target_sum, shifted_target_sum
+        lane_targets += t
+        lane_weighted += t * relative
+    return lane_max, lane_sum, lane_logits, lane_targets, lane_weighted
+
+
+@_jit
+def row_statistics(
+    row_start, col_stride, num_classes, soft_start, soft_col_stride, SOFT: tl.constexpr, BLOCK: tl.constexpr
+):
+    """(m, log s, sum(x - m), sum t, sum t * (x - m)) of one row of ``num_classes`` logits x (any float dtype,
+    computed in fp32), t the soft targets if ``SOFT``; one pass over the row.
+
+    m is the row max and s = sum exp(x - m). The logit sums are accumulated relative to the row's first logit (its
+    anchor; 0 if that is not finite) and moved to m at the end, so a large common offset of the logits cannot
+    cancel them away. ``num_classes`` may be 0 (an ignored token reads nothing).
+    """
+    first = tl.load(row_start, mask=num_classes > 0, other=0.0).to(tl.float32)
+    anchor = tl.where(tl.abs(first) < float("inf"), first, 0.0)
+    lane_max = tl.full([BLOCK], MAX_START, tl.float32)
+    lane_sum = tl.zeros([BLOCK], tl.float32)
+    lane_logits = tl.zeros([BLOCK], tl.float32)
+    lane_targets = tl.zeros([BLOCK], tl.float32)
+    lane_weighted = tl.zeros([BLOCK], tl.float32)
+    # Full blocks load without a mask, so the aligned variants' loads vectorise (num_classes is not specialised: a
+    # mask `cols < num_classes` would hide the alignment); the partial last block is loaded masked, apart.
+    full_end = num_classes - num_classes % BLOCK
+    for start in range(0, full_end, BLOCK):
+        lane_max, lane_sum, lane_logits, lane_targets, lane_weighted = row_lanes(
+            row_start, col_stride, soft_start, soft_col_stride, start, num_classes, anchor,
+            lane_max, lane_sum, lane_logits, lane_targets, lane_weighted, SOFT, BLOCK, False,
+        )  # fmt: skip
+    if full_end < num_classes:
+        lane_max, lane_sum, lane_logits, lane_targets, lane_weighted = row_lanes(
+            row_start, col_stride, soft_start, soft_col_stride, full_end, num_classes, anchor,
+            lane_max, lane_sum, lane_logits, lane_targets, lane_weighted, SOFT, BLOCK, True,
+        )  # fmt: skip
+    row_max, exp_sum = lse_reduce(lane_max, lane_sum, 0)
+    to_max = anchor - row_max
+    shifted_logit_sum = tl.sum(lane_logits, 0) + num_classes.to(tl.float32) * to_max
+    target_sum = tl.zeros([], tl.float32)
+    shifted_target_sum = tl.zeros([], tl.float32)
+    if SOFT:
+        target_sum = tl.sum(lane_targets, 0)
+        shifted_target_sum = tl.sum(lane_weighted, 0) + target_sum * to_max
+    return row_max, tl.log(exp_sum), shifted_logit_sum, target_sum, shifted_target_sum
 
 
 @_jit
@@ -197,34 +264,16 @@ def row_loss(
     MODE: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """fp32 cross-entropy of one row: online log-sum-exp over column blocks, label smoothing in the same pass.
+    """fp32 cross-entropy of one row (``row_statistics``), label smoothing in the same pass.
 
     With m the row max and s = sum exp(x - m), lse = m + log(s); the loss is assembled as (m - x_y) + log(s) so a
-    confidently right row does not lose its small loss to cancellation against a large lse. The soft-target and
-    smoothing sums are kept relative to the running max too (sum t*(x - m), sum (x - m)), rescaled when m moves,
-    so a large common offset of the logits cannot cancel them away.
+    confidently right row does not lose its small loss to cancellation against a large lse.
     """
     row_start = logits_ptr + row.to(tl.int64) * logits_row_stride
     soft_start = soft_ptr + row.to(tl.int64) * soft_row_stride
-    row_max = tl.full([], float("-inf"), tl.float32)
-    exp_sum = tl.zeros([], tl.float32)
-    shifted_logit_sum = tl.zeros([], tl.float32)
-    target_sum = tl.zeros([], tl.float32)
-    shifted_target_sum = tl.zeros([], tl.float32)
-    # Full blocks load without a mask, so the aligned variant's loads vectorise (num_classes is not specialised:
-    # a mask `cols < num_classes` would hide the alignment); the partial last block is loaded masked, apart.
-    full_end = num_classes - num_classes % BLOCK_C
-    for start in range(0, full_end, BLOCK_C):
-        row_max, exp_sum, shifted_logit_sum, target_sum, shifted_target_sum = row_block(
-            row_start, logits_col_stride, soft_start, soft_col_stride, start, num_classes,
-            row_max, exp_sum, shifted_logit_sum, target_sum, shifted_target_sum, MODE, BLOCK_C, False,
-        )  # fmt: skip
-    if full_end < num_classes:
-        row_max, exp_sum, shifted_logit_sum, target_sum, shifted_target_sum = row_block(
-            row_start, logits_col_stride, soft_start, soft_col_stride, full_end, num_classes,
-            row_max, exp_sum, shifted_logit_sum, target_sum, shifted_target_sum, MODE, BLOCK_C, True,
-        )  # fmt: skip
-    log_sum = tl.log(exp_sum)
+    row_max, log_sum, shifted_logit_sum, target_sum, shifted_target_sum = row_statistics(
+        row_start, logits_col_stride, num_classes, soft_start, soft_col_stride, MODE == 2, BLOCK_C
+    )
     if MODE == 1:
         # Out-of-range ids (possible only with value checks off) read nothing and give a NaN loss, never chosen.
         label_a = tl.load(labels_a_ptr + row.to(tl.int64) * labels_a_stride)
@@ -236,11 +285,7 @@ def row_loss(
         nll = lam * ((row_max - x_a) + log_sum) + one_minus_lam * ((row_max - x_b) + log_sum)
     else:
         nll = target_sum * log_sum - shifted_target_sum
-    loss = one_minus_smoothing * nll
-    if label_smoothing > 0.0:
-        # Skipped at 0 so an overflowing logit sum cannot turn 0 * inf into NaN.
-        loss += label_smoothing * (log_sum - shifted_logit_sum / num_classes)
-    return loss
+    return smoothed_loss(nll, log_sum, shifted_logit_sum, num_classes, label_smoothing, one_minus_smoothing)
 
 
 def fused_select_kernel(

@@ -12,7 +12,10 @@ from es_kernels.reference.sampling import largest_keys
 from es_kernels.triton import kernels
 
 # Default configuration: the only one the launchers use, and the one the AOT gate proves spill-free.
-BLOCK_C = 1024
+# Columns per block of the row loss by the widest element of the logits and soft targets: 8 per thread (with
+# NUM_WARPS = 4), so fp32 keeps 32 bytes per thread in flight per block (two 16-byte loads) and bf16/fp16 16 bytes;
+# 16 per thread for bf16/fp16 spills in this kernel (the radix select shares it), as does fp32 with fp64 targets.
+BLOCK_C_BY_ITEMSIZE = {8: 512, 4: 1024, 2: 1024}
 BLOCK_B = 1024
 NUM_WARPS = 4
 PRUNE_BLOCK = 1024
@@ -75,7 +78,9 @@ def fused_select_arguments(
         beta1, 1.0 - beta1, beta2, 1.0 - beta2,
         seed, losses_out, keys, ticket, positions,
     )  # fmt: skip
-    kwargs = {"MODE": mode, "BLOCK_C": BLOCK_C, "BLOCK_B": BLOCK_B, "num_warps": NUM_WARPS, **COMPILE_OPTIONS}
+    widest = max((tensor.element_size() for tensor in (logits, soft_targets) if tensor is not None), default=4)
+    block_c = BLOCK_C_BY_ITEMSIZE[widest if losses is None else 4]
+    kwargs = {"MODE": mode, "BLOCK_C": block_c, "BLOCK_B": BLOCK_B, "num_warps": NUM_WARPS, **COMPILE_OPTIONS}
     layouts = [tensor for tensor in (logits, soft_targets) if tensor is not None and losses is None]
     aligned = all(_row_major_aligned(tensor) for tensor in layouts)
     kernel = kernels.fused_select_kernel if aligned else kernels.fused_select_kernel_any_layout

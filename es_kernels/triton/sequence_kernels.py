@@ -3,18 +3,20 @@
 
 Two launches per call, whatever the shapes, and no atomics, so the losses are deterministic:
 
-1. per-token cross-entropy into a ``(B·T,)`` fp32 buffer (0 where the target is ``ignore_index``), either
-   * ``token_loss_kernel``: one program per token, an online log-sum-exp over blocks of the vocabulary of the
-     ``(B, T, V)`` logits (any strides), or
-   * ``hidden_loss_kernel``: one program per block of BLOCK_M tokens, in the manner of Cut Cross-Entropy: it tiles
-     ``H @ W.T`` over the vocabulary with ``tl.dot`` (fp32 accumulation), applies bias, scale and soft cap to the
-     tile in registers, and keeps an online log-sum-exp, the target's logit and the logit sum per token, so the
-     ``(B·T, V)`` logits never exist in memory;
-2. ``sequence_reduce_kernel``: one program per sequence sums its scored tokens' losses in a fixed order and divides
-   by their count for ``"mean"`` (an empty sequence gets 0).
+* from ``(B, T, V)`` logits: ``token_loss_kernel``, one program per token, the fused select's row loss
+  (``kernels.row_statistics``: one pass, per-lane online log-sum-exp) into a ``(B·T,)`` fp32 buffer (0 where the
+  target is ``ignore_index``), then ``sequence_reduce_kernel``: one program per sequence sums its scored tokens'
+  losses in a fixed order and divides by their count for ``"mean"`` (an empty sequence gets 0);
+* from hidden states and the LM head, in the manner of Cut Cross-Entropy: ``hidden_partials_kernel`` on a grid of
+  (token blocks x vocabulary splits) tiles ``H @ W.T`` with ``tl.dot`` (fp32 accumulation; Hopper's wgmma for
+  bf16/fp16), applies bias, scale and soft cap to the tile in registers and keeps per token an online
+  log-sum-exp, the logit sum and the target's logit, written as four fp32 partials per (token, split): the
+  ``(B·T, V)`` logits never exist in memory, the partials take 16·B·T·splits bytes. ``sequence_merge_kernel``
+  (one program per sequence) merges each token's splits and reduces the sequence as above.
 
 The arithmetic is the reference's (``reference/sequence.py``): statistics relative to the running max, the loss as
-``(1 - eps) * (log s - (z_y - m)) + eps * (log s - sum(z - m) / V)``.
+``(1 - eps) * (log s - (z_y - m)) + eps * (log s - sum(z - m) / V)``, every log-sum-exp step through
+``kernels.lse_combine`` / ``kernels.lse_reduce``.
 
 Variants: as in ``kernels.py``, each kernel has an aligned form (unit stride in the last dimension, other strides
 multiples of 16 elements, 16-byte-aligned data, so blocks load vectorised) and an any-layout form that specialises
@@ -25,53 +27,72 @@ set of variants is small and fixed: :func:`aot_variants` lists it for the ahead-
 
 from __future__ import annotations
 
+import functools
 import itertools
+from dataclasses import dataclass
 
 import torch
-import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from es_kernels.triton.kernels import LOG2E, _jit, jit_layout_forms
+from es_kernels.triton.kernels import (
+    LOG2E,
+    MAX_START,
+    _jit,
+    jit_layout_forms,
+    lse_combine,
+    lse_reduce,
+    row_statistics,
+    smoothed_loss,
+)
 
 # Triton's interpreter keeps bf16 as its uint16 bits and its tl.dot multiplies those bits as integers; interpreted
 # kernels widen the tiles to fp32 first (exact for bf16/fp16 values). Compiled kernels never take that branch.
 _INTERPRETED = tl.constexpr(isinstance(tl.randint, InterpretedFunction))
 
 # Default configuration: the only one the launchers use, and the one the AOT gate proves spill-free.
-TOKEN_BLOCK_V = 1024
+# Vocabulary columns per block of the token loss by the logits' element size: 32 bytes per thread per block
+# (two 16-byte loads) whatever the dtype.
+TOKEN_BLOCK_V_BY_ITEMSIZE = {8: 512, 4: 1024, 2: 2048}
 TOKEN_NUM_WARPS = 4
 REDUCE_BLOCK_T = 1024
 REDUCE_NUM_WARPS = 4
-HIDDEN_BLOCK_M = 64
-HIDDEN_BLOCK_N = 64
-HIDDEN_BLOCK_K = 16
-HIDDEN_NUM_WARPS = 8
-HIDDEN_NUM_STAGES = 2
+MERGE_BLOCK_T = 256
+MERGE_NUM_WARPS = 4
+
+
+@dataclass(frozen=True)
+class HiddenConfig:
+    """Tiles and pipeline of ``hidden_partials_kernel`` for one dtype of H and W."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+# The hidden-state kernel's configuration by (dtype of H and W, aligned layout): the only one the launchers use,
+# and the one the AOT gate proves spill-free on sm_80 and sm_90 (and, for bf16/fp16, on Hopper's wgmma).
+# ``benchmarks/tune_hidden.py`` sweeps alternatives on a GPU; set the winner here. fp32 runs on CUDA cores (no
+# TF32), hence its smaller tiles; the any-layout forms keep a 64-bit pointer per tile element (no vectorised,
+# pipelined copies), hence theirs. Larger bf16 tiles (128 x 128 x 64, or 128 x 64 x 64 with a bias) are
+# spill-free on sm_90 but spill on sm_80.
+_ANY_LAYOUT = HiddenConfig(block_m=64, block_n=64, block_k=16, num_warps=8, num_stages=2)
+HIDDEN_CONFIGS = {
+    (torch.bfloat16, True): HiddenConfig(block_m=128, block_n=64, block_k=32, num_warps=8, num_stages=3),
+    (torch.float16, True): HiddenConfig(block_m=128, block_n=64, block_k=32, num_warps=8, num_stages=3),
+    (torch.float32, True): HiddenConfig(block_m=32, block_n=32, block_k=32, num_warps=4, num_stages=2),
+    (torch.bfloat16, False): _ANY_LAYOUT,
+    (torch.float16, False): _ANY_LAYOUT,
+    (torch.float32, False): _ANY_LAYOUT,
+}
+# Programs per streaming multiprocessor the vocabulary splits aim for (the grid is token blocks x splits): more
+# splits fill the chip when there are few token blocks, at O(B*T*splits) partials and less reuse of each H tile.
+HIDDEN_PROGRAMS_PER_SM = 2
+# The interpreter has no multiprocessors; this many programs make the tests' small shapes take several splits.
+_CPU_PROGRAMS = 3
 REDUCTIONS = ("mean", "sum")
-
-
-@_jit
-def _token_loss(log_sum, shifted_target, shifted_sum, vocab, label_smoothing, one_minus_smoothing):
-    """Cross-entropy of a token from its statistics relative to the max m: lse - z_y = log s - (z_y - m)."""
-    loss = one_minus_smoothing * (log_sum - shifted_target)
-    if label_smoothing > 0.0:
-        # Skipped at 0 so an overflowing logit sum cannot turn 0 * inf into NaN.
-        loss += label_smoothing * (log_sum - shifted_sum / vocab)
-    return loss
-
-
-@_jit
-def _absorb_block(z, inside, start, row_max, exp_sum, shifted_sum):
-    """Fold one block of a token's fp32 logits (-inf outside ``inside``) into its running statistics; ``start``
-    columns were seen before it."""
-    new_max = tl.maximum(row_max, tl.max(z, 0))
-    # A row of -inf logits so far must not turn the rescaling into exp(-inf + inf) = NaN.
-    anchor = tl.where(new_max == float("-inf"), 0.0, new_max)
-    shift = tl.where(row_max == float("-inf"), 0.0, row_max - anchor)
-    exp_sum = exp_sum * tl.exp2(shift * LOG2E) + tl.sum(tl.exp2((z - anchor) * LOG2E), 0)
-    shifted_sum += start * shift + tl.sum(tl.where(inside, z - anchor, 0.0), 0)
-    return new_max, exp_sum, shifted_sum
 
 
 def token_loss_kernel(
@@ -90,33 +111,22 @@ def token_loss_kernel(
     one_minus_smoothing,
     BLOCK_V: tl.constexpr,
 ):
-    """One program per token (b, t): online log-sum-exp over vocabulary blocks, label smoothing in the same pass."""
+    """One program per token (b, t): the row loss of the fused select (``kernels.row_statistics``) over the token's
+    logits; an ignored token reads no logits at all."""
     token = tl.program_id(0)
     b = (token // time).to(tl.int64)
     t = (token % time).to(tl.int64)
     target = tl.load(targets_ptr + b * targets_batch_stride + t * targets_time_stride)
     scored = target != ignore_index
     row = logits_ptr + b * logits_batch_stride + t * logits_time_stride
-    offsets = tl.arange(0, BLOCK_V)
-    row_max = tl.full([], float("-inf"), tl.float32)
-    exp_sum = tl.zeros([], tl.float32)
-    shifted_sum = tl.zeros([], tl.float32)
-    # An ignored token reads no logits at all. Full blocks load without a mask, so the aligned form's loads
-    # vectorise (vocab is not specialised: a mask `columns < vocab` would hide the alignment); the partial last
-    # block is loaded masked, apart.
-    columns_to_read = tl.where(scored, vocab, 0)
-    full_end = columns_to_read - columns_to_read % BLOCK_V
-    for start in range(0, full_end, BLOCK_V):
-        z = tl.load(row + (start + offsets).to(tl.int64) * logits_vocab_stride).to(tl.float32)
-        row_max, exp_sum, shifted_sum = _absorb_block(z, offsets < BLOCK_V, start, row_max, exp_sum, shifted_sum)
-    if full_end < columns_to_read:
-        inside = full_end + offsets < vocab
-        z = tl.load(row + (full_end + offsets).to(tl.int64) * logits_vocab_stride, mask=inside, other=float("-inf"))
-        row_max, exp_sum, shifted_sum = _absorb_block(z.to(tl.float32), inside, full_end, row_max, exp_sum, shifted_sum)
+    row_max, log_sum, shifted_sum, _, _ = row_statistics(
+        row, logits_vocab_stride, tl.where(scored, vocab, 0), row, 0, False, BLOCK_V
+    )
     # Targets outside [0, V) (possible only with value checks off) read nothing and give a NaN loss.
     valid = scored & (target >= 0) & (target < vocab)
     z_target = tl.load(row + target * logits_vocab_stride, mask=valid, other=float("nan")).to(tl.float32)
-    loss = _token_loss(tl.log(exp_sum), z_target - row_max, shifted_sum, vocab, label_smoothing, one_minus_smoothing)
+    loss = smoothed_loss((row_max - z_target) + log_sum, log_sum, shifted_sum, vocab, label_smoothing,
+                         one_minus_smoothing)  # fmt: skip
     tl.store(token_losses_ptr + token, tl.where(scored, loss, 0.0))
 
 
@@ -130,18 +140,7 @@ def _soft_cap(z, cap):
     return cap * tl.where(x < 0.0, -magnitude, magnitude)
 
 
-@_jit
-def _dot_block(hidden_rows, hidden_dim_stride, weight_columns, weight_dim_stride, ks, h_mask, w_mask, logits):
-    """``logits += H[rows, ks] @ W[columns, ks].T`` for one K block, in fp32."""
-    h = tl.load(hidden_rows[:, None] + ks[None, :].to(tl.int64) * hidden_dim_stride, mask=h_mask, other=0.0)
-    w = tl.load(weight_columns[None, :] + ks[:, None].to(tl.int64) * weight_dim_stride, mask=w_mask, other=0.0)
-    if _INTERPRETED:
-        h, w = h.to(tl.float32), w.to(tl.float32)
-    # fp32 inputs stay fp32 (no TF32): the losses are compared with fp64 at fp32 tolerances.
-    return tl.dot(h, w, logits, input_precision="ieee")
-
-
-def hidden_loss_kernel(
+def hidden_partials_kernel(
     hidden_ptr,
     hidden_batch_stride,
     hidden_time_stride,
@@ -153,14 +152,12 @@ def hidden_loss_kernel(
     targets_ptr,
     targets_batch_stride,
     targets_time_stride,
-    token_losses_ptr,
+    partials_ptr,
     tokens,
     time,
     vocab,
     dim,
-    ignore_index,
-    label_smoothing,
-    one_minus_smoothing,
+    split_columns,
     logit_scale,
     logit_softcap,
     HAS_BIAS: tl.constexpr,
@@ -169,60 +166,85 @@ def hidden_loss_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """One program per BLOCK_M tokens: logits tiles ``H @ W.T`` over the vocabulary, never stored, and an online
-    log-sum-exp per token in registers (Cut Cross-Entropy's forward; scoring needs no backward)."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    """Program (i, j): tokens [i * BLOCK_M, (i + 1) * BLOCK_M) of the (B, T, D) hidden states against vocabulary
+    split j (``split_columns`` columns, a multiple of BLOCK_N). Tiles of ``H @ W.T`` (``tl.dot``, fp32
+    accumulation) stay in registers; per token it keeps the running max m and sum of exp(z - m) (``lse_reduce``
+    of the tile, ``lse_combine`` into the running pair), the sum of z - m, and the target's raw logit z_y (0 unless
+    the target falls in this split), and writes those four fp32 partials to ``partials[q, j, token]``.
+    ``sequence_merge_kernel`` merges the splits.
+    """
+    block = tl.program_id(0)
+    split = tl.program_id(1)
+    splits = tl.num_programs(1)
+    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
     row_inside = rows < tokens
-    b = (rows // time).to(tl.int64)
-    t = (rows % time).to(tl.int64)
-    targets = tl.load(targets_ptr + b * targets_batch_stride + t * targets_time_stride, mask=row_inside,
-                      other=ignore_index)  # fmt: skip
+    targets = tl.load(
+        targets_ptr + (rows // time).to(tl.int64) * targets_batch_stride
+        + (rows % time).to(tl.int64) * targets_time_stride, mask=row_inside, other=-1,
+    )  # fmt: skip
+    # Rows past the end read the last token instead of loading masked, so the full K blocks carry no mask at all
+    # (those rows' results are never stored); columns past the vocabulary likewise read its last row of W.
+    clamped_rows = tl.minimum(rows, tokens - 1)
+    b = (clamped_rows // time).to(tl.int64)
+    t = (clamped_rows % time).to(tl.int64)
     hidden_rows = hidden_ptr + b * hidden_batch_stride + t * hidden_time_stride
     k_offsets = tl.arange(0, BLOCK_K)
     n_offsets = tl.arange(0, BLOCK_N)
-    row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    row_max = tl.full([BLOCK_M], MAX_START, tl.float32)
     exp_sum = tl.zeros([BLOCK_M], tl.float32)
     shifted_sum = tl.zeros([BLOCK_M], tl.float32)
-    shifted_target = tl.zeros([BLOCK_M], tl.float32)
+    target_logit = tl.zeros([BLOCK_M], tl.float32)
+    first_column = split * split_columns
+    end_column = tl.minimum(first_column + split_columns, vocab)
     full_dim = dim - dim % BLOCK_K
-    for start in range(0, vocab, BLOCK_N):
+    for start in range(first_column, end_column, BLOCK_N):
         columns = start + n_offsets
         column_inside = columns < vocab
-        weight_columns = weight_ptr + columns.to(tl.int64) * weight_vocab_stride
+        weight_columns = weight_ptr + tl.minimum(columns, vocab - 1).to(tl.int64) * weight_vocab_stride
         logits = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        # Full K blocks carry no mask along K, so the aligned form's loads vectorise (dim is not specialised);
-        # the partial last block is masked, apart.
+        # Full K blocks load without a mask, so the aligned form's loads vectorise (dim is not specialised: a mask
+        # along K would hide the alignment); the partial last block is masked, apart.
         for k in range(0, full_dim, BLOCK_K):
-            logits = _dot_block(hidden_rows, hidden_dim_stride, weight_columns, weight_dim_stride, k + k_offsets,
-                                row_inside[:, None], column_inside[None, :], logits)  # fmt: skip
+            ks = (k + k_offsets).to(tl.int64)
+            h = tl.load(hidden_rows[:, None] + ks[None, :] * hidden_dim_stride)
+            w = tl.load(weight_columns[None, :] + ks[:, None] * weight_dim_stride)
+            logits = _dot(h, w, logits)
         if full_dim < dim:
             ks = full_dim + k_offsets
             k_inside = ks < dim
-            logits = _dot_block(hidden_rows, hidden_dim_stride, weight_columns, weight_dim_stride, ks,
-                                row_inside[:, None] & k_inside[None, :], k_inside[:, None] & column_inside[None, :],
-                                logits)  # fmt: skip
+            h = tl.load(hidden_rows[:, None] + ks[None, :].to(tl.int64) * hidden_dim_stride, mask=k_inside[None, :],
+                        other=0.0)  # fmt: skip
+            w = tl.load(weight_columns[None, :] + ks[:, None].to(tl.int64) * weight_dim_stride,
+                        mask=k_inside[:, None], other=0.0)  # fmt: skip
+            logits = _dot(h, w, logits)
         if HAS_BIAS:
             logits += tl.load(bias_ptr + columns, mask=column_inside, other=0.0)[None, :]
         logits = logits * logit_scale
         if SOFTCAP:
             logits = _soft_cap(logits, logit_softcap)
         logits = tl.where(column_inside[None, :], logits, float("-inf"))
-        new_max = tl.maximum(row_max, tl.max(logits, 1))
-        anchor = tl.where(new_max == float("-inf"), 0.0, new_max)
-        shift = tl.where(row_max == float("-inf"), 0.0, row_max - anchor)
-        shifted = logits - anchor[:, None]
-        exp_sum = exp_sum * tl.exp2(shift * LOG2E) + tl.sum(tl.exp2(shifted * LOG2E), 1)
-        shifted_sum += start * shift + tl.sum(tl.where(column_inside[None, :], shifted, 0.0), 1)
-        is_target = columns[None, :] == targets[:, None]
-        found = tl.sum(is_target.to(tl.int32), 1) > 0
-        shifted_target = tl.where(found, tl.sum(tl.where(is_target, shifted, 0.0), 1), shifted_target + shift)
+        tile_max, tile_sum = lse_reduce(logits, 1.0, 1)
+        new_max, exp_sum = lse_combine(row_max, exp_sum, tile_max, tile_sum)
+        seen = (start - first_column).to(tl.float32)
+        shifted = tl.where(column_inside[None, :], logits - new_max[:, None], 0.0)
+        shifted_sum += seen * (row_max - new_max) + tl.sum(shifted, 1)
+        target_logit += tl.sum(tl.where(columns[None, :] == targets[:, None], logits, 0.0), 1)
         row_max = new_max
-    scored = targets != ignore_index
-    # Targets outside [0, V) (possible only with value checks off) give a NaN loss.
-    valid = (targets >= 0) & (targets < vocab)
-    shifted_target = tl.where(valid, shifted_target, float("nan"))
-    loss = _token_loss(tl.log(exp_sum), shifted_target, shifted_sum, vocab, label_smoothing, one_minus_smoothing)
-    tl.store(token_losses_ptr + rows, tl.where(scored, loss, 0.0), mask=row_inside)
+    place = partials_ptr + split.to(tl.int64) * tokens + rows
+    stride = splits.to(tl.int64) * tokens
+    tl.store(place, row_max, mask=row_inside)
+    tl.store(place + stride, exp_sum, mask=row_inside)
+    tl.store(place + 2 * stride, shifted_sum, mask=row_inside)
+    tl.store(place + 3 * stride, target_logit, mask=row_inside)
+
+
+@_jit
+def _dot(h, w, logits):
+    """``logits += h @ w`` in fp32; fp32 inputs stay fp32 (no TF32): the losses are compared with fp64 at fp32
+    tolerances."""
+    if _INTERPRETED:
+        h, w = h.to(tl.float32), w.to(tl.float32)
+    return tl.dot(h, w, logits, input_precision="ieee")
 
 
 @_jit(
@@ -258,6 +280,70 @@ def sequence_reduce_kernel(
     tl.store(out_ptr + b, loss)
 
 
+@_jit(
+    do_not_specialize=["time", "tokens", "splits", "split_columns", "vocab", "targets_batch_stride",
+                       "targets_time_stride", "ignore_index"],
+    do_not_specialize_on_alignment=["targets_ptr"],
+)  # fmt: skip
+def sequence_merge_kernel(
+    partials_ptr,
+    targets_ptr,
+    targets_batch_stride,
+    targets_time_stride,
+    time,
+    tokens,
+    splits,
+    split_columns,
+    vocab,
+    ignore_index,
+    label_smoothing,
+    one_minus_smoothing,
+    out_ptr,
+    MEAN: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    """One program per sequence: merge each token's vocabulary-split partials (``hidden_partials_kernel``) into
+    its loss, then reduce the sequence as ``sequence_reduce_kernel`` does, in a fixed order."""
+    b = tl.program_id(0).to(tl.int64)
+    offsets = tl.arange(0, BLOCK_T)
+    total = tl.zeros([BLOCK_T], tl.float32)
+    count = tl.zeros([BLOCK_T], tl.int32)
+    tokens_wide = tokens.to(tl.int64)
+    stride = splits.to(tl.int64) * tokens
+    for start in range(0, time, BLOCK_T):
+        t = start + offsets
+        inside = t < time
+        target = tl.load(targets_ptr + b * targets_batch_stride + t.to(tl.int64) * targets_time_stride,
+                         mask=inside, other=ignore_index)  # fmt: skip
+        scored = inside & (target != ignore_index)
+        token = b * time + t
+        row_max = tl.full([BLOCK_T], MAX_START, tl.float32)
+        exp_sum = tl.zeros([BLOCK_T], tl.float32)
+        shifted_sum = tl.zeros([BLOCK_T], tl.float32)
+        target_logit = tl.zeros([BLOCK_T], tl.float32)
+        for split in range(0, splits):
+            place = partials_ptr + split * tokens_wide + token
+            split_max = tl.load(place, mask=scored, other=MAX_START)
+            new_max, exp_sum = lse_combine(row_max, exp_sum, split_max, tl.load(place + stride, mask=scored, other=0.0))
+            seen = (split * split_columns).to(tl.float32)
+            width = (tl.minimum(split_columns, vocab - split * split_columns)).to(tl.float32)
+            split_shifted = tl.load(place + 2 * stride, mask=scored, other=0.0)
+            shifted_sum += seen * (row_max - new_max) + split_shifted + width * (split_max - new_max)
+            target_logit += tl.load(place + 3 * stride, mask=scored, other=0.0)
+            row_max = new_max
+        log_sum = tl.log(exp_sum)
+        # Targets outside [0, V) (possible only with value checks off) give a NaN loss.
+        valid = (target >= 0) & (target < vocab)
+        nll = tl.where(valid, (row_max - target_logit) + log_sum, float("nan"))
+        loss = smoothed_loss(nll, log_sum, shifted_sum, vocab, label_smoothing, one_minus_smoothing)
+        total += tl.where(scored, loss, 0.0)
+        count += scored.to(tl.int32)
+    loss = tl.sum(total, 0)
+    if MEAN:
+        loss = loss / tl.maximum(tl.sum(count, 0), 1).to(tl.float32)
+    tl.store(out_ptr + b, loss)
+
+
 # Values read once per token (targets, counts, scalars) never get specialisation hints; layout ints and pointers
 # do in the aligned form only (see the module docstring and ``kernels.py``).
 _TOKEN_COUNTS = ["time", "vocab", "targets_batch_stride", "targets_time_stride", "ignore_index"]
@@ -265,12 +351,14 @@ _TOKEN_LAYOUT = ["logits_batch_stride", "logits_time_stride", "logits_vocab_stri
 token_loss_kernel, token_loss_kernel_any_layout = jit_layout_forms(
     token_loss_kernel, _TOKEN_COUNTS, ["targets_ptr"], _TOKEN_LAYOUT, ["logits_ptr"]
 )
-_HIDDEN_COUNTS = ["tokens", "time", "vocab", "dim", "targets_batch_stride", "targets_time_stride", "ignore_index"]
+_HIDDEN_COUNTS = [
+    "tokens", "time", "vocab", "dim", "split_columns", "targets_batch_stride", "targets_time_stride",
+]  # fmt: skip
 _HIDDEN_LAYOUT = [
     "hidden_batch_stride", "hidden_time_stride", "hidden_dim_stride", "weight_vocab_stride", "weight_dim_stride",
 ]  # fmt: skip
-hidden_loss_kernel, hidden_loss_kernel_any_layout = jit_layout_forms(
-    hidden_loss_kernel, _HIDDEN_COUNTS, ["targets_ptr"], _HIDDEN_LAYOUT, ["hidden_ptr", "weight_ptr"]
+hidden_partials_kernel, hidden_partials_kernel_any_layout = jit_layout_forms(
+    hidden_partials_kernel, _HIDDEN_COUNTS, ["targets_ptr"], _HIDDEN_LAYOUT, ["hidden_ptr", "weight_ptr"]
 )
 
 
@@ -296,33 +384,66 @@ def token_loss_arguments(logits, targets, ignore_index, label_smoothing, token_l
         logits, *logits.stride(), targets, *targets.stride(), token_losses, time, vocab, int(ignore_index),
         *_smoothing_args(label_smoothing),
     )  # fmt: skip
-    kwargs = {"BLOCK_V": TOKEN_BLOCK_V, "num_warps": TOKEN_NUM_WARPS}
+    kwargs = {"BLOCK_V": TOKEN_BLOCK_V_BY_ITEMSIZE[logits.element_size()], "num_warps": TOKEN_NUM_WARPS}
     return kernel, args, kwargs, (batch * time,)
 
 
-def hidden_loss_arguments(
-    hidden, weight, bias, targets, ignore_index, label_smoothing, logit_scale, logit_softcap, token_losses
-):
-    """(kernel, positional args, constexpr/launch kwargs, grid) of the fused hidden-state launch. ``bias`` must
-    already be fp32 (or None)."""
+@functools.cache
+def _programs_target(device: torch.device) -> int:
+    """Programs the hidden-state grid aims for on ``device`` (cached: one device query per device and process)."""
+    if device.type != "cuda":
+        return _CPU_PROGRAMS
+    return HIDDEN_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def vocabulary_splits(tokens: int, vocab: int, config: HiddenConfig, programs: int) -> tuple[int, int]:
+    """(splits, columns per split): enough vocabulary splits that token blocks x splits reaches ``programs``, each
+    split a whole number of BLOCK_N tiles and none empty."""
+    token_blocks = -(-tokens // config.block_m)
+    tiles = -(-vocab // config.block_n)
+    wanted = min(tiles, max(1, -(-programs // token_blocks)))
+    split_columns = -(-tiles // wanted) * config.block_n
+    return -(-vocab // split_columns), split_columns
+
+
+def hidden_loss_arguments(hidden, weight, bias, targets, logit_scale, logit_softcap, programs):
+    """(kernel, positional args, constexpr/launch kwargs, grid, partials, split_columns) of the hidden-state
+    partials launch, its vocabulary split so the grid reaches about ``programs`` programs
+    (``vocabulary_splits``). ``bias`` must already be fp32 (or None); the partials are fp32 (4, splits, B*T).
+    Ignored tokens and the smoothing are the merge's business (``sequence_merge_arguments``)."""
     batch, time, dim = hidden.shape
     vocab = weight.shape[0]
     tokens = batch * time
-    layouts_aligned = _aligned(hidden) and _aligned(weight)
-    kernel = hidden_loss_kernel if layouts_aligned else hidden_loss_kernel_any_layout
+    aligned = _aligned(hidden) and _aligned(weight)
+    kernel = hidden_partials_kernel if aligned else hidden_partials_kernel_any_layout
+    config = HIDDEN_CONFIGS[hidden.dtype, aligned]
+    splits, split_columns = vocabulary_splits(tokens, vocab, config, programs)
+    partials = torch.empty(4, splits, tokens, dtype=torch.float32, device=hidden.device)
     args = (
         hidden, *hidden.stride(), weight, *weight.stride(),
-        bias if bias is not None else token_losses,  # a fixed dummy keeps one variant per HAS_BIAS
-        targets, *targets.stride(), token_losses, tokens, time, vocab, dim, int(ignore_index),
-        *_smoothing_args(label_smoothing), float(logit_scale),
+        bias if bias is not None else partials,  # a fixed dummy keeps one variant per HAS_BIAS
+        targets, *targets.stride(), partials, tokens, time, vocab, dim, split_columns, float(logit_scale),
         float(logit_softcap) if logit_softcap is not None else 1.0,
     )  # fmt: skip
     kwargs = {
-        "HAS_BIAS": bias is not None, "SOFTCAP": logit_softcap is not None, "BLOCK_M": HIDDEN_BLOCK_M,
-        "BLOCK_N": HIDDEN_BLOCK_N, "BLOCK_K": HIDDEN_BLOCK_K, "num_warps": HIDDEN_NUM_WARPS,
-        "num_stages": HIDDEN_NUM_STAGES,
+        "HAS_BIAS": bias is not None, "SOFTCAP": logit_softcap is not None, "BLOCK_M": config.block_m,
+        "BLOCK_N": config.block_n, "BLOCK_K": config.block_k, "num_warps": config.num_warps,
+        "num_stages": config.num_stages,
     }  # fmt: skip
-    return kernel, args, kwargs, (triton.cdiv(tokens, HIDDEN_BLOCK_M),)
+    return kernel, args, kwargs, (-(-tokens // config.block_m), splits), partials, split_columns
+
+
+def sequence_merge_arguments(partials, split_columns, vocab, targets, ignore_index, reduction, label_smoothing, out):
+    """(kernel, positional args, constexpr/launch kwargs, grid) of the merge of the (4, splits, B*T) partials and
+    the per-sequence reduction."""
+    batch, time = targets.shape
+    args = (
+        partials, targets, *targets.stride(), time, batch * time, partials.shape[1], split_columns, vocab,
+        int(ignore_index),
+        *_smoothing_args(label_smoothing), out,
+    )  # fmt: skip
+    kwargs = {"MEAN": reduction == "mean", "BLOCK_T": MERGE_BLOCK_T, "num_warps": MERGE_NUM_WARPS}
+    return sequence_merge_kernel, args, kwargs, (batch,)
 
 
 def sequence_reduce_arguments(token_losses, targets, ignore_index, reduction, out):
@@ -340,12 +461,6 @@ def _launch(kernel, args, kwargs, grid) -> None:
     kernel[grid](*args, **kwargs)
 
 
-def _reduce(token_losses, targets, ignore_index, reduction) -> torch.Tensor:
-    out = torch.empty(targets.shape[0], dtype=torch.float32, device=targets.device)
-    _launch(*sequence_reduce_arguments(token_losses, targets, ignore_index, reduction, out))
-    return out
-
-
 def token_sequence_losses(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -360,7 +475,9 @@ def token_sequence_losses(
         return torch.zeros(batch, dtype=torch.float32, device=logits.device)
     token_losses = torch.empty(batch * time, dtype=torch.float32, device=logits.device)
     _launch(*token_loss_arguments(logits, targets, ignore_index, label_smoothing, token_losses))
-    return _reduce(token_losses, targets, ignore_index, reduction)
+    out = torch.empty(batch, dtype=torch.float32, device=targets.device)
+    _launch(*sequence_reduce_arguments(token_losses, targets, ignore_index, reduction, out))
+    return out
 
 
 def hidden_sequence_losses(
@@ -375,20 +492,26 @@ def hidden_sequence_losses(
     logit_softcap: float | None = None,
 ) -> torch.Tensor:
     """fp32 (B,) per-sequence losses of ``(H @ W.T + bias) * logit_scale`` (soft-capped if asked) in two launches,
-    never materialising the logits. H and W: fp32/bf16/fp16 (fp64 is computed in fp32), any strides. Arguments are
-    checked by the caller (``reference.sequence.check_hidden_arguments`` and ``check_sequence_arguments``)."""
+    never materialising the logits: the partials over vocabulary splits (fp32, 16 bytes per token and split),
+    then their merge and the per-sequence reduction. H and W: fp32/bf16/fp16 (fp64 is computed in fp32), any
+    strides. Arguments are checked by the caller (``reference.sequence.check_hidden_arguments`` and
+    ``check_sequence_arguments``)."""
     batch, time, _ = hidden.shape
     if batch * time == 0:
         return torch.zeros(batch, dtype=torch.float32, device=hidden.device)
     if hidden.dtype == torch.float64:
         hidden, weight = hidden.float(), weight.float()
     bias = None if bias is None else bias.to(torch.float32)
-    token_losses = torch.empty(batch * time, dtype=torch.float32, device=hidden.device)
-    arguments = hidden_loss_arguments(
-        hidden, weight, bias, targets, ignore_index, label_smoothing, logit_scale, logit_softcap, token_losses
+    kernel, args, kwargs, grid, partials, split_columns = hidden_loss_arguments(
+        hidden, weight, bias, targets, logit_scale, logit_softcap, _programs_target(hidden.device)
     )
-    _launch(*arguments)
-    return _reduce(token_losses, targets, ignore_index, reduction)
+    _launch(kernel, args, kwargs, grid)
+    out = torch.empty(batch, dtype=torch.float32, device=hidden.device)
+    merge = sequence_merge_arguments(
+        partials, split_columns, weight.shape[0], targets, ignore_index, reduction, label_smoothing, out
+    )
+    _launch(*merge)
+    return out
 
 
 # ----------------------------------------------------------------------------------------- AOT gate hooks
@@ -402,6 +525,7 @@ def aot_variants() -> list[tuple[str, object, tuple, dict]]:
     batch, time, vocab, dim = 2, 8, 64, 32
     targets = torch.zeros(batch, time, dtype=torch.int64)
     token_losses = torch.zeros(batch * time)
+    partials = torch.zeros(4, 2, batch * time)
     layouts = {"aligned": lambda t: t, "any-layout": lambda t: t.transpose(-1, -2).contiguous().transpose(-1, -2)}
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
     for dtype_name, dtype in dtypes.items():
@@ -415,9 +539,7 @@ def aot_variants() -> list[tuple[str, object, tuple, dict]]:
             weight = layout(torch.zeros(vocab, dim, dtype=dtype))
             for bias in (None, torch.zeros(vocab)):
                 for softcap in (None, 30.0):
-                    kernel, args, kwargs, _ = hidden_loss_arguments(
-                        hidden, weight, bias, targets, -100, 0.1, 1.0, softcap, token_losses
-                    )
+                    kernel, args, kwargs, *_ = hidden_loss_arguments(hidden, weight, bias, targets, 1.0, softcap, 2)
                     name = (
                         f"sequence hidden_loss H,W={dtype_name} {layout_name} bias={bias is not None} "
                         f"softcap={softcap is not None}"
@@ -426,6 +548,10 @@ def aot_variants() -> list[tuple[str, object, tuple, dict]]:
     for reduction in REDUCTIONS:
         kernel, args, kwargs, _ = sequence_reduce_arguments(token_losses, targets, -100, reduction, torch.zeros(2))
         variants.append((f"sequence reduce {reduction}", kernel, args, kwargs))
+        kernel, args, kwargs, _ = sequence_merge_arguments(
+            partials, 32, vocab, targets, -100, reduction, 0.1, torch.zeros(2)
+        )
+        variants.append((f"sequence merge {reduction}", kernel, args, kwargs))
     return variants
 
 
@@ -438,6 +564,7 @@ def probe_launches() -> list[tuple[str, object, tuple, dict]]:
         labels = torch.zeros(batch, time + 1, dtype=torch.int64)
         target_views = {"labels": labels[:, :time], "labels[:, 1:]": labels[:, 1:], "transposed": labels.t().t()}
         token_losses = torch.zeros(batch * time)
+        partials = torch.zeros(4, 3, batch * time)
         for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
             # Views need real storage for their strides; small shapes stand for the big ones' layouts.
             small = torch.zeros(batch, time + 1, min(vocab, 4096) + 1, dtype=dtype)
@@ -466,8 +593,8 @@ def probe_launches() -> list[tuple[str, object, tuple, dict]]:
             for (hidden_name, hidden), (weight_name, weight), bias in itertools.product(
                 hidden_views.items(), weight_views.items(), (None, torch.zeros(vocab))
             ):
-                kernel, args, kwargs, _ = hidden_loss_arguments(
-                    hidden, weight, bias, target_views["labels[:, 1:]"], -100, 0.1, 1.0, None, token_losses
+                kernel, args, kwargs, *_ = hidden_loss_arguments(
+                    hidden, weight, bias, target_views["labels[:, 1:]"], 1.0, None, 264
                 )
                 name = f"hidden {dtype} {hidden_name} {weight_name} bias={bias is not None} B={batch} D={dim}"
                 probes.append((name, kernel, args, kwargs))
@@ -476,4 +603,8 @@ def probe_launches() -> list[tuple[str, object, tuple, dict]]:
                 token_losses, targets, -100, reduction, torch.zeros(batch)
             )
             probes.append((f"reduce {reduction} {target_name} B={batch} T={time}", kernel, args, kwargs))
+            kernel, args, kwargs, _ = sequence_merge_arguments(
+                partials, 4096, vocab, targets, -100, reduction, 0.0, torch.zeros(batch)
+            )
+            probes.append((f"merge {reduction} {target_name} B={batch} T={time}", kernel, args, kwargs))
     return probes
