@@ -69,17 +69,17 @@ def steps(out: Path) -> list[Step]:
              (*call_path, "--sections", "deferred", "--json", str(out / "deferred.json")), 30,
              "deferred value checks on CUDA: a bad call leaves the state unchanged, its error comes at a later call "
              "and at state.check(); a captured step with the default checks replays, and a bad replay is caught"),
+        Step("call_path", "benchmark",
+             (*call_path, "--sections", "per_call", "auto", "vit_large", "--json", str(out / "call_path.json"),
+              "--auto-table", str(out / "auto_table.py")), 90,
+             "per-call cost against hand-written ES and Composer-style SB (host and kernel time beside wall-clock), "
+             "auto per call form (writes auto_table.py), ViT-L/16 step: baseline, defaults, checks off, limit"),
         Step("bench_select_prune", "benchmark",
              (*bench, "benchmarks/test_select.py", "benchmarks/test_prune.py",
               f"--benchmark-json={out / 'bench.json'}"), 90,
              "select and prune tables, CUDA rows, triton / extension / torch, median per call"),
         Step("sequence_bench", "benchmark", (*me, "--step", "sequence_bench", str(out)), 40,
              "LM scoring: fused hidden-state path vs materialised logits, Liger-Kernel, Cut Cross-Entropy"),
-        Step("call_path", "benchmark",
-             (*call_path, "--sections", "per_call", "auto", "vit_large", "--json", str(out / "call_path.json"),
-              "--auto-table", str(out / "auto_table.py")), 90,
-             "per-call cost against hand-written ES and Composer-style SB (host and kernel time beside wall-clock), "
-             "auto per call form (writes auto_table.py), ViT-L/16 step: baseline, defaults, checks off, limit"),
     ]  # fmt: skip
 
 
