@@ -1,26 +1,27 @@
-"""What ``backend="auto"`` runs, per device type and call form: the fastest backend measured, recorded here.
+"""What ``backend="auto"`` runs, per device type and call form: the fastest backend measured, recorded
+here.
 
-Written by ``python3 -m benchmarks.auto_choice --write`` on the device named in ``SOURCE`` (wall-clock per call,
-CUDA-synchronised, medians of interleaved rounds, value checks at their defaults); ``ORDER`` is derived from
-``MICROSECONDS`` so that ``auto`` never picks a backend measured slower than another available one. A device type
-or form with no figures falls back to ``FALLBACK``. CPU: Triton runs there only under its interpreter (tests), so
-it is never chosen.
+Written by ``python3 -m benchmarks.call_path --auto-table es_kernels/_auto_table.py`` on the device named in
+``SOURCE`` (wall-clock per call, CUDA-synchronised, medians of interleaved rounds, value checks at their defaults);
+``ORDER`` is derived from ``MICROSECONDS`` so that ``auto`` never picks a backend measured slower than another
+available one. A device type with no figures (the CPU: Triton runs there only under its interpreter, for tests)
+uses ``FALLBACK``.
 """
 
 SOURCE = (
-    "NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0; logits: the medians over B x C in {256 x 1000, 4096 x 1000, "
-    "1024 x 32000 bf16, 64 x 128256 bf16} of an earlier run (check_values=False); hidden: B=8 T=1024 D=2048 "
-    "V=32000 bf16; prune: n=1e8 keep 8e7. CPU: 2 threads, 256 x 1000 and 1024 x 32000 fp32."
+    "NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0, 2026-12-04, commit 43fb2c8 (before the C++ deferred-check ops "
+    "and this session's kernel changes; value checks deferred through torch ops, the same cost on every backend)"
 )
 
-# device type -> call form -> backend -> median microseconds per call at the SOURCE shapes.
+# device type -> call form -> backend -> median microseconds per call. Shapes: logits and losses B=1024 C=32000 bf16;
+# tokens B=8 T=1024 V=32000 bf16; hidden B=8 T=1024 D=2048 V=32000 bf16; prune n=1e8, keep 0.8n.
 MICROSECONDS = {
     "cuda": {
-        "logits": {"extension": 131.0, "triton": 605.0, "torch": 700.0},
-        "losses": {"extension": 131.0, "triton": 605.0, "torch": 700.0},
-        "tokens": {"extension": 150.0, "triton": 650.0, "torch": 900.0},
-        "hidden": {"extension": 2520.0, "triton": 33400.0, "torch": 36490.0},
-        "prune": {"extension": 2650.0, "triton": 11990.0, "torch": 13250.0},
+        "logits": {"triton": 2255.5, "extension": 1998.4, "torch": 2706.3},
+        "losses": {"triton": 2472.8, "extension": 2297.8, "torch": 2951.7},
+        "tokens": {"triton": 520.6, "extension": 461.1, "torch": 7041.6},
+        "hidden": {"triton": 32009.5, "extension": 2754.6, "torch": 31934.8},
+        "prune": {"triton": 12080.0, "extension": 2727.1, "torch": 13273.8},
     },
 }
 
