@@ -100,10 +100,9 @@ def backend_status(device: torch.device | str = "cpu") -> dict[str, str]:
 
 def auto_order(device_type: str, form: str) -> tuple[Backend, ...]:
     """The order in which ``auto`` tries the backends for one call form on one device type: fastest measured first
-    (``_auto_table.py``), the reference last."""
-    measured = _auto_table.ORDER.get(device_type, {}).get(form, _auto_table.FALLBACK)
-    order = tuple(_BY_NAME[name] for name in measured if name != Backend.TORCH.value)
-    return (*order, Backend.TORCH)
+    (``_auto_table.py``, the reference included where it was measured), the reference last where it was not."""
+    measured = tuple(_BY_NAME[name] for name in _auto_table.ORDER.get(device_type, {}).get(form, _auto_table.FALLBACK))
+    return measured if Backend.TORCH in measured else (*measured, Backend.TORCH)
 
 
 def resolve_backend(backend: str | Backend, device: torch.device, form: str = "logits") -> Backend:
