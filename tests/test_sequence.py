@@ -1,4 +1,4 @@
-"""Per-sequence losses for language models (issue 12): the reference, the C++ CPU ops
+"""Per-sequence losses for language models: the reference, the C++ CPU ops
 (``torch.ops.es_kernels_C.{token,hidden}_sequence_losses``) and ``evolved_select``'s token-level call forms against
 a plain fp64 computation, ``F.cross_entropy(..., reduction="none", ignore_index=...)`` reduced per sequence; the
 state update (Algorithm 1 on those losses), the selection law, bad input, and ``torch.compile``.
