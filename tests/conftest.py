@@ -89,6 +89,14 @@ def backend_unavailable_reason(name: str) -> str | None:
     return None
 
 
+def pytest_collection_modifyitems(items) -> None:
+    # test_distributed's checks read the results of one 2-rank launch (a module fixture): they are multi-process
+    # tests although none starts the processes itself.
+    for item in items:
+        if "distributed_runs" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.multiprocess)
+
+
 @pytest.fixture(params=list(LAW_DRAWS))
 def backend(request, monkeypatch) -> BackendUnderTest:
     reason = backend_unavailable_reason(request.param)

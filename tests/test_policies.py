@@ -283,7 +283,7 @@ def _distributed_job(rank: int) -> dict:
     return {method: _visit_all(method) for method in SET_LEVEL}
 
 
-@pytest.mark.slow
+@pytest.mark.multiprocess
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 def test_two_gloo_ranks_hold_the_single_process_state(tmp_path: Path):
     ranks = launch(_distributed_job, tmp_path)
