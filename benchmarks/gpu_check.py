@@ -252,7 +252,7 @@ def check_compile(device: str = "cuda", backends=("triton",), compiler: str = "i
     return {"backends": result, "problems": problems}
 
 
-# ------------------------------------------------------------------------- language-model sequence losses (issue 12)
+# -------------------------------------------------------------------------------- language-model sequence losses
 
 
 def _lm_inputs(batch, time, vocab, dim, dtype, device, seed=0):

@@ -1,4 +1,4 @@
-"""CPU benchmark of the language-model scoring path (issue 12): per-sequence losses from hidden states and the LM
+"""CPU benchmark of the language-model scoring path: per-sequence losses from hidden states and the LM
 head, chunked (never holding the logits) against "materialise the logits, ``F.cross_entropy(reduction="none")``,
 reduce per sequence". B = 8, T = 512, D = 1024, V = 32,000, fp32, 2 threads.
 

@@ -10,7 +10,7 @@ TORCH_LIBRARY(es_kernels_C, m) {
       "float beta2, Tensor? logits, Tensor? labels_a, Tensor? labels_b, Tensor? soft_targets, float lam, "
       "Tensor? losses, float label_smoothing, bool check_inputs, bool check_losses) -> (Tensor, Tensor, Tensor)");
   m.def("prune_select(Tensor values, Tensor seed, int keep) -> Tensor");
-  // Per-sequence losses of language models (issue 12; csrc/sequence_loss.h): evolved_select computes them, then
+  // Per-sequence losses of language models (csrc/sequence_loss.h): evolved_select computes them, then
   // calls fused_select with them as its losses. token_block and vocab_chunk only size the scratch chunk (defaults:
   // kSequenceTokenBlock, kSequenceVocabChunk); tests make them small to exercise the merge across chunks.
   m.def(

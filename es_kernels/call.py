@@ -59,7 +59,7 @@ class SelectCall:
     # ``check_inputs`` the input values (extension on CPU only), ``check_losses`` the losses computed from logits.
     check_inputs: bool = False
     check_losses: bool = False
-    # Token-level targets (issue 12: sequence losses of language models). None means "not used". The fused ops take
+    # Token-level targets (sequence losses of language models). None means "not used". The fused ops take
     # per-sample calls only: ``op_arguments`` refuses these fields (see ``with_losses``).
     ignore_index: int | None = None
     sequence_reduction: str | None = None

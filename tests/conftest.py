@@ -8,6 +8,9 @@ CPU. The ``backend`` fixture sets the variable again only while a Triton test ru
 A test that takes ``backend`` runs once per backend: the pure-PyTorch reference, the C++ extension and the Triton
 kernels under the interpreter. One that cannot run here skips with its reason, except the extension under
 ``ES_KERNELS_REQUIRE_EXTENSION=1`` (CI), where its absence fails the run instead.
+
+Tiers (markers in pyproject.toml): ``python3 -m pytest`` deselects ``slow``; ``-m "slow or not slow"`` runs every
+test, as CI does. A large grid keeps representative cases in the fast tier and marks the rest ``slow``.
 """
 
 from __future__ import annotations
@@ -87,6 +90,14 @@ def backend_unavailable_reason(name: str) -> str | None:
     if name == "triton":
         return TRITON_REASON
     return None
+
+
+def pytest_collection_modifyitems(items) -> None:
+    # test_distributed's checks read the results of one 2-rank launch (a module fixture): they are multi-process
+    # tests although none starts the processes itself.
+    for item in items:
+        if "distributed_runs" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.multiprocess)
 
 
 @pytest.fixture(params=list(LAW_DRAWS))

@@ -214,6 +214,7 @@ def test_jit_switched_off_reports_why(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.compile
 @needs_extension
 def test_jit_build_matches_the_loaded_module(tmp_path):
     """Builds csrc/ just in time (ninja) into an empty cache, once, and draws exactly what the loaded module draws
@@ -253,6 +254,7 @@ def _nvcc() -> str | None:
 
 
 @pytest.mark.slow
+@pytest.mark.compile
 @pytest.mark.parametrize("source", sorted(p.name for p in (ROOT / "csrc" / "cuda").glob("*.cu")))
 def test_cuda_sources_compile_with_nvcc(source):
     """Device code and launchers compile for sm_80 and sm_90 (no GPU needed); warnings in our code are errors."""

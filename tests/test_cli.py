@@ -88,7 +88,15 @@ def test_every_console_script_has_a_short_run():
     assert not missing, f"add a short successful run of {missing} to SHORT_RUNS in tests/test_cli.py"
 
 
-@pytest.mark.parametrize("script", sorted(SCRIPTS))
+# es-compare's and es-vit's short runs are also tested in process in the fast tier (test_policies, test_vit): here
+# they are slow; every other command's successful run is tested only here, so it stays fast.
+IN_PROCESS_ALSO = {"es-compare", "es-vit"}
+
+
+@pytest.mark.parametrize(
+    "script",
+    [pytest.param(name, marks=pytest.mark.slow if name in IN_PROCESS_ALSO else ()) for name in sorted(SCRIPTS)],
+)
 def test_console_script_target_exits_zero_after_a_successful_run(script, tmp_path):
     """A console script passes main()'s return value to sys.exit: anything but None or an int exits 1."""
     needs(script)

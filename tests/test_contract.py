@@ -60,7 +60,8 @@ def test_lam_tensor_off_the_cpu_is_refused_when_value_checks_are_off():
 
 
 def test_token_fields_are_refused_until_a_backend_implements_them():
-    """Issue 12's fields exist on the call; a backend that does not implement one must not silently ignore it."""
+    """The language models' token-level fields exist on the call; a backend that does not implement one must not
+    silently ignore it."""
     import dataclasses
 
     from es_kernels.call import SelectCall

@@ -773,6 +773,7 @@ def torchrun(tmp_path: Path, *, lr: float, resume: str | None = None) -> list[di
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_torchrun_two_processes_give_the_single_process_state(tmp_path):
     ranks = torchrun(tmp_path, lr=0.0)
     assert all(r["world"] == 2 for r in ranks)
@@ -797,6 +798,7 @@ def test_torchrun_two_processes_give_the_single_process_state(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_torchrun_resume_from_a_mid_epoch_checkpoint_is_exact(tmp_path):
     # Epoch 0 anneals (4 steps per rank), epoch 1 prunes (3 steps); checkpoint-6 is mid-epoch 1, where each rank holds
     # updates the other has not merged yet.

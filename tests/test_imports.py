@@ -84,7 +84,6 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
-# Being removed by the ViT recipe split (issue 10, "cli"); delete this entry when that lands.
 def test_imports_have_no_cycle():
     # ``from es_kernels import _checks`` in a submodule is an edge to es_kernels._checks, not to the package; an
     # edge back to a package's __init__ (a name it defines) is a real cycle.
@@ -98,10 +97,41 @@ def test_the_cycle_finder_finds_a_planted_cycle():
     assert find_cycle(graph) == ["a", "b", "c", "a"]
 
 
+def _fresh_interpreter_environment() -> dict[str, str]:
+    environment = {**os.environ, "PYTHONPATH": str(PACKAGE.parent)}
+    environment.pop("TRITON_INTERPRET", None)  # compiled mode, as a user's interpreter has
+    return environment
+
+
+# Imports every module into one fresh interpreter, reporting each failure: the fast tier's check that nothing fails
+# to import. A module that imports only because another ran first is caught by the per-module test below.
+_IMPORT_EACH = r"""
+import importlib, sys, traceback
+failed = []
+for name in sys.argv[1:]:
+    try:
+        importlib.import_module(name)
+    except BaseException:
+        failed.append(f"{name}:\n{traceback.format_exc()}")
+sys.stderr.write("\n".join(failed))
+sys.exit(1 if failed else 0)
+"""
+
+
+def test_every_module_imports_in_one_interpreter():
+    done = subprocess.run(
+        [sys.executable, "-c", _IMPORT_EACH, *MODULES],
+        env=_fresh_interpreter_environment(),
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-6000:]
+
+
 @pytest.mark.slow  # one fresh interpreter (and torch import) per module
 @pytest.mark.parametrize("module", MODULES)
 def test_each_module_imports_alone(module):
-    environment = {**os.environ, "PYTHONPATH": str(PACKAGE.parent)}
-    environment.pop("TRITON_INTERPRET", None)
-    done = subprocess.run([sys.executable, "-c", f"import {module}"], env=environment, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", f"import {module}"], env=_fresh_interpreter_environment(), capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr[-3000:]

@@ -131,6 +131,7 @@ def _compiled(function):
     return torch.compile(function, fullgraph=True, backend="aot_eager")
 
 
+@pytest.mark.compile
 @pytest.mark.parametrize("backend", ["torch", pytest.param("extension", marks=needs_extension)])
 def test_evolved_select_compiles_without_graph_breaks(backend):
     """fullgraph=True raises on any graph break; results must equal the eager run from the same RNG state."""
@@ -152,6 +153,7 @@ def test_evolved_select_compiles_without_graph_breaks(backend):
     assert torch.equal(eager_state.weight, compiled_state.weight)
 
 
+@pytest.mark.compile
 @pytest.mark.parametrize("backend", ["torch", pytest.param("extension", marks=needs_extension)])
 def test_evolved_prune_compiles_without_graph_breaks(backend):
     state = EvolvedState(30)
@@ -166,6 +168,7 @@ def test_evolved_prune_compiles_without_graph_breaks(backend):
     assert torch.equal(_compiled(prune)(state), eager)
 
 
+@pytest.mark.compile
 def test_auto_backend_compiles_without_graph_breaks_where_the_extension_is_built():
     """auto picks the same backend compiled as eagerly (the extension on CPU where it is built): every one traces."""
 

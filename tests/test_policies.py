@@ -108,6 +108,17 @@ def test_ucb_keeps_the_largest_upper_bounds_from_hand_computed_emas():
     assert sampler_sizes(policy, state)[0] == 4 and sampler_plan(policy, state, 0)[0] == [0, 1, 2, 3]
 
 
+def test_ucb_exploration_bonus_keeps_an_uncertain_sample_that_its_mean_alone_would_drop():
+    # Sample 0's mean (1.0) is below samples 1 and 2, but its deviation (1.0) lifts its bound m + c*d to 2.0 above
+    # both: it is kept. Ranking by the mean alone (c = 0) or by m - c*d (0.0) would keep [1, 2] instead.
+    state, policy = bound(UCBPolicy(prune_ratio=0.5, beta=0.8, c=1.0), n=4, epochs=3)
+    for losses in (torch.tensor([0.0, 1.5, 1.8, 0.1]), torch.tensor([5.0, 1.5, 1.8, 0.1])):
+        policy.observe(state, torch.arange(4), losses)
+    assert state.sample_buffer("ucb_mean").tolist() == pytest.approx([1.0, 1.5, 1.8, 0.1])
+    assert state.sample_buffer("ucb_deviation").tolist() == pytest.approx([1.0, 0.0, 0.0, 0.0])
+    assert plan(policy, state, 1).ids.tolist() == [0, 2]
+
+
 @pytest.mark.parametrize(
     ("factory", "kwargs", "name"),
     [
@@ -292,7 +303,7 @@ def _distributed_job(rank: int) -> dict:
     return {method: _visit_all(method) for method in MERGED_METHODS}
 
 
-@pytest.mark.slow
+@pytest.mark.multiprocess
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 def test_two_gloo_ranks_hold_the_single_process_state(tmp_path: Path):
     ranks = launch(_distributed_job, tmp_path)

@@ -1,4 +1,4 @@
-"""Per-sequence losses for language models (issue 12): the reference, the C++ CPU ops
+"""Per-sequence losses for language models: the reference, the C++ CPU ops
 (``torch.ops.es_kernels_C.{token,hidden}_sequence_losses``) and ``evolved_select``'s token-level call forms against
 a plain fp64 computation, ``F.cross_entropy(..., reduction="none", ignore_index=...)`` reduced per sequence; the
 state update (Algorithm 1 on those losses), the selection law, bad input, and ``torch.compile``.
@@ -296,6 +296,8 @@ def test_cpp_gives_nan_not_garbage_for_unchecked_bad_targets(extension_ops):
 # ----------------------------------------------------------------------------------------- Triton ahead of time
 
 
+@pytest.mark.slow  # the full gate (python3 -m es_kernels.triton.aot) compiles the same variants
+@pytest.mark.compile
 def test_triton_variants_cover_user_launches_and_compile_without_spills():
     # In a fresh process without TRITON_INTERPRET: the binder and ptxas of compiled mode, no GPU needed. aot.py
     # takes these variants and probes with one line each (see sequence_kernels.aot_variants / probe_launches).
@@ -464,6 +466,8 @@ def test_bad_sequence_input_names_the_argument_and_leaves_the_state_untouched(ba
         assert torch.equal(state.score, score) and torch.equal(state.weight, weight), what
 
 
+@pytest.mark.slow  # inductor compiles the reference's chunked matmuls (minutes on 2 cores); aot_eager in test_ops
+@pytest.mark.compile
 @pytest.mark.parametrize("backend", SELECT_BACKENDS)
 def test_compile_fullgraph_traces_the_hidden_state_path(backend):
     require_backend(backend)

@@ -231,6 +231,7 @@ def test_label_noise_bad_input():
 # ----------------------------------------------------------------------------------------- the digits demo
 
 
+@pytest.mark.slow  # a training run (Liger's convergence tests are opt-in the same way)
 def test_digits_demo_writes_results(tmp_path):
     out = tmp_path / "results.json"
     rows = digits.run(["--methods", "baseline", "es", "--seeds", "0", "--epochs", "3", "--out", str(out)])

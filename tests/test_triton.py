@@ -257,6 +257,7 @@ def test_cpu_is_refused_without_the_interpreter(monkeypatch):
     assert reason is not None and "TRITON_INTERPRET=1" in reason
 
 
+@pytest.mark.compile
 def test_compiles_without_graph_breaks_through_the_triton_op():
     def step(state, ids, logits, labels):
         return evolved_select(state, ids, 2, logits=logits, targets=labels, check_values=False, backend="triton")

@@ -177,6 +177,7 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_torchrun_two_ranks_share_one_state(data, tmp_path):
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",

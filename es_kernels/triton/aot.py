@@ -108,7 +108,7 @@ def variants() -> Iterator[Variant]:
                 yield fused(name, layout_name == "aligned", logits=logits, soft_targets=soft)
     args, kwargs, _ = launch.prune_keys_arguments(torch.zeros(n), seed)
     yield Variant("prune_keys values=fp32", kernels.prune_keys_kernel, args, kwargs, vectorised=True)
-    # Language-model sequence losses (issue 12). Their aligned forms are specialised for the same layout class as
+    # Language-model sequence losses. Their aligned forms are specialised for the same layout class as
     # the fused kernel's (unit last stride, 16-element strides, 16-byte data), so they must vectorise too.
     from es_kernels.triton import sequence_kernels
 

@@ -1,7 +1,7 @@
 """The Triton backend's ``torch.library`` custom ops, with fake implementations for tracing.
 
-``es_kernels::{token,hidden}_sequence_losses`` (issue 12) return the per-sequence losses of a token-level call in
-two launches each (``sequence_kernels.py``); ``es_kernels::fused_select`` then takes them as ``losses``.
+``es_kernels::{token,hidden}_sequence_losses`` return the per-sequence losses of a language model's token-level
+call in two launches each (``sequence_kernels.py``); ``es_kernels::fused_select`` then takes them as ``losses``.
 ``es_kernels::fused_select`` mutates exactly ``score`` and ``weight`` (declared in ``mutates_args``, so autograd
 version counters are bumped and ``torch.compile`` functionalises the call); ``es_kernels::prune_select`` mutates
 nothing. Randomness enters as a one-element int64 seed tensor drawn by the caller from its generator: a
