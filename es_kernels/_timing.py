@@ -102,6 +102,10 @@ class LoadMeter:
 # Cores the timed threads may need beyond the free ones before the figures count as disturbed: half a core of
 # competition already shows up in a 2-thread timing on a 2-core machine, but noise below it does not.
 LOAD_MARGIN = 0.5
+# The same for a load measured while the timed threads ran: the cores are shared then, so competing processes show
+# only what the timed threads left them (two busy processes beside one timed thread on two cores measure about 1.3
+# cores, not 2), and a smaller margin catches them.
+MEASURED_MARGIN = 0.25
 # A timing whose interquartile range exceeds this fraction of its median was disturbed while it ran.
 SPREAD_LIMIT = 0.5
 
@@ -136,7 +140,7 @@ def load_reason(
     available = cores() if num_cores is None else num_cores
     measured = None if meter is None else meter.others()
     if measured is not None:
-        if measured + threads <= available + LOAD_MARGIN:
+        if measured + threads <= available + MEASURED_MARGIN:
             return None
         return (
             f"machine loaded: other processes kept {measured:.1f} of {available} cores busy on average while "
