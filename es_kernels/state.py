@@ -448,6 +448,8 @@ class EvolvedState:
         self._load_sample_buffers(*buffers)
         self.score.copy_(tensors["score"])
         self.weight.copy_(tensors["weight"])
+        # The loaded values replace everything a pending deferred error was about (its call left no trace anyway).
+        self._deferred_error.zero_()
         self._pristine = False
         if snapshot is not None:
             self._sync_snapshot = snapshot.to(self.device, copy=True)

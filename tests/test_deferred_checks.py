@@ -174,3 +174,13 @@ def test_a_refused_call_marks_nothing_as_scored(backend):
         state.check()
     backend.select(state, torch.tensor([1, 4]), 1, losses=torch.tensor([1.0, 2.0]), check_values="deferred")
     assert state.scored.tolist() == [False, True, False, False, True, False]
+
+
+def test_loading_a_state_drops_the_pending_error():
+    state, saved = EvolvedState(4), EvolvedState(4).state_dict()
+    evolved_select(state, torch.tensor([0, 0]), 1, losses=torch.rand(2), check_values="deferred")
+    state.load_state_dict(saved)
+    state.check()  # nothing pending: the loaded state replaced what the error was about
+    evolved_select(state, torch.tensor([0, 9]), 1, losses=torch.rand(2), check_values="deferred")
+    with pytest.raises(ValueError, match="indices must be in"):
+        state.check()
