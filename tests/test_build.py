@@ -457,3 +457,15 @@ def test_named_triton_backend_says_why_when_triton_is_too_old(monkeypatch):
     monkeypatch.setattr(backends, "_availability", {})  # decided once per process: this test fakes an install
     with pytest.raises(backends.BackendUnavailableError, match=r"triton >= 3\.4.*found 3\.2\.0"):
         backends.resolve_backend("triton", torch.device("cpu"))
+
+
+def test_every_source_gets_an_object_file_of_its_own():
+    """The just-in-time build (torch.utils.cpp_extension.load) names each object by its file name alone, so
+    csrc/x.cpp and csrc/cpu/x.cpp would both become x.o and ninja refuses the build (a CUDA file becomes x.cuda.o)."""
+    from es_kernels import _build
+
+    objects = [
+        Path(source).stem + (".cuda.o" if source.endswith(".cu") else ".o")
+        for source in _build.sources(_build.csrc_dir(), with_cuda=True)
+    ]
+    assert len(objects) == len(set(objects)), sorted(o for o in objects if objects.count(o) > 1)
