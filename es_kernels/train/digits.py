@@ -93,9 +93,9 @@ class ClassifierRun:
             batch = training.select(model, indices, inputs, targets)
             logits = model(batch.inputs)
             losses = F.cross_entropy(logits, batch.targets, reduction="none")
-            training.observe(batch, losses, outputs=logits)
+            loss = training.observe(batch, losses, outputs=logits)
             optimizer.zero_grad(set_to_none=True)
-            batch.mean_loss(losses).backward()
+            loss.backward()
             with training.scaled_lr(optimizer):
                 optimizer.step()
             self.scheduler.step()

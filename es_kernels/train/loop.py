@@ -1,18 +1,24 @@
-"""EvolvedTraining: turns a plain PyTorch loop into ES/ESWP (or the baseline): five added lines, four changed.
+"""EvolvedTraining: turns a plain PyTorch loop into any method of METHODS: six added lines, four changed.
 
-    training = EvolvedTraining("es", num_samples=len(dataset), num_epochs=E, device="cuda")
+    training = EvolvedTraining("es", num_samples=len(dataset), num_epochs=E, device="cuda")  # any METHODS name
     loader = DataLoader(IndexedDataset(dataset), batch_size=B, sampler=training.sampler)
     for epoch in range(E):
         training.set_epoch(epoch)
         for indices, inputs, targets in loader:
             batch = training.select(model, indices, inputs, targets)      # scoring forward + draw of k rows
-            losses = F.cross_entropy(model(batch.inputs), batch.targets, reduction="none")
-            training.observe(batch, losses)                                # update-only in annealing epochs
-            losses.mean().backward(); optimizer.step(); optimizer.zero_grad()
+            logits = model(batch.inputs)
+            losses = F.cross_entropy(logits, batch.targets, reduction="none")
+            loss = training.observe(batch, losses, outputs=logits)       # weighted as the method's plan says
+            loss.backward()
+            with training.scaled_lr(optimizer):                          # the plan's learning-rate factor
+                optimizer.step()
+            optimizer.zero_grad()
 
-Against a plain loop: added are the import, ``training = ...``, ``set_epoch``, ``select`` and ``observe``; changed
-are the DataLoader (``sampler=``), the scheduler's step count, the ``for`` line (ids first) and the training forward
-(``batch.inputs``/``batch.targets``).
+Against a plain loop: added are the import, ``training = ...``, ``set_epoch``, ``select``, ``observe`` and the
+``with`` around the step; changed are the DataLoader (``sampler=``), the scheduler's step count, the ``for`` line
+(ids first) and the training forward (``batch.inputs``/``batch.targets``, ``reduction="none"``). The same loop trains
+every method; one that leaves out what the named method needs (the weighted loss, the scaled step, ``outputs=``,
+``observe``) raises, saying what to write, instead of training another method.
 
 Apply batch-mixing augmentation (mixup, cutmix) to ``batch.inputs``/``batch.targets`` *after* ``select``: scores
 must belong to the original samples. Then also pass ``score_annealing=True``: in annealing epochs ``observe``
@@ -30,10 +36,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from es_kernels import _checks, seeds
 from es_kernels.policies import POLICIES, SelectionPolicy, make_policy
@@ -57,12 +65,40 @@ class SelectedBatch:
     scored: bool  # the state already saw these rows' losses (selecting step): observe() does nothing
     # Per-row loss weights of the epoch's plan (InfoBatch), None when every row weighs 1: see ``mean_loss``.
     loss_weights: torch.Tensor | None = None
+    # Set by autograd once something built by ``weigh`` was back-propagated: the helper reads it at the next step, so
+    # a loop that back-propagates its own unweighted mean (training another method than the one named) is caught.
+    weighted_backward: bool = dataclasses.field(default=False, repr=False, compare=False)
+
+    def weigh(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` (B,), each row multiplied by its plan weight (unchanged when every row weighs 1).
+
+        For a loop that reduces the loss its own way (a sum over tokens, a DDP-safe mean): build the back-propagated
+        loss from this, or the helper raises at the next step in epochs whose plan weights rows.
+        """
+        if self.loss_weights is None:
+            return values
+        weighted = values * self.loss_weights.to(values.device, values.dtype)
+        if weighted.requires_grad:
+            weighted.register_hook(self._mark_weighted_backward)
+        return weighted
+
+    def _mark_weighted_backward(self, grad: torch.Tensor) -> None:
+        self.weighted_backward = True
 
     def mean_loss(self, losses: torch.Tensor) -> torch.Tensor:
-        """The loss to back-propagate: the mean of ``losses`` (B,), each row weighted by the plan's weight."""
-        if self.loss_weights is None:
-            return losses.mean()
-        return (losses * self.loss_weights.to(losses.device, losses.dtype)).mean()
+        """The loss to back-propagate: the mean of ``losses`` (B,), each row weighted by the plan's weight (what
+        :meth:`EvolvedTraining.observe` returns)."""
+        return self.weigh(losses).mean()
+
+
+def _lr_check_hook(training_ref: weakref.ref) -> Callable:
+    # A closure over a weak reference: a global hook must not keep a finished run (and its state) alive.
+    def hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        training = training_ref()
+        if training is not None:
+            training._check_optimizer_step(optimizer)
+
+    return hook
 
 
 def take_rows(value: Any, rows: torch.Tensor) -> Any:
@@ -88,8 +124,9 @@ class EvolvedTraining:
         method: a name from :data:`METHODS` (``"baseline"``, ``"es"``, ``"eswp"``, ``"loss"``, ``"order"``,
             ``"infobatch"``, ``"kakurenbo"``, ``"ucb"``) with the paper's defaults, or a
             :class:`~es_kernels.policies.SelectionPolicy` built with other settings. Set-level methods weight the
-            loss (use ``batch.mean_loss(losses)``), scale the learning rate (step inside
-            ``training.scaled_lr(optimizer)``) and, for KAKURENBO, need ``observe(batch, losses, outputs=logits)``.
+            loss (back-propagate what ``observe`` returns), scale the learning rate (step inside
+            ``training.scaled_lr(optimizer)``) and, for KAKURENBO, need ``observe(batch, losses, outputs=logits)``;
+            a loop that leaves one out raises.
         num_samples: training-set size n.
         num_epochs: total epochs E.
         select_ratio: k/B, the fraction of each meta-batch back-propagated (paper: 0.25).
@@ -187,6 +224,20 @@ class EvolvedTraining:
         self._planned_batches: tuple[int, bool] | None = None
         self._epoch_batches = 0
         self._schedule_warned = False
+        # What the method needs from the loop beyond select, checked at the next step (see _check_last_step):
+        # the batch whose losses observe has not had yet, and the batch whose weighted loss must be back-propagated.
+        self._unobserved: list[SelectedBatch] = []
+        self._weighted: list[SelectedBatch] = []
+        # Batches a loop may select before observing the first of them: 1 for a plain loop; an integration that
+        # selects a whole gradient-accumulation group first (the Hugging Face Trainer) raises it to the group size.
+        self.observe_lag = 1
+        # The learning-rate factor of a plan reaches the optimizer through scaled_lr only: a global step hook (the
+        # helper never holds the optimizer) refuses a step of the selected model's optimizer outside it.
+        self._lr_scaled = 0
+        self._model: weakref.ref | None = None
+        self._model_params: frozenset[int] = frozenset()
+        handle = register_optimizer_step_pre_hook(_lr_check_hook(weakref.ref(self)))
+        weakref.finalize(self, handle.remove)
 
     @property
     def selecting(self) -> bool:
@@ -196,6 +247,7 @@ class EvolvedTraining:
     def set_epoch(self, epoch: int) -> None:
         """Start ``epoch``; under ``torch.distributed`` all ranks first merge their states (a collective: call it
         on every rank), so the sampler prunes from the same weights everywhere."""
+        self._check_last_step(epoch_end=True)
         if epoch != self.sampler.epoch:
             self._check_epoch_steps()
         if self.policy.keeps_state:  # the baseline never changes its state: nothing to merge
@@ -212,8 +264,12 @@ class EvolvedTraining:
         """Run the optimizer step inside this: every group's ``lr`` is multiplied by :attr:`lr_scale` and then put
         back exactly, so any scheduler keeps its own schedule."""
         scale = self.lr_scale
+        self._lr_scaled += 1
         if scale == 1.0:
-            yield
+            try:
+                yield
+            finally:
+                self._lr_scaled -= 1
             return
         saved = [group["lr"] for group in optimizer.param_groups]
         for group in optimizer.param_groups:
@@ -221,8 +277,49 @@ class EvolvedTraining:
         try:
             yield
         finally:
+            self._lr_scaled -= 1
             for group, lr in zip(optimizer.param_groups, saved, strict=True):
                 group["lr"] = lr
+
+    def _check_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._lr_scaled or self.lr_scale == 1.0 or not self._model_params:
+            return
+        if not any(id(p) in self._model_params for group in optimizer.param_groups for p in group["params"]):
+            return  # another model's optimizer (a discriminator, an unrelated run): not this method's business
+        raise RuntimeError(
+            f"{self.method}: this epoch's plan scales the learning rate by {self.lr_scale:.6g}, but the optimizer "
+            "stepped outside training.scaled_lr(optimizer); write the step as `with training.scaled_lr(optimizer): "
+            "optimizer.step()` (a plain step would train another method than the one named)"
+        )
+
+    def _know_model(self, model: Any) -> None:
+        # Any callable scores; only a module's parameters tell which optimizer trains it (integrations that score
+        # through another callable apply scaled_lr themselves).
+        try:
+            self._model = weakref.ref(model)
+        except TypeError:
+            self._model = None
+        parameters = model.parameters() if isinstance(model, torch.nn.Module) else ()
+        self._model_params = frozenset(id(p) for p in parameters)
+
+    def _check_last_step(self, *, epoch_end: bool = False) -> None:
+        """Raise if an earlier step skipped something its method needs (the loop would train another method)."""
+        weighted, self._weighted = self._weighted, []
+        lag = 0 if epoch_end else self.observe_lag
+        if len(self._unobserved) >= max(lag, 1) or (epoch_end and self._unobserved):
+            self._unobserved = []
+            raise RuntimeError(
+                f"{self.method}: the previous batch was trained without training.observe(batch, losses, "
+                "outputs=logits); the method learns from the training forward's per-sample losses, call it after "
+                "every training forward"
+            )
+        if not all(batch.weighted_backward for batch in weighted):
+            raise RuntimeError(
+                f"{self.method}: this epoch's plan weights each row's loss, but the loss back-propagated in the "
+                "previous step was not built from the weighted losses; back-propagate what "
+                "`loss = training.observe(batch, losses, outputs=logits)` returns (or batch.mean_loss(losses), or a "
+                "reduction of batch.weigh(losses))"
+            )
 
     def steps_per_epoch(self, batch_size: int, *, drop_last: bool = False) -> int:
         return self.sampler.steps_per_epoch(batch_size, drop_last=drop_last)
@@ -324,7 +421,12 @@ class EvolvedTraining:
                 f"indices must be 1-D with 1 to {len(self.sampler)} ids (what is left of this rank's epoch), got "
                 f"shape {tuple(indices.shape)}"
             )
+        self._check_last_step()
+        if self._model is None or self._model() is not model:
+            self._know_model(model)
         batch = self._select(model, indices, inputs, targets, loss_fn)
+        if not batch.scored and self.policy.keeps_state:
+            self._unobserved.append(batch)
         # Only a step that succeeded moves the epoch position: a raising call can be retried, or checkpointed.
         self.sampler.advance(indices.numel())
         if self._epoch_batches >= 0:  # -1: an epoch resumed from an older checkpoint, not counted
@@ -378,13 +480,20 @@ class EvolvedTraining:
         self.trained_samples += k
         return SelectedBatch(take_rows(indices, rows), take_rows(inputs, rows), take_rows(targets, rows), scored=True)
 
-    def observe(self, batch: SelectedBatch, losses: torch.Tensor, *, outputs: torch.Tensor | None = None) -> None:
-        """Feed the training forward's per-sample losses to the state when ``select`` did not score the rows.
+    def observe(
+        self, batch: SelectedBatch, losses: torch.Tensor, *, outputs: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Feed the training forward's per-sample losses to the policy; return the loss to back-propagate.
 
-        ES-family methods update here in annealing epochs only (unless ``score_annealing``), set-level methods at
-        every step (KAKURENBO also needs the training forward's ``outputs``); the baseline keeps no state. Losses are
-        detached. Their shape is checked in every epoch, also where they are not used, so a loop that passes the
-        wrong tensor fails in its first step, not when the schedule reaches an annealing epoch.
+        The returned loss is the mean of ``losses`` with each row weighted by the epoch's plan (InfoBatch's
+        1/(1-r) on kept low-loss rows; a plain mean for every other method): back-propagating it, rather than
+        ``losses.mean()``, is what makes one loop train every method. In an epoch whose plan weights rows, a step
+        that back-propagated something else raises at the next ``select``. ES-family methods update the state here
+        in annealing epochs only (unless ``score_annealing``), set-level methods at every step (KAKURENBO also needs
+        the training forward's ``outputs``); the baseline keeps no state. A batch trained without ``observe`` where
+        the method needs it raises at the next ``select``. Losses are stored detached. Their shape is checked in
+        every epoch, also where they are not used, so a loop that passes the wrong tensor fails in its first step,
+        not when the schedule reaches an annealing epoch.
         """
         losses = _checks.check_tensor("losses", losses)
         if losses.shape != batch.indices.shape:
@@ -392,9 +501,15 @@ class EvolvedTraining:
                 f"losses must be per-sample losses of the batch's rows, shape {tuple(batch.indices.shape)}, got "
                 f"{tuple(losses.shape)} (pass reduction='none')"
             )
-        if batch.scored or not self.policy.keeps_state:
-            return
-        losses = losses.detach().to(self.state.device, torch.float32)
+        if not (batch.scored or not self.policy.keeps_state):
+            self._update_policy(batch, losses.detach().to(self.state.device, torch.float32), outputs)
+        self._unobserved = [pending for pending in self._unobserved if pending is not batch]
+        loss = batch.mean_loss(losses)
+        if batch.loss_weights is not None and losses.requires_grad:
+            self._weighted.append(batch)
+        return loss
+
+    def _update_policy(self, batch: SelectedBatch, losses: torch.Tensor, outputs: torch.Tensor | None) -> None:
         if self.policy.own_plan:
             # Read on the host only where that costs no synchronisation (the policies keep their own buffers).
             immediate = _checks.check_mode(self.check_values, self.state.device) == _checks.IMMEDIATE

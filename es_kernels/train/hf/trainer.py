@@ -241,6 +241,8 @@ class EvolvedTrainerMixin:
                 "get_train_dataloader; something between them replaced the training loader"
             )
         accumulation = self.args.gradient_accumulation_steps
+        # The whole group is selected before any of its micro-batches is trained and observed.
+        self._planned().observe_lag = max(accumulation, 1)
         batches = [self._select_rows(batch) for batch in epoch_iterator.take(accumulation)]
         if not batches:
             return [], None
@@ -353,12 +355,10 @@ class EvolvedTrainerMixin:
         )
         losses = sequences.per_sequence(self.evolved_config.sequence_reduction)
         self.evolved.observe(batch, losses, outputs=sequences.predictions)
-        loss = self._set_level_loss(sequences, batch.loss_weights, num_items_in_batch)
+        loss = self._set_level_loss(sequences, batch, num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
 
-    def _set_level_loss(
-        self, sequences: SequenceLosses, weights: torch.Tensor | None, num_items_in_batch: Any
-    ) -> torch.Tensor:
+    def _set_level_loss(self, sequences: SequenceLosses, batch: SelectedBatch, num_items_in_batch: Any) -> torch.Tensor:
         """The training loss of a set-level method's micro-batch: ``sum_i w_i S_i / N``.
 
         ``S_i`` is sequence i's token cross-entropy sum (one row's loss for classification) and ``w_i`` its
@@ -370,7 +370,7 @@ class EvolvedTrainerMixin:
         1/(1-r) up-weights a kept sample as a whole and a step's tokens still count once in ``N``.
         """
         sums = sequences.sums
-        total = sums.sum() if weights is None else (sums * weights.to(sums.device, sums.dtype)).sum()
+        total = batch.weigh(sums).sum()
         if num_items_in_batch is None:
             return total / sequences.counts.sum().clamp(min=1)
         loss = total / torch.as_tensor(num_items_in_batch, device=sums.device).clamp(min=1)

@@ -454,9 +454,9 @@ class Run:
                 logits = self.model(inputs)
             losses = per_sample_cross_entropy(logits, targets, smoothing)
             training.observe(batch, losses, outputs=logits)
-            weighted = losses  # set-level plans may re-weight rows (InfoBatch); the log keeps the plain losses
-            if batch.loss_weights is not None:
-                weighted = losses * batch.loss_weights.to(losses.device, losses.dtype)
+            weighted = batch.weigh(
+                losses
+            )  # set-level plans may re-weight rows (InfoBatch); the log keeps the plain losses
             # sum / count, not mean(): a rank whose rows were all sharding padding still joins DDP's reduction with 0
             loss = weighted.sum() / max(losses.numel(), 1)
             self.step(loss)

@@ -1,0 +1,166 @@
+"""One loop for every method: the README's first loop trains each method by name, and a loop that skips what a
+method needs raises instead of training another method."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from es_kernels import EvolvedTraining, IndexedDataset
+from es_kernels.train import METHODS
+
+N, CLASSES, EPOCHS, BATCH = 64, 3, 5, 16
+
+
+def setup(method, **settings):
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(N, 5, generator=generator)
+    y = torch.randint(0, CLASSES, (N,), generator=generator)
+    model = torch.nn.Linear(5, CLASSES)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    training = EvolvedTraining(method, N, EPOCHS, anneal_start=0.2, anneal_end=0.2, **settings)
+    loader = DataLoader(IndexedDataset(TensorDataset(x, y)), batch_size=BATCH, sampler=training.sampler)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, 0.1, total_steps=training.total_steps(BATCH))
+    return model, optimizer, scheduler, training, loader
+
+
+def steps(model, training, loader):
+    """The part of every loop that is the same: (epoch, batch, logits, per-sample losses) per step."""
+    for epoch in range(EPOCHS):
+        training.set_epoch(epoch)
+        for indices, inputs, targets in loader:
+            batch = training.select(model, indices, inputs, targets)
+            logits = model(batch.inputs)
+            yield epoch, batch, logits, F.cross_entropy(logits, batch.targets, reduction="none")
+
+
+def readme_loop(model, optimizer, scheduler, training, loader):
+    """The README's first loop, but for the recording; returns one record per step."""
+    records = []
+    optimizer.register_step_pre_hook(lambda opt, args, kwargs: records[-1].update(lr=opt.param_groups[0]["lr"]))
+    for epoch, batch, logits, losses in steps(model, training, loader):
+        loss = training.observe(batch, losses, outputs=logits)
+        records.append(dict(epoch=epoch, loss=loss.item(), losses=losses.detach(), batch=batch))
+        records[-1]["scheduled_lr"] = scheduler.get_last_lr()[0]
+        records[-1]["lr_scale"] = training.lr_scale
+        loss.backward()
+        with training.scaled_lr(optimizer):
+            optimizer.step()
+        optimizer.zero_grad()
+        scheduler.step()
+    return records
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_the_readme_loop_trains_every_method_as_it_defines(method):
+    run = setup(method)
+    records = readme_loop(*run)
+    training = run[3]
+    assert len(records) == training.total_steps(BATCH)
+    for record in records:
+        batch, losses = record["batch"], record["losses"]
+        weights = torch.ones_like(losses) if batch.loss_weights is None else batch.loss_weights
+        assert record["loss"] == pytest.approx((losses * weights).mean().item(), rel=1e-6)
+        assert record["lr"] == pytest.approx(record["scheduled_lr"] * record["lr_scale"], rel=1e-12)
+    weighted = [r for r in records if r["batch"].loss_weights is not None]
+    scaled = [r for r in records if r["lr_scale"] != 1.0]
+    # What each method defines shows in the loop: InfoBatch up-weights kept low-loss rows by 1/(1-r) = 2 in its
+    # pruning epochs, KAKURENBO scales the learning rate by 1/(1-q/n) from epoch 1, and no other method does either.
+    if method == "infobatch":
+        assert weighted and all(r["epoch"] >= 1 for r in weighted)
+        assert any((r["batch"].loss_weights == 2.0).any() for r in weighted)
+    else:
+        assert not weighted
+    if method == "kakurenbo":
+        hidden = round(0.3 * N)
+        assert scaled and all(r["lr_scale"] == pytest.approx(N / (N - hidden)) for r in scaled)
+        assert {r["epoch"] for r in scaled} == set(range(1, EPOCHS))
+    else:
+        assert not scaled
+
+
+def old_loop(model, optimizer, training, loader, *, observe=True, outputs=False):
+    """A loop written for ES alone: a plain mean, a plain optimizer step."""
+    for _, batch, logits, losses in steps(model, training, loader):
+        if observe:
+            training.observe(batch, losses, **({"outputs": logits} if outputs else {}))
+        losses.mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+@pytest.mark.parametrize("method", ["baseline", "es", "eswp", "loss", "order", "ucb"])
+def test_a_loop_written_for_es_still_trains_methods_that_need_nothing_more(method):
+    model, optimizer, _, training, loader = setup(method)
+    old_loop(model, optimizer, training, loader)
+
+
+def test_infobatch_in_a_loop_that_back_propagates_the_plain_mean_raises_naming_the_fix():
+    model, optimizer, _, training, loader = setup("infobatch")
+    with pytest.raises(RuntimeError, match=r"infobatch: this epoch's plan weights .* training.observe"):
+        old_loop(model, optimizer, training, loader)
+
+
+def test_kakurenbo_stepping_outside_scaled_lr_raises_before_the_step():
+    model, optimizer, _, training, loader = setup("kakurenbo")
+    with pytest.raises(RuntimeError, match=r"kakurenbo: .* training.scaled_lr\(optimizer\)"):
+        old_loop(model, optimizer, training, loader, outputs=True)
+    assert training.sampler.epoch == 1  # epoch 0 keeps every id at factor 1: the first scaled step is refused
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="scaled_lr"):
+        optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_kakurenbo_without_outputs_raises_naming_the_argument():
+    model, optimizer, _, training, loader = setup("kakurenbo")
+    with pytest.raises(ValueError, match="outputs=logits"):
+        old_loop(model, optimizer, training, loader)
+
+
+@pytest.mark.parametrize("method", ["infobatch", "kakurenbo", "ucb", "es"])
+def test_a_batch_trained_without_observe_raises_at_the_next_step(method):
+    model, optimizer, _, training, loader = setup(method)
+    with pytest.raises(RuntimeError, match=rf"{method}: the previous batch was trained without training.observe"):
+        old_loop(model, optimizer, training, loader, observe=False)
+
+
+def test_another_models_optimizer_is_left_alone_in_a_scaled_epoch():
+    model, optimizer, scheduler, training, loader = setup("kakurenbo")
+    readme_loop(model, optimizer, scheduler, training, loader)
+    assert training.lr_scale != 1.0
+    other = torch.nn.Linear(2, 2)
+    other(torch.ones(1, 2)).sum().backward()
+    torch.optim.SGD(other.parameters(), lr=0.1).step()
+
+
+def readme_first_loop() -> str:
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("### The training helper") :]
+    start = section.index("```python\n") + len("```python\n")
+    return section[start : section.index("\n```", start)]
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_the_readme_code_itself_runs_every_method_by_name(method):
+    # The README's block as written, on the CPU: only the device and the method's name are replaced.
+    code = readme_first_loop()
+    assert 'EvolvedTraining("es",' in code and code.count(".cuda()") == 2
+    code = code.replace('EvolvedTraining("es",', f"EvolvedTraining({method!r},").replace(".cuda()", "")
+    code = code.replace('device="cuda"', 'device="cpu"')
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(1)
+    dataset = TensorDataset(
+        torch.randn(N, 5, generator=generator), torch.randint(0, CLASSES, (N,), generator=generator)
+    )
+    model = torch.nn.Linear(5, CLASSES)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    namespace = {"torch": torch, "dataset": dataset, "E": EPOCHS, "model": model, "optimizer": optimizer}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert namespace["training"].method == method
+    assert namespace["training"].sampler.epoch == EPOCHS - 1 and len(namespace["training"].sampler) == 0
