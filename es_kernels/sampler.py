@@ -1,47 +1,29 @@
-"""EvolvedSampler: the per-epoch plan of Evolved Sampling (ESWP pruning, annealing, shuffling, sharding)."""
+"""EvolvedSampler: shuffles and shards the per-epoch plan of a selection policy (ES's by default)."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from fractions import Fraction
 
 import torch
 from torch.utils.data import Sampler
 
 from es_kernels import _checks, seeds
-from es_kernels.select import evolved_prune
+from es_kernels.policies import EvolvedPolicy, SelectionPolicy, annealing_epochs
 from es_kernels.state import EvolvedState
-
-
-def as_written(fraction: float) -> Fraction:
-    """The decimal the user wrote: in binary floating point 0.35 * 90 is 31.4999..., which rounds the wrong way."""
-    return Fraction(repr(float(fraction)))
-
-
-def round_half_up(value: Fraction) -> int:
-    return math.floor(value + Fraction(1, 2))
-
-
-def annealing_epochs(num_epochs: int, fraction: float) -> int:
-    """Epochs covered by an annealing fraction, rounded half up (5% of 10 epochs is 1 epoch, of 200 is 10)."""
-    return round_half_up(as_written(fraction) * num_epochs)
 
 
 class EvolvedSampler(Sampler[int]):
     """Yields this rank's dataset ids for the current epoch; use it as a DataLoader ``sampler``.
 
-    Selecting epochs ``anneal_start_epochs <= e < num_epochs - anneal_end_epochs`` keep ``(1 - r) n`` ids (half up)
-    drawn without replacement ∝ ``w`` (or ``s``) from the state as it is when the epoch's plan is made (ESWP; r = 0
-    is plain ES). Annealing epochs use every id.
+    The ids of each epoch are the plan of a :class:`~es_kernels.policies.SelectionPolicy` (``planner``), by default
+    ES's (:class:`~es_kernels.policies.EvolvedPolicy`): selecting epochs
+    ``anneal_start_epochs <= e < num_epochs - anneal_end_epochs`` keep ``(1 - r) n`` ids (half up) drawn without
+    replacement ∝ ``w`` (or ``s``) from the state as it is when the epoch's plan is made, every not yet scored sample
+    among them (ESWP; r = 0 is plain ES); annealing epochs use every id.
 
-    No sample is pruned before it has been scored: a never-scored sample still holds its initial ``1/n`` against
-    scored weights of the order of their losses, so pruned once it would practically never come back. Hence epoch 0
-    keeps every id whatever the plan (when its plan is drawn nothing has been scored; a pure function of the epoch,
-    so the step counts stay exact), and a later pruning epoch keeps every sample the state has not scored yet
-    (:attr:`EvolvedState.scored`) and draws the rest of its ``(1 - r) n`` ids from the scored ones, with the same
-    law ∝ ``w``. (Only when more samples are unscored than the epoch keeps, after an earlier epoch left many out,
-    are the kept ones drawn among the unscored, ∝ their equal initial weights.)
+    Epoch 0 keeps every id whatever the plan: when its plan is drawn nothing has been scored, so no loss or weight
+    can rank a sample yet (and, a pure function of the epoch, the step counts stay exact).
 
     The kept ids are shuffled, then sharded: each of the
     ``num_replicas`` ranks gets the same number of ids. When the count does not divide evenly the plan is padded
@@ -54,18 +36,20 @@ class EvolvedSampler(Sampler[int]):
     Args:
         state: the :class:`EvolvedState` whose weights drive pruning.
         num_epochs: total epochs E of the run (annealing is placed relative to it).
-        prune_ratio: r in [0, 1): the fraction dropped in selecting epochs (paper ESWP: 0.2; ES: 0).
-        prune_by: ``"weight"`` (later paper version, default) or ``"score"`` (earlier version).
-        anneal_start, anneal_end: fractions of epochs at the start and end without selection or pruning.
+        prune_ratio: r in [0, 1): the fraction dropped in selecting epochs (paper ESWP: 0.2; ES: 0). Without a
+            ``planner`` only: a planner carries its own.
+        prune_by: ``"weight"`` (later paper version, default) or ``"score"`` (earlier version); without a planner.
+        anneal_start, anneal_end: fractions of epochs at the start and end without selection or pruning (default
+            5% each; with a ``planner``, the annealing it was bound with, which these must then match).
         shuffle: shuffle the ids each epoch (False keeps ascending order; for debugging).
         seed: base seed of pruning and shuffling; epoch e uses a generator seeded from (seed, e).
         num_replicas, rank: data-parallel world size and this process's rank (default: from the state's
             ``process_group``, else the whole ``torch.distributed`` world), so the sampler shards over exactly the
             ranks the state merges over.
-        planner: a set-level :class:`~es_kernels.policies.SelectionPolicy` that draws the plan of every epoch
-            from 1 itself (InfoBatch, KAKURENBO, UCB) instead of the ES plan above (epoch 0 keeps every id, as
-            above); its per-sample loss weights and learning-rate scale for the current epoch are then
-            ``loss_weights`` and ``lr_scale``. Bind it to ``state`` first.
+        planner: the :class:`~es_kernels.policies.SelectionPolicy` whose plan of every epoch from 1 the sampler
+            shuffles and shards (InfoBatch, KAKURENBO, UCB, or an ES policy with its own settings); its per-sample
+            loss weights and learning-rate scale for the current epoch are then ``loss_weights`` and ``lr_scale``.
+            Bind it to ``state`` first (``policy.bind(state, num_epochs)``).
     """
 
     def __init__(
@@ -73,30 +57,33 @@ class EvolvedSampler(Sampler[int]):
         state: EvolvedState,
         num_epochs: int,
         *,
-        prune_ratio: float = 0.0,
-        prune_by: str = "weight",
-        anneal_start: float = 0.05,
-        anneal_end: float = 0.05,
+        prune_ratio: float | None = None,
+        prune_by: str | None = None,
+        anneal_start: float | None = None,
+        anneal_end: float | None = None,
         shuffle: bool = True,
         seed: int = 0,
         num_replicas: int | None = None,
         rank: int | None = None,
-        planner=None,
+        planner: SelectionPolicy | None = None,
     ) -> None:
         if not isinstance(state, EvolvedState):
             raise TypeError(f"state must be an EvolvedState, got {type(state).__name__}")
         self.state = state
         self.num_epochs = _checks.check_int("num_epochs", num_epochs, low=1)
-        self.prune_ratio = _checks.check_fraction("prune_ratio", prune_ratio, upper_open=True)
-        if prune_by not in ("weight", "score"):
-            raise ValueError(f"prune_by must be 'weight' or 'score', got {prune_by!r}")
-        self.prune_by = prune_by
-        anneal_start = _checks.check_fraction("anneal_start", anneal_start)
-        anneal_end = _checks.check_fraction("anneal_end", anneal_end)
-        if anneal_start + anneal_end > 1.0:
-            raise ValueError(f"anneal_start + anneal_end must be at most 1, got {anneal_start} + {anneal_end}")
-        self.anneal_start_epochs = annealing_epochs(self.num_epochs, anneal_start)
-        self.anneal_end_epochs = annealing_epochs(self.num_epochs, anneal_end)
+        annealing = {"anneal_start": anneal_start, "anneal_end": anneal_end}
+        if planner is None:
+            planner = EvolvedPolicy(
+                "es",
+                beta1=state.beta1,
+                beta2=state.beta2,
+                prune_ratio=0.0 if prune_ratio is None else prune_ratio,
+                prune_by="weight" if prune_by is None else prune_by,
+            )
+            planner.bind(state, self.num_epochs, **{k: 0.05 if v is None else v for k, v in annealing.items()})
+        else:
+            self._check_planner(planner, prune_ratio=prune_ratio, prune_by=prune_by, **annealing)
+        self.planner = planner
         self.shuffle = bool(shuffle)
         self.seed = _checks.check_int("seed", seed, low=0)
         if num_replicas is None or rank is None:
@@ -108,17 +95,12 @@ class EvolvedSampler(Sampler[int]):
                 rank = torch.distributed.get_rank(group) if distributed else 0
         self.num_replicas = _checks.check_int("num_replicas", num_replicas, low=1)
         self.rank = _checks.check_int("rank", rank, low=0, high=self.num_replicas - 1)
-        self.kept_samples = round_half_up((1 - as_written(self.prune_ratio)) * state.num_samples)
-        if self.kept_samples < self.num_replicas:
+        smallest = min(self.epoch_size(e) for e in range(self.num_epochs))
+        if smallest < self.num_replicas:
             raise ValueError(
-                f"prune_ratio={self.prune_ratio} keeps {self.kept_samples} of {state.num_samples} samples, fewer "
-                f"than num_replicas={self.num_replicas}"
+                f"{planner!r} (prune_ratio={planner.prune_ratio}) keeps {smallest} of {state.num_samples} samples in "
+                f"some epoch, fewer than num_replicas={self.num_replicas}"
             )
-        self.planner = planner
-        if planner is not None:
-            smallest = min(self.epoch_size(e) for e in range(self.num_epochs))
-            if smallest < self.num_replicas:
-                raise ValueError(f"{planner!r} keeps {smallest} samples in some epoch, fewer than num_replicas")
         self.epoch = 0
         self.position = 0
         self._shard: torch.Tensor | None = None
@@ -127,11 +109,51 @@ class EvolvedSampler(Sampler[int]):
         self.loss_weights: torch.Tensor | None = None  # the planner's per-sample loss weights of this epoch
         self.lr_scale = 1.0  # the planner's learning-rate factor of this epoch
 
+    def _check_planner(self, planner: object, **settings: float | str | None) -> None:
+        if not isinstance(planner, SelectionPolicy):
+            raise TypeError(f"planner must be a SelectionPolicy, got {type(planner).__name__}")
+        if (planner.num_samples, planner.num_epochs) != (self.state.num_samples, self.num_epochs):
+            raise ValueError(
+                f"planner: bind it to this state and run first (policy.bind(state, {self.num_epochs})); it is bound "
+                f"to {planner.num_samples} samples and {planner.num_epochs} epochs"
+            )
+        for name in ("prune_ratio", "prune_by"):
+            if settings[name] is not None:
+                raise ValueError(f"{name}: a planner carries its own; set it on the policy, not the sampler")
+        for name in ("anneal_start", "anneal_end"):
+            value = settings[name]
+            if value is not None and annealing_epochs(self.num_epochs, value) != getattr(planner, f"{name}_epochs"):
+                raise ValueError(
+                    f"{name}={value} differs from the annealing the planner was bound with; pass it to "
+                    "policy.bind(state, num_epochs, anneal_start=..., anneal_end=...)"
+                )
+
     # ----------------------------------------------------------------- the schedule (pure functions of the epoch)
+
+    @property
+    def prune_ratio(self) -> float:
+        return self.planner.prune_ratio
+
+    @property
+    def prune_by(self) -> str:
+        return getattr(self.planner, "prune_by", "weight")
+
+    @property
+    def kept_samples(self) -> int:
+        """Ids a pruning epoch of the plan keeps (the smallest epoch of a plan whose epochs differ)."""
+        return min(self.epoch_size(e) for e in range(self.num_epochs))
+
+    @property
+    def anneal_start_epochs(self) -> int:
+        return self.planner.anneal_start_epochs
+
+    @property
+    def anneal_end_epochs(self) -> int:
+        return self.planner.anneal_end_epochs
 
     def is_selecting(self, epoch: int) -> bool:
         """Whether ``epoch`` selects mini-batches (and prunes, from epoch 1): outside the annealing epochs."""
-        return self.anneal_start_epochs <= epoch < self.num_epochs - self.anneal_end_epochs
+        return self.planner.is_selecting(epoch)
 
     @property
     def selecting(self) -> bool:
@@ -148,10 +170,7 @@ class EvolvedSampler(Sampler[int]):
         """Ids in the whole plan of ``epoch`` (all ranks, before padding)."""
         if not self.may_prune(epoch):
             return self.state.num_samples
-        if self.planner is not None:
-            return self.planner.epoch_size(epoch)
-        pruned = self.is_selecting(epoch) and self.prune_ratio > 0
-        return self.kept_samples if pruned else self.state.num_samples
+        return self.planner.epoch_size(epoch)
 
     def shard_size(self, epoch: int) -> int:
         """Ids this rank yields in ``epoch``, padding included: the same on every rank."""
@@ -200,14 +219,13 @@ class EvolvedSampler(Sampler[int]):
 
     def _make_shard(self) -> torch.Tensor:
         size = self.epoch_size(self.epoch)
-        if self.planner is not None and self.may_prune(self.epoch):
-            planned = self.planner.plan_epoch(self.state, self.epoch, self._epoch_generator(torch.device("cpu"), 0))
+        if self.may_prune(self.epoch):
+            generator = self._epoch_generator(self.planner.plan_device(self.state), purpose=0)
+            planned = self.planner.plan_epoch(self.state, self.epoch, generator)
             if planned.ids.numel() != size:
                 count = planned.ids.numel()
                 raise RuntimeError(f"{self.planner!r} planned {count} ids in epoch {self.epoch}, not {size}")
             plan, self.loss_weights, self.lr_scale = planned.ids.cpu(), planned.loss_weights, planned.lr_scale
-        elif size < self.state.num_samples:
-            plan = self._prune(size)
         else:
             plan = torch.arange(size)
         if self.shuffle:
@@ -216,19 +234,6 @@ class EvolvedSampler(Sampler[int]):
         if padded > size:
             plan = torch.cat([plan, plan[: padded - size]])
         return plan[self.rank :: self.num_replicas].clone()
-
-    def _prune(self, keep: int) -> torch.Tensor:
-        """ESWP's kept ids: every sample the state has not scored yet, the rest drawn from the scored ones."""
-        generator = self._epoch_generator(self.state.device, purpose=0)
-        draw = dict(by=self.prune_by, generator=generator)
-        scored = self.state.scored
-        unscored = (~scored).nonzero().squeeze(1)
-        if unscored.numel() == 0:
-            return evolved_prune(self.state, keep, **draw).cpu()
-        if unscored.numel() >= keep:
-            return evolved_prune(self.state, keep, among=unscored, **draw).cpu()
-        drawn = evolved_prune(self.state, keep - unscored.numel(), among=scored.nonzero().squeeze(1), **draw)
-        return torch.cat([unscored, drawn]).sort().values.cpu()
 
     def real_size(self) -> int:
         """Ids of this rank's shard in the current epoch that are not padding; the padding trails them."""

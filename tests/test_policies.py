@@ -15,7 +15,8 @@ from multiprocess_harness import launch
 from es_kernels import EvolvedSampler, EvolvedState, EvolvedTraining
 from es_kernels.policies import POLICIES, InfoBatchPolicy, KakurenboPolicy, UCBPolicy, make_policy
 
-SET_LEVEL = ["infobatch", "kakurenbo", "ucb"]
+# Every method that plans its epochs from the training forward's losses, read from the registry so a new one is run.
+SET_LEVEL = [name for name, make in POLICIES.items() if make().observes_training_forward]
 
 
 def bound(policy, n: int, epochs: int) -> tuple[EvolvedState, object]:

@@ -37,16 +37,15 @@ import contextlib
 import dataclasses
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from es_kernels import _checks, seeds
-from es_kernels.policies import POLICIES, SelectionPolicy, make_policy
-from es_kernels.sampler import EvolvedSampler, as_written, round_half_up
-from es_kernels.select import evolved_select
+from es_kernels.policies import POLICIES, SelectionPolicy, as_written, make_policy, round_half_up
+from es_kernels.sampler import EvolvedSampler
 from es_kernels.state import EvolvedState
 
 # The method registry: name -> policy factory (es_kernels.policies). Kept under its old name for the integrations.
@@ -132,6 +131,8 @@ class EvolvedTraining:
         select_ratio: k/B, the fraction of each meta-batch back-propagated (paper: 0.25).
         prune_ratio, beta1, beta2: override the method's defaults (ES: r=0, (0.2, 0.9); ESWP: r=0.2, (0.2, 0.8);
             InfoBatch r=0.5, KAKURENBO and UCB r=0.3); a method raises on settings it does not take.
+        settings: the method's other settings by name, e.g. ``{"delta": 0.9}`` (InfoBatch), ``{"confidence": 0.8}``
+            (KAKURENBO), ``{"beta": 0.7, "c": 2.0}`` (UCB), ``{"prune_by": "score"}`` (ES family).
         anneal_start, anneal_end: fractions of epochs without selection at the start and end (paper: 5% each).
         label_smoothing: used when ``select`` computes cross-entropy from logits.
         scoring_mode: ``"eval"`` (default: BatchNorm statistics frozen, dropout off during scoring) or ``"train"``;
@@ -162,6 +163,7 @@ class EvolvedTraining:
         prune_ratio: float | None = None,
         beta1: float | None = None,
         beta2: float | None = None,
+        settings: Mapping[str, object] | None = None,
         anneal_start: float = 0.05,
         anneal_end: float = 0.05,
         label_smoothing: float = 0.0,
@@ -176,12 +178,12 @@ class EvolvedTraining:
         check_values: bool | str = True,
         score_annealing: bool = False,
     ) -> None:
-        policy = make_policy(method, prune_ratio=prune_ratio, beta1=beta1, beta2=beta2)
-        if policy.own_plan and sync == "step":
+        policy = make_policy(method, settings, prune_ratio=prune_ratio, beta1=beta1, beta2=beta2)
+        if sync == "step" and policy.keeps_state and not policy.step_sync:
             raise ValueError(f"sync='step' shares ES updates only; use sync='epoch' with {policy.name!r}")
         self.policy = policy
         self.method = policy.name
-        self.selects = policy.batch_choice != "all"
+        self.selects = policy.selects
         _checks.check_mode(check_values, torch.device("cpu"))  # refuses a bad value now, not at the first step
         self.check_values = check_values
         self.score_annealing = bool(score_annealing)
@@ -201,14 +203,11 @@ class EvolvedTraining:
             sync=sync,
             process_group=process_group,
         )
-        policy.bind(self.state, num_epochs)
+        policy.bind(self.state, num_epochs, anneal_start=anneal_start, anneal_end=anneal_end)
         self.sampler = EvolvedSampler(
             self.state,
             num_epochs,
-            planner=policy if policy.own_plan else None,
-            prune_ratio=policy.prune_ratio if not policy.own_plan else 0.0,
-            anneal_start=anneal_start,
-            anneal_end=anneal_end,
+            planner=policy,
             seed=seed,
             num_replicas=num_replicas,
             rank=rank,
@@ -457,25 +456,16 @@ class EvolvedTraining:
         outputs = self.scoring_forward(model, inputs)
         # Annealing epochs with score_annealing: the same scoring and update, all B rows kept.
         k = self.num_selected(batch_size) if self.selecting else batch_size
-        # "order" scores and updates exactly like the race (same checks), then keeps the k largest losses itself.
-        top_k = self.policy.batch_choice == "top_k"
-        draw = batch_size if top_k else k
-        common = dict(
-            generator=self.generator, backend=self.backend, return_losses=True, check_values=self.check_values
-        )
         if loss_fn is None:
-            rows, losses = evolved_select(
-                self.state, indices, draw, logits=outputs, targets=targets, label_smoothing=self.label_smoothing,
-                **common,
-            )  # fmt: skip
+            scoring = dict(logits=outputs, targets=targets, label_smoothing=self.label_smoothing)
         else:
-            rows, losses = evolved_select(
-                self.state, indices, draw, losses=loss_fn(outputs, targets).detach(), **common
-            )
-        if top_k:
-            # A stable sort, not topk: topk's order among equal losses is unspecified, and "order" must be reproducible.
-            rows = torch.sort(losses, descending=True, stable=True).indices[:k].sort().values
-        self.state.sync_step(indices, losses, check_values=False)  # no-op unless sync="step" across ranks
+            scoring = dict(losses=loss_fn(outputs, targets).detach())
+        rows, losses = self.policy.choose(
+            self.state, indices, k, generator=self.generator, backend=self.backend, check_values=self.check_values,
+            **scoring,
+        )  # fmt: skip
+        if losses is not None:
+            self.state.sync_step(indices, losses, check_values=False)  # no-op unless sync="step" across ranks
         self.scored_samples += batch_size
         self.trained_samples += k
         return SelectedBatch(take_rows(indices, rows), take_rows(inputs, rows), take_rows(targets, rows), scored=True)
@@ -502,23 +492,15 @@ class EvolvedTraining:
                 f"{tuple(losses.shape)} (pass reduction='none')"
             )
         if not (batch.scored or not self.policy.keeps_state):
-            self._update_policy(batch, losses.detach().to(self.state.device, torch.float32), outputs)
+            detached = losses.detach().to(self.state.device, torch.float32)
+            self.policy.update(
+                self.state, batch.indices, detached, outputs, batch.targets, check_values=self.check_values
+            )
         self._unobserved = [pending for pending in self._unobserved if pending is not batch]
         loss = batch.mean_loss(losses)
         if batch.loss_weights is not None and losses.requires_grad:
             self._weighted.append(batch)
         return loss
-
-    def _update_policy(self, batch: SelectedBatch, losses: torch.Tensor, outputs: torch.Tensor | None) -> None:
-        if self.policy.own_plan:
-            # Read on the host only where that costs no synchronisation (the policies keep their own buffers).
-            immediate = _checks.check_mode(self.check_values, self.state.device) == _checks.IMMEDIATE
-            losses = _checks.check_losses("losses", losses, batch.indices.numel(), self.state.device, immediate)
-            self.policy.observe(self.state, batch.indices, losses, outputs, batch.targets)
-            self.state.mark_scored(batch.indices)  # one record of "scored" for every method (EvolvedState.scored)
-            return
-        self.state.observe(batch.indices, losses, check_values=self.check_values)
-        self.state.sync_step(batch.indices, losses, check_values=False)  # no-op unless sync="step" across ranks
 
     def scoring_forward(self, model: torch.nn.Module, inputs: Any) -> Any:
         """``model(inputs)`` under ``torch.no_grad()`` in :attr:`scoring_mode`, the model's own mode restored: the

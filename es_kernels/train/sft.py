@@ -114,9 +114,9 @@ def run_method(method: str, model, train, held_out, options: argparse.Namespace)
 
     from es_kernels.train.hf import EvolvedConfig, EvolvedTrainer
 
+    config = EvolvedConfig(method, select_ratio=options.select_ratio, anneal_start=0.0, anneal_end=0.0)
     # Batch-level selectors score B = b / select_ratio rows and train b; every other method trains its b rows.
-    selects = POLICIES[method]().batch_choice != "all"
-    batch = options.batch_size if not selects else round(options.batch_size / options.select_ratio)
+    batch = options.batch_size if not config.policy.selects else round(options.batch_size / options.select_ratio)
     args = TrainingArguments(
         output_dir=str(Path(options.out) / "runs" / method),
         use_cpu=not torch.cuda.is_available(),
@@ -161,7 +161,6 @@ def run_method(method: str, model, train, held_out, options: argparse.Namespace)
                 }
             )
 
-    config = EvolvedConfig(method, select_ratio=options.select_ratio, anneal_start=0.0, anneal_end=0.0)
     trainer = EvolvedTrainer(
         model=model,
         args=args,

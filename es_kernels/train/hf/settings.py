@@ -4,8 +4,10 @@ training, naming the setting."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import numbers
+from collections.abc import Mapping
 from typing import Any
 
 from es_kernels import _checks
@@ -24,11 +26,14 @@ class EvolvedConfig:
             ``"infobatch"``, ``"kakurenbo"``, ``"ucb"`` (see :data:`METHODS`): these train every row of the epoch's
             plan, weight each sequence's token-loss sum by its InfoBatch loss weight, scale the learning rate of the
             epoch's optimizer steps by KAKURENBO's factor, and learn from the training forward's per-sequence losses.
+            Or a :class:`~es_kernels.policies.SelectionPolicy` built with its settings (each trainer gets a copy).
         select_ratio: k/B in (0, 1], the fraction of each micro-batch back-propagated (paper: 0.25); k is
             ``select_ratio * B`` rounded half up, at least 1 (B = 10 gives k = 3), the rounding of every count of
             the plan.
         prune_ratio: r in [0, 1) (default: the method's: ESWP 0.2, InfoBatch 0.5, KAKURENBO and UCB 0.3, else 0).
         beta1, beta2: EMA factors (default: the method's).
+        settings: the method's other settings by name, e.g. ``{"delta": 0.9}`` (InfoBatch's full epochs),
+            ``{"confidence": 0.8}`` (KAKURENBO's threshold), ``{"beta": 0.7, "c": 2.0}`` (UCB).
         anneal_start, anneal_end: fractions of epochs without selection at the start and end (paper: 5% each).
         ignore_index: label value of tokens that carry no loss (prompt, padding).
         sequence_reduction: a sequence's loss is the ``"mean"`` or ``"sum"`` of its tokens' cross-entropies.
@@ -37,11 +42,12 @@ class EvolvedConfig:
         backend: ``evolved_select`` backend (``"auto"``, ``"torch"``, ``"extension"``, ``"triton"``).
     """
 
-    method: str = "es"
+    method: str | SelectionPolicy = "es"
     select_ratio: float = 0.25
     prune_ratio: float | None = None
     beta1: float | None = None
     beta2: float | None = None
+    settings: Mapping[str, object] | None = dataclasses.field(default=None, hash=False)
     anneal_start: float = 0.05
     anneal_end: float = 0.05
     ignore_index: int = -100
@@ -49,10 +55,12 @@ class EvolvedConfig:
     scoring_mode: str = "eval"
     seed: int | None = None
     backend: str = "auto"
+    # The method with these settings, built once here; read its flags from it, and give each trainer a copy.
+    policy: SelectionPolicy = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {sorted(METHODS)}, got {self.method!r}")
+        if not isinstance(self.method, SelectionPolicy) and self.method not in METHODS:
+            raise ValueError(f"method must be one of {sorted(METHODS)} or a SelectionPolicy, got {self.method!r}")
         if isinstance(self.select_ratio, bool) or not isinstance(self.select_ratio, numbers.Real):
             raise TypeError(f"select_ratio must be a float, got {type(self.select_ratio).__name__}")
         if not 0.0 < float(self.select_ratio) <= 1.0:  # NaN fails too
@@ -78,11 +86,15 @@ class EvolvedConfig:
         if self.seed is not None:
             _checks.check_int("seed", self.seed, low=0)
         parse_backend(self.backend)
-        self.make_policy()  # a setting the method does not take (InfoBatch has no betas) fails here, by name
+        # A setting the method does not take (InfoBatch has no betas) fails here, by name.
+        policy = make_policy(
+            self.method, self.settings, prune_ratio=self.prune_ratio, beta1=self.beta1, beta2=self.beta2
+        )
+        object.__setattr__(self, "policy", policy)
 
     def make_policy(self) -> SelectionPolicy:
-        """The method with these settings; a trainer builds it once and hands it to its training state."""
-        return make_policy(self.method, prune_ratio=self.prune_ratio, beta1=self.beta1, beta2=self.beta2)
+        """A trainer's own copy of :attr:`policy`: binding it to one trainer's data must not rebind another's."""
+        return copy.deepcopy(self.policy)
 
 
 def check_training_setup(args: Any, train_dataset: Any, policy: SelectionPolicy, *, custom_loss: bool) -> None:
@@ -94,7 +106,7 @@ def check_training_setup(args: Any, train_dataset: Any, policy: SelectionPolicy,
             f"train_dataset: method {method!r} keeps a score per sample and plans each epoch over the whole set, "
             "so the dataset needs __len__ (a map-style dataset); an IterableDataset cannot be used"
         )
-    if policy.own_plan and (custom_loss or getattr(args, "loss_type", "nll") != "nll"):
+    if policy.observes_training_forward and (custom_loss or getattr(args, "loss_type", "nll") != "nll"):
         raise ValueError(
             f"method {method!r} trains on each sequence's token cross-entropy sum (weighted by InfoBatch); "
             "label smoothing (label_smoothing_factor), a compute_loss_func or a loss_type other than 'nll' "

@@ -282,7 +282,7 @@ class EvolvedTrainerMixin:
         stats["trained_sequences"] += selected.indices.numel()
         stats["trained_tokens"] += self._tokens(selected.inputs)
         rows_to_train = dict(selected.inputs)
-        if evolved.policy.own_plan and not selected.scored:
+        if evolved.policy.observes_training_forward and not selected.scored:
             rows_to_train[INDEX_KEY] = selected  # compute_loss weights and observes this batch's training forward
         return rows_to_train
 
