@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from es_kernels import EvolvedTraining, IndexedDataset
+from es_kernels import EvolvedSampler, EvolvedState, EvolvedTraining, IndexedDataset
+from es_kernels.policies import POLICIES, EvolvedPolicy, InfoBatchPolicy
 from es_kernels.train import METHODS
 
 N, CLASSES, EPOCHS, BATCH = 64, 3, 5, 16
@@ -164,3 +165,78 @@ def test_the_readme_code_itself_runs_every_method_by_name(method):
     exec(compile(code, "README.md", "exec"), namespace)
     assert namespace["training"].method == method
     assert namespace["training"].sampler.epoch == EPOCHS - 1 and len(namespace["training"].sampler) == 0
+
+
+# ----------------------------------------------------------------------------------------- one policy interface
+
+
+def test_every_method_is_one_policy_the_sampler_only_shuffles_and_shards():
+    for method in METHODS:
+        training = EvolvedTraining(method, N, EPOCHS)
+        assert training.sampler.planner is training.policy
+    default = EvolvedSampler(EvolvedState(N), EPOCHS, prune_ratio=0.25)
+    assert isinstance(default.planner, EvolvedPolicy) and default.planner.prune_ratio == 0.25
+
+
+def test_a_planner_beside_sampler_settings_or_unbound_is_refused_naming_the_argument():
+    state = EvolvedState(N)
+    with pytest.raises(ValueError, match="planner: bind it"):
+        EvolvedSampler(state, EPOCHS, planner=InfoBatchPolicy())
+    policy = InfoBatchPolicy()
+    policy.bind(state, EPOCHS)
+    with pytest.raises(ValueError, match="prune_ratio"):
+        EvolvedSampler(state, EPOCHS, planner=policy, prune_ratio=0.2)
+    with pytest.raises(ValueError, match="anneal_start"):
+        EvolvedSampler(state, EPOCHS, planner=policy, anneal_start=0.4)
+    with pytest.raises(TypeError, match="planner"):
+        EvolvedSampler(state, EPOCHS, planner="infobatch")
+
+
+def test_choose_is_the_batch_level_choice_of_each_policy():
+    losses = torch.tensor([0.5, 3.0, 1.0, 3.0, 0.1, 2.0])
+    ids = torch.arange(6)
+    order = POLICIES["order"]()
+    state = EvolvedState(6, beta1=0.0, beta2=0.0)
+    rows, seen = order.choose(state, ids, 3, generator=torch.Generator().manual_seed(0), losses=losses)
+    assert rows.tolist() == [1, 3, 5] and torch.equal(seen, losses)  # the 3 largest, ties by position
+    race = POLICIES["es"]()
+    rows, _ = race.choose(EvolvedState(6), ids, 2, generator=torch.Generator().manual_seed(0), losses=losses)
+    assert rows.numel() == 2
+    rows, seen = POLICIES["baseline"]().choose(EvolvedState(6), ids, 2, generator=torch.Generator())
+    assert rows.tolist() == list(range(6)) and seen is None  # the baseline keeps every row
+
+
+def test_a_methods_own_settings_are_given_by_name_without_subclassing():
+    training = EvolvedTraining("kakurenbo", N, EPOCHS, settings={"confidence": 0.8}, prune_ratio=0.2)
+    assert (training.policy.confidence, training.policy.prune_ratio) == (0.8, 0.2)
+    assert EvolvedTraining("infobatch", N, EPOCHS, settings={"delta": 0.5}).policy.delta == 0.5
+    assert EvolvedTraining("eswp", N, EPOCHS, settings={"prune_by": "score"}).sampler.prune_by == "score"
+    with pytest.raises(TypeError, match="'infobatch' does not take"):
+        EvolvedTraining("infobatch", N, EPOCHS, settings={"confidence": 0.8})
+    with pytest.raises(ValueError, match="settings"):
+        EvolvedTraining("infobatch", N, EPOCHS, settings={"prune_ratio": 0.1}, prune_ratio=0.2)
+    with pytest.raises(ValueError, match="delta"):
+        EvolvedTraining("infobatch", N, EPOCHS, settings={"delta": 0.0})
+    with pytest.raises(TypeError, match="settings"):
+        EvolvedTraining("infobatch", N, EPOCHS, settings=[("delta", 0.5)])
+    with pytest.raises(ValueError, match="not beside a policy"):
+        EvolvedTraining(InfoBatchPolicy(), N, EPOCHS, settings={"delta": 0.5})
+
+
+def test_the_vit_recipe_takes_each_methods_own_settings(tmp_path):
+    from es_kernels.train.vit import cli, config
+    from es_kernels.train.vit.recipe import make_training
+    from es_kernels.train.vit.runtime import Runtime
+
+    argv = ["--data", str(tmp_path), "--method", "infobatch", "kakurenbo", "--method-settings", "infobatch:delta=0.5"]
+    args = cli.parse_args([*argv, "kakurenbo:confidence=0.9"])
+    config.check_arguments(args)
+    runtime = Runtime(torch.device("cpu"), rank=0, world_size=1, distributed=False, owns_group=False, precision="fp32")
+    assert make_training(args, "infobatch", N, runtime).policy.delta == 0.5
+    assert make_training(args, "kakurenbo", N, runtime).policy.confidence == 0.9
+    assert config.run_config(args, "infobatch", 1, "fp32")["method_settings"] == {"delta": 0.5}
+    assert config.run_config(args, "kakurenbo", 1, "fp32")["method_settings"] == {"confidence": 0.9}
+    with pytest.raises(config.ConfigError, match="--method-settings names \\['ucb'\\]"):
+        config.check_arguments(cli.parse_args([*argv, "ucb:c=2"]))
+    with pytest.raises(SystemExit):
+        cli.parse_args([*argv, "nosuch:c=2"])

@@ -58,6 +58,13 @@ def parse_model_kwarg(text: str) -> tuple[str, object]:
         return key, value
 
 
+def parse_method_setting(text: str) -> tuple[str, str, object]:
+    method, sep, setting = text.partition(":")
+    if not sep or method not in METHODS:
+        raise argparse.ArgumentTypeError(f"expected METHOD:KEY=VALUE, METHOD one of {sorted(METHODS)}, got {text!r}")
+    return (method, *parse_model_kwarg(setting))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog_name("es_kernels.train.vit", "es-vit"),
@@ -70,6 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     add("--data", type=Path, help="ImageFolder root holding train/ and val/ (required unless --demo)")
     add("--out", type=Path, default=Path("runs/vit"), help="output folder; each method writes OUT/<method>/")
     add("--method", nargs="+", default=["es"], choices=sorted(METHODS), help="one or more, run one after another")
+    add(
+        "--method-settings",
+        nargs="*",
+        type=parse_method_setting,
+        default=[],
+        metavar="METHOD:KEY=VALUE",
+        help="a method's own settings (es_kernels.policies), e.g. infobatch:delta=0.9 kakurenbo:confidence=0.8 ucb:c=2",
+    )
 
     group = parser.add_argument_group("model and weights")
     group.add_argument("--model", default="vit_large_patch16_224", help="any timm model name")

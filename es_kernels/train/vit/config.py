@@ -29,6 +29,7 @@ RESUME_KEYS = (
     "select_ratio",
     "prune_ratio",
     "betas",
+    "method_settings",
     "anneal",
     "label_noise",
     "label_smoothing",
@@ -59,6 +60,9 @@ def check_arguments(args: argparse.Namespace) -> None:
         )
     if args.betas is not None and not all(0.0 <= b <= 1.0 for b in args.betas):
         raise ConfigError(f"--betas must both be in [0, 1], got {list(args.betas)}")
+    unused = sorted({method for method, _, _ in getattr(args, "method_settings", [])} - set(args.method))
+    if unused:
+        raise ConfigError(f"--method-settings names {unused}, which --method does not run")
     start, end = args.anneal
     if not (0.0 <= start <= 1.0 and 0.0 <= end <= 1.0 and start + end <= 1.0):
         raise ConfigError(f"--anneal START END must be fractions in [0, 1] with START + END <= 1, got {start} {end}")
@@ -108,8 +112,15 @@ def check_data(root: Path) -> tuple[Any, Any]:
 def run_config(args: argparse.Namespace, method: str, world_size: int, precision: str) -> dict[str, Any]:
     """The settings that define a run, JSON-ready (logged, and compared when resuming)."""
     config = {key: value for key, value in vars(args).items() if key not in ("method", "demo")}
+    # Only this method's settings, None when there are none: a checkpoint written before the option compares equal.
     config.update(method=method, world_size=world_size, precision=precision)
+    config["method_settings"] = method_settings(args, method) or None
     return json.loads(json.dumps(config, default=str))
+
+
+def method_settings(args: argparse.Namespace, method: str) -> dict[str, object]:
+    """``--method-settings`` of ``method``, by setting name."""
+    return {key: value for name, key, value in getattr(args, "method_settings", []) if name == method}
 
 
 def check_resume(checkpoint: dict[str, Any], config: dict[str, Any], path: Path) -> None:

@@ -164,6 +164,7 @@ def make_training(args: argparse.Namespace, method: str, num_samples: int, runti
         args.epochs,
         select_ratio=args.select_ratio,
         prune_ratio=args.prune_ratio,
+        settings=config.method_settings(args, method) or None,
         beta1=beta1,
         beta2=beta2,
         anneal_start=args.anneal[0],
