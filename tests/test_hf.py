@@ -619,6 +619,23 @@ def test_a_setting_the_method_does_not_take_fails_when_built():
         EvolvedConfig("infobatch", beta1=0.5)
 
 
+def test_a_config_takes_a_policy_or_the_methods_own_settings_and_each_trainer_gets_a_copy(tmp_path):
+    from es_kernels.policies import InfoBatchPolicy
+
+    config = EvolvedConfig("kakurenbo", settings={"confidence": 0.8}, prune_ratio=0.2)
+    assert (config.policy.confidence, config.policy.prune_ratio) == (0.8, 0.2)
+    given = InfoBatchPolicy(prune_ratio=0.3, delta=0.5)
+    config = EvolvedConfig(given)
+    trainer = make_trainer(tmp_path, config)
+    assert trainer.evolved_policy is not given and trainer.evolved_policy.settings() == given.settings()
+    with pytest.raises(TypeError, match="'infobatch' does not take"):
+        EvolvedConfig("infobatch", settings={"confidence": 0.8})
+    with pytest.raises(ValueError, match="delta"):
+        EvolvedConfig("infobatch", settings={"delta": 1.5})
+    with pytest.raises(ValueError, match="not beside a policy"):
+        EvolvedConfig(given, prune_ratio=0.1)
+
+
 def test_set_level_methods_refuse_a_loss_they_cannot_weight(tmp_path):
     with pytest.raises(ValueError, match="label_smoothing_factor"):
         make_trainer(tmp_path, EvolvedConfig("infobatch"), label_smoothing_factor=0.1)

@@ -224,7 +224,7 @@ class EvolvedTraining:
         self._epoch_batches = 0
         self._schedule_warned = False
         # What the method needs from the loop beyond select, checked at the next step (see _check_last_step):
-        # the batch whose losses observe has not had yet, and the batch whose weighted loss must be back-propagated.
+        # batches whose losses observe has not had yet, and batches whose weighted loss must be back-propagated.
         self._unobserved: list[SelectedBatch] = []
         self._weighted: list[SelectedBatch] = []
         # Batches a loop may select before observing the first of them: 1 for a plain loop; an integration that
@@ -534,6 +534,8 @@ class EvolvedTraining:
         except Exception:
             self._apply(backup)  # all or nothing: a part that fails late must not leave earlier parts loaded
             raise
+        # The steps still owed an observe or a weighted backward belong to the progress just replaced.
+        self._unobserved, self._weighted = [], []
 
     def _apply(self, state_dict: dict[str, Any]) -> None:
         self.state.load_state_dict(state_dict["state"])
