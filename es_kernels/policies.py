@@ -15,8 +15,8 @@ branches on a method's name; ES and ESWP are policies like the others (:class:`E
   buffers, so they are saved, resumed and merged across ranks exactly like ``s`` and ``w``.
 
 ``POLICIES`` maps each method name to a factory taking the method's settings as keyword arguments, e.g.
-``POLICIES["infobatch"](prune_ratio=0.3)``. A new method is one class here (or in a file of its own) registered in
-``POLICIES``, plus its tests.
+``POLICIES["infobatch"](prune_ratio=0.3)``. A new method is one class here registered in ``POLICIES``, plus its
+tests.
 """
 
 from __future__ import annotations
