@@ -110,6 +110,37 @@ TOKEN_FIELDS = (
 )  # fmt: skip
 
 
+@dataclasses.dataclass(frozen=True)
+class BackendCapabilities:
+    """What ``select.py`` needs to know about a backend, read instead of its name: adding a backend means filling
+    this record (docs/architecture.md, "Adding a backend"), not adding branches to ``select.py``.
+
+    ``input_checks_on``: device types on which the backend's ``fused_select`` runs the immediate input value checks
+    itself (``SelectCall.check_inputs``), before any write and with ``_checks.py``'s messages; elsewhere select.py
+    runs them in Python first.
+
+    ``computed_loss_check``: how immediate checks refuse losses that finite logits overflowed to inf, with the state
+    as it was. ``"in_kernel"``: the fused op checks them between its loss and update passes
+    (``SelectCall.check_losses``). ``"loss_pass"``: the module's ``call_losses(call)`` computes them without touching
+    the state; select.py checks them and hands them back as given losses. ``"undo"``: the one fused launch computes,
+    updates and draws together, so select.py keeps the B old values and writes them back if the losses are bad.
+
+    ``labels_in_range``: the backend's loss computation indexes by label with ops that fault (or device-assert) on a
+    label out of range, so deferred checks clamp the labels first (the call's update is kept out of the state anyway
+    once the deferred check fails).
+    """
+
+    input_checks_on: frozenset[str] = frozenset()
+    computed_loss_check: str = "undo"
+    labels_in_range: bool = False
+
+    def __post_init__(self) -> None:
+        if self.computed_loss_check not in ("in_kernel", "loss_pass", "undo"):
+            raise ValueError(
+                f"computed_loss_check must be 'in_kernel', 'loss_pass' or 'undo', got {self.computed_loss_check!r}"
+            )
+
+
 def draw_seed(generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
     """A Philox seed as a one-element int64 tensor on ``device``, drawn from ``generator`` (no host sync)."""
     return torch.randint(0, 2**62, (1,), generator=generator, device=device, dtype=torch.int64)

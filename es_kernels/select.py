@@ -3,6 +3,8 @@
 This is the only module that chooses between implementations. After the checks (``_checks.py``) it builds one
 :class:`~es_kernels.call.SelectCall` and hands it to the chosen backend module, each of which provides
 
+* ``CAPABILITIES``, a :class:`~es_kernels.call.BackendCapabilities` saying which value checks it runs itself and
+  how an overflowed loss is refused (this module reads the record, never the backend's name);
 * ``fused_select(call)`` returning ``(positions, losses)``: fp32 per-sample losses (from logits, or the given
   ones), the state update at ``call.indices``, and k ascending positions drawn without replacement ∝ the updated
   weights;
@@ -24,7 +26,7 @@ import torch
 
 from es_kernels import _checks, reference
 from es_kernels.backends import Backend, record_backend, resolve_backend
-from es_kernels.call import SelectCall
+from es_kernels.call import BackendCapabilities, SelectCall
 from es_kernels.reference import MixupTargets
 from es_kernels.state import EvolvedState
 
@@ -112,12 +114,14 @@ def evolved_select(
         isinstance(logits, torch.Tensor) and logits.dim() == 3
     )
     chosen = resolve_backend(backend, device, _call_form(token_level, hidden_states, losses))
+    module = _backend_module(chosen)
+    capabilities: BackendCapabilities = module.CAPABILITIES
     if mode != _checks.OFF:
         state.begin_call(counted=mode == _checks.IMMEDIATE)
     immediate, deferred = mode == _checks.IMMEDIATE, mode == _checks.DEFERRED
-    # On CPU the extension runs the immediate value checks in its own pass (same messages, before any write): in
-    # Python they cost more than the whole kernel at small sizes.
-    check_inputs = immediate and chosen is Backend.EXTENSION and device.type == "cpu"
+    # A backend that runs the immediate value checks in its own pass (same messages, before any write) is spared
+    # them here: in Python they cost more than the whole kernel at small sizes.
+    check_inputs = immediate and device.type in capabilities.input_checks_on
     check_here = immediate and not check_inputs
     indices = _checks.check_indices("indices", indices, state.num_samples, device, check_here)
     batch = indices.numel()
@@ -161,20 +165,20 @@ def evolved_select(
             ignore_index=sequence_fields.get("ignore_index", -100),
         )  # fmt: skip
         # Bad ids or labels must not reach a kernel as they are: the clamped ids' old values are restored if a
-        # check failed, and the reference's indexing ops would raise (or assert on a GPU) on labels out of range.
+        # check failed, and a backend whose indexing ops fault on labels out of range gets them clamped.
         indices = guard.safe_ids
-        if chosen is Backend.TORCH:
+        if capabilities.labels_in_range:
             labels_a, labels_b = _clamped(labels_a, logits, sequence_fields), _clamped(labels_b, logits, {})
+    computed_loss_check = capabilities.computed_loss_check
     call = SelectCall(
         score=state.score, weight=state.weight, indices=indices, k=k, beta1=state.beta1, beta2=state.beta2,
         logits=logits, labels_a=labels_a, labels_b=labels_b, soft_targets=soft_targets, lam=lam, losses=losses,
         label_smoothing=label_smoothing, generator=generator, check_inputs=check_inputs,
-        # The extension checks the losses it computes between its loss and update passes (finite logits can still
-        # overflow); Triton's one launch cannot, so select.py checks them after it and puts the old values back.
-        check_losses=immediate and chosen is Backend.EXTENSION and losses is None and not token_level,
+        # Finite logits can still overflow to an infinite loss: how each backend lets that be refused with the state
+        # as it was is its ``computed_loss_check`` (call.BackendCapabilities).
+        check_losses=immediate and losses is None and not token_level and computed_loss_check == "in_kernel",
         **sequence_fields,
     )  # fmt: skip
-    module = _backend_module(chosen)
     with torch.no_grad():
         if token_level:
             # Per-sequence losses first (the backend's sequence op), then the per-sample fused update and draw.
@@ -182,15 +186,12 @@ def evolved_select(
             if immediate:
                 _checks.check_loss_values(_checks.COMPUTED_LOSSES, computed)
             call = call.with_losses(computed)
-        elif immediate and losses is None and chosen is Backend.TORCH:
-            # The reference computes losses before touching the state, so an overflow to inf can still be refused.
-            computed = reference.call_losses(call)
+        elif immediate and losses is None and computed_loss_check == "loss_pass":
+            computed = module.call_losses(call)
             _checks.check_loss_values(_checks.COMPUTED_LOSSES, computed)
             call = call.with_losses(computed)
-        # Triton computes, updates and draws in one launch: the B old values are kept so that losses which
-        # overflowed to inf from finite logits can still be refused with the state as it was.
         undo = None
-        if immediate and call.losses is None and chosen is Backend.TRITON:
+        if immediate and call.losses is None and computed_loss_check == "undo":
             undo = state.score[indices], state.weight[indices]
         positions, batch_losses = module.fused_select(call)
         if undo is not None:
@@ -223,7 +224,8 @@ def _classes(logits: torch.Tensor | None, sequence_fields: dict) -> int:
 
 
 def _clamped(labels: torch.Tensor | None, logits: torch.Tensor | None, sequence_fields: dict) -> torch.Tensor | None:
-    """Labels moved into range (token targets: those not ignored), for the reference under deferred checks."""
+    """Labels moved into range (token targets: those not ignored), under deferred checks, for a backend whose
+    label indexing faults on labels out of range (``BackendCapabilities.labels_in_range``)."""
     if labels is None:
         return None
     top = _classes(logits, sequence_fields) - 1

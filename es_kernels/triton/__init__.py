@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from es_kernels.call import OP_ARGUMENTS, SelectCall, draw_seed
+from es_kernels.call import OP_ARGUMENTS, BackendCapabilities, SelectCall, draw_seed
 from es_kernels.triton.availability import (
     MIN_CAPABILITY,
     MIN_TRITON,
@@ -30,7 +30,12 @@ from es_kernels.triton.availability import (
     unavailable_reason,
 )
 
+# One launch computes, updates and draws: an overflowed loss is refused by writing the old values back. Labels
+# out of range are masked loads, never a fault.
+CAPABILITIES = BackendCapabilities(computed_loss_check="undo")
+
 __all__ = [
+    "CAPABILITIES",
     "MIN_CAPABILITY",
     "MIN_TRITON",
     "_interpreter_active",
