@@ -14,8 +14,8 @@ import torch.distributed as dist
 from multiprocess_harness import WORLD_SIZE, launch
 
 from es_kernels import EvolvedSampler, EvolvedState, EvolvedTraining
+from es_kernels.distributed import communication_device
 from es_kernels.reference.update import ema_update_
-from es_kernels.state import communication_device
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
