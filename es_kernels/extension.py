@@ -201,7 +201,7 @@ def fused_select(call: SelectCall) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def sequence_losses(call: SelectCall) -> torch.Tensor:
-    """Backend entry of a token-level ``evolved_select``: fp32 (B,) per-sequence losses, one dispatcher call
+    """Backend entry of ``sequence_losses``: fp32 (B,) per-sequence losses, one dispatcher call
     (CPU: at::mm per vocabulary chunk and a log-sum-exp merge; CUDA: cuBLAS per chunk and two kernels)."""
     if call.hidden_states is None:
         return _ops().token_sequence_losses(

@@ -1,5 +1,5 @@
-"""The Triton backend: one fused launch per ``evolved_select`` call (three for a token-level call: the sequence
-kernels' two, then the fused one with the losses), and a key kernel for pruning.
+"""The Triton backend: one fused launch per ``evolved_select`` call, two per ``sequence_losses`` call (a language
+model's step is both: three launches), and a key kernel for pruning.
 
 Where it runs:
 
@@ -69,7 +69,7 @@ def fused_select(call: SelectCall) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def sequence_losses(call: SelectCall) -> torch.Tensor:
-    """Backend entry of a token-level ``evolved_select``: the per-sequence losses in two launches (the per-token
+    """Backend entry of ``sequence_losses``: the per-sequence losses in two launches (the per-token
     kernel — over token logits, or the fused H @ W.T tile kernel — then the per-sequence reduction)."""
     from es_kernels.triton import ops
 
