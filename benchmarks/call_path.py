@@ -31,9 +31,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from es_kernels import EvolvedState, backend_status, evolved_prune, evolved_select
+from es_kernels import EvolvedState, backend_status, evolved_prune, evolved_select, sequence_losses
 from es_kernels.backends import auto_order
-from es_kernels.select import sequence_losses
 
 SHAPES = ((256, 1000, "fp32"), (4096, 1000, "fp32"), (1024, 32000, "bf16"), (64, 128256, "bf16"))
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

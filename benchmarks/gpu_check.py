@@ -281,12 +281,12 @@ def _fp64_sequence_losses(logits, targets, reduction="mean"):
 
 
 def check_sequence(device: str = "cuda", backends=(*BACKENDS, "torch"), shapes=((3, 129, 32769, 96), (1, 7, 2, 8))):
-    """Per-sequence losses through ``evolved_select(return_losses=True)`` for both call forms (token logits, hidden
-    states), fp32 and bf16, each backend, against fp64 ``F.cross_entropy`` reduced per sequence; and the state
-    equal to the reference update of those losses."""
+    """Per-sequence losses through the language-model form, ``sequence_losses`` then ``evolved_select(losses=...,
+    return_losses=True)``, for both sources (token logits, hidden states), fp32 and bf16, each backend, against fp64
+    ``F.cross_entropy`` reduced per sequence; and the state equal to the reference update of those losses."""
     import torch
 
-    from es_kernels import EvolvedState, evolved_select, reference
+    from es_kernels import EvolvedState, evolved_select, reference, sequence_losses
 
     tolerance = {torch.float32: 1e-5, torch.bfloat16: 1e-4}
     result, problems = {}, []
@@ -307,8 +307,8 @@ def check_sequence(device: str = "cuda", backends=(*BACKENDS, "torch"), shapes=(
             else:
                 logits = hidden.double() @ weight.double().t()
                 given = {"hidden_states": hidden, "lm_head_weight": weight}
-            _, losses = evolved_select(state, indices, 1, targets=targets, sequence_reduction=reduction,
-                                       backend=backend, return_losses=True, **given)  # fmt: skip
+            scored = sequence_losses(targets, sequence_reduction=reduction, backend=backend, **given)
+            _, losses = evolved_select(state, indices, 1, losses=scored, backend=backend, return_losses=True)
             expected = _fp64_sequence_losses(logits, targets, reduction)
             error = ((losses.double() - expected).abs() / (expected.abs() + 1)).max().item()
             name = f"{form} {str(dtype).split('.')[-1]} {reduction} B={batch} T={length} V={vocab} D={dim}"
@@ -381,12 +381,13 @@ def _peer_paths(hidden, weight, targets) -> dict:
 
 def bench_sequence(device: str = "cuda", shape=(8, 1024, 2048, 32000), dtype_name: str = "bfloat16") -> dict:
     """The scoring path at a language-model shape: per call time and peak extra memory of the fused hidden-state
-    path (per-sequence losses, state update and draw in one evolved_select) per backend, against materialising
+    path (``sequence_losses`` from the hidden states, then the state update and draw of ``evolved_select`` on
+    them) per backend, against materialising
     the logits, ``F.cross_entropy(reduction="none")`` and reducing, and the peers when installed."""
     import torch
     import torch.nn.functional as F
 
-    from es_kernels import EvolvedState, evolved_select
+    from es_kernels import EvolvedState, evolved_select, sequence_losses
     from es_kernels.reference.sequence import reduce_per_sequence
 
     batch, length, dim, vocab = shape
@@ -402,13 +403,15 @@ def bench_sequence(device: str = "cuda", shape=(8, 1024, 2048, 32000), dtype_nam
         tokens = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
         return reduce_per_sequence(tokens.view_as(targets), targets != -100, "mean")
 
+    def fused(backend):
+        losses = sequence_losses(targets, hidden_states=hidden, lm_head_weight=weight, backend=backend,
+                                 check_values=False)  # fmt: skip
+        return evolved_select(state, indices, batch // 4, losses=losses, backend=backend, check_values=False)
+
     paths = {"materialised logits + F.cross_entropy(reduction='none')": materialised}
     for backend in (*BACKENDS, "torch"):
         if _available(backend, [], device):
-            paths[f"evolved_select hidden_states ({backend})"] = lambda backend=backend: evolved_select(
-                state, indices, batch // 4, hidden_states=hidden, lm_head_weight=weight, targets=targets,
-                backend=backend, check_values=False,
-            )  # fmt: skip
+            paths[f"sequence_losses hidden_states + evolved_select ({backend})"] = functools.partial(fused, backend)
     paths.update(_peer_paths(hidden, weight, targets))
     rows, problems = [], []
     for name, function in paths.items():
@@ -427,7 +430,7 @@ def bench_sequence(device: str = "cuda", shape=(8, 1024, 2048, 32000), dtype_nam
 def run_sequence_bench() -> dict:
     outcome = bench_sequence()
     # A failed peer is reported in its row; only our own paths failing fails the step.
-    outcome["problems"] = [p for p in outcome["problems"] if p.startswith(("evolved_select", "materialised"))]
+    outcome["problems"] = [p for p in outcome["problems"] if p.startswith(("sequence_losses", "materialised"))]
     return outcome
 
 

@@ -3,7 +3,7 @@
 from es_kernels.backends import Backend, BackendUnavailableError, backend_status, last_backend
 from es_kernels.reference import MixupTargets
 from es_kernels.sampler import EvolvedSampler
-from es_kernels.select import evolved_prune, evolved_select
+from es_kernels.select import evolved_prune, evolved_select, sequence_losses
 from es_kernels.state import EvolvedState
 from es_kernels.train import EvolvedTraining, IndexedDataset, corrupt_labels
 
@@ -22,4 +22,5 @@ __all__ = [
     "evolved_prune",
     "evolved_select",
     "last_backend",
+    "sequence_losses",
 ]

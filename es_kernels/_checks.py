@@ -215,6 +215,11 @@ def check_logits(logits: object, batch: int, device: torch.device, check_values:
 
 
 LOGITS_NOT_FINITE = losses_not_finite("logits")
+TOKEN_LOGITS_TO_SEQUENCE_LOSSES = (
+    "logits of shape (B, T, V) are token logits, which evolved_select does not take: compute the per-sequence "
+    "losses with es_kernels.sequence_losses(targets, logits=...) (or hidden_states=..., lm_head_weight=...) and "
+    "pass them as evolved_select(..., losses=losses)"
+)
 SOFT_TARGETS_BAD = "targets as soft labels must be finite and non-negative"
 
 
@@ -304,6 +309,11 @@ def revisit_message(ids: list[int], epoch: int | None) -> str:
     )
 
 
+def token_targets_outside(targets: torch.Tensor, vocab: int, ignore_index: int) -> torch.Tensor:
+    """Where a token target is neither ``ignore_index`` nor in [0, vocab): a bool tensor, nothing read on the host."""
+    return (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
+
+
 def token_targets_message(vocab: int, ignore_index: int) -> str:
     return f"targets must lie in [0, {vocab}) or equal ignore_index={ignore_index}"
 
@@ -380,7 +390,7 @@ class DeviceChecks:
         self.add(~(torch.isfinite(low) & torch.isfinite(high)) | (low < 0), ValueCheck.SOFT_TARGETS_BAD)
 
     def token_targets(self, targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
-        bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
+        bad = token_targets_outside(targets, vocab, ignore_index)
         self.add(bad.any(), ValueCheck.TOKEN_TARGETS_OUT_OF_RANGE, torch.full((), ignore_index, device=self.device))
 
     def status(self) -> torch.Tensor:
@@ -407,14 +417,15 @@ def check_positive_real(name: str, value: object, *, optional: bool = False) -> 
 
 
 def check_sequence_call(
-    batch: int, device: torch.device, check_values: bool, *, logits: object, targets: object, hidden_states: object,
+    device: torch.device, check_values: bool, *, logits: object, targets: object, hidden_states: object,
     lm_head_weight: object, lm_head_bias: object, ignore_index: object, sequence_reduction: object,
     label_smoothing: float, logit_scale: object, logit_softcap: object,
 ) -> dict:  # fmt: skip
-    """The token-level arguments of ``evolved_select`` as ``SelectCall`` fields (the targets as ``labels_a``).
+    """The arguments of ``sequence_losses`` as ``SelectCall`` token-level fields (the targets as ``labels_a``).
 
     Either ``logits`` (B, T, V), or ``hidden_states`` (B, T, D) with ``lm_head_weight`` (V, D); int64 ``targets``
-    (B, T). The shape, dtype and range rules shared with the kernels are ``reference.sequence``'s checks."""
+    (B, T), whose B the logits or hidden states must match. The shape, dtype and range rules shared with the
+    kernels are ``reference.sequence``'s checks."""
     ignore_index = check_int("ignore_index", ignore_index, low=INT64_RANGE[0], high=INT64_RANGE[1])
     fields = {"ignore_index": ignore_index, "sequence_reduction": sequence_reduction}
     if hidden_states is not None:
@@ -441,11 +452,12 @@ def check_sequence_call(
         fields["logits"] = source.detach()
     if source.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {source.dtype}")
-    if source.shape[0] != batch:
-        raise ValueError(f"{name} must have B = {batch} sequences to match indices, got shape {tuple(source.shape)}")
     check_device(name, source, device)
     targets = check_tensor("targets", targets)
     check_device("targets", targets, device)
+    batch = targets.shape[0] if targets.dim() > 0 else 0
+    if source.shape[0] != batch:
+        raise ValueError(f"{name} must have B = {batch} sequences to match targets, got shape {tuple(source.shape)}")
     time = source.shape[1]
     sequence.check_sequence_arguments(
         targets, (batch, time), vocab, ignore_index, sequence_reduction, label_smoothing, values=check_values

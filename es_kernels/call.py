@@ -1,4 +1,5 @@
-"""One ``evolved_select`` call as every backend receives it: a frozen record built once, after the checks.
+"""One ``evolved_select`` or ``sequence_losses`` call as every backend receives it: a frozen record built once,
+after the checks.
 
 ``select.py`` checks the user's arguments (``_checks.py``), encodes the targets one way (below) and passes the
 record to the chosen backend. The flat argument lists exist only at the boundaries that need them — the
@@ -12,15 +13,17 @@ Target encoding (exactly one of):
 * ``logits`` (B, C) with ``labels_a`` (B,) int64 class ids; ``labels_b`` and ``lam`` add the mixup form
   ``lam * CE(labels_a) + (1 - lam) * CE(labels_b)`` (without ``labels_b``, ``lam`` is 1);
 * ``logits`` (B, C) with ``soft_targets`` (B, C), dense target weights;
-* token level (``sequence_reduction`` set): ``labels_a`` holds int64 (B, T) token targets (``ignore_index`` marks
-  unscored positions) and either ``logits`` (B, T, V) or ``hidden_states`` (B, T, D) with ``lm_head_weight`` (V, D)
-  (``lm_head_bias``, ``logit_scale``, ``logit_softcap`` optional); the per-sample loss of a sequence is the mean or
-  sum of its scored tokens' cross-entropies (``es_kernels/reference/sequence.py``).
+* token level (``sequence_reduction`` set; only ``sequence_losses`` builds it): ``labels_a`` holds int64 (B, T)
+  token targets (``ignore_index`` marks unscored positions) and either ``logits`` (B, T, V) or ``hidden_states``
+  (B, T, D) with ``lm_head_weight`` (V, D) (``lm_head_bias``, ``logit_scale``, ``logit_softcap`` optional); the
+  per-sample loss of a sequence is the mean or sum of its scored tokens' cross-entropies
+  (``es_kernels/reference/sequence.py``).
 
 ``label_smoothing`` applies to the logits forms, as in ``torch.nn.functional.cross_entropy``.
 
-Backends turn a token-level call into a per-sample one in two steps: their ``sequence_losses(call)`` gives the
-(B,) losses, then ``fused_select(call.with_losses(losses))`` runs the update and the draw (``select.py``).
+A token-level call never reaches the fused ops: the backend's ``sequence_losses(call)`` gives the (B,) losses,
+which the user passes to ``evolved_select(..., losses=...)``, a per-sample call. ``evolved_select`` itself takes no
+token-level argument; the fields live here because the backends' sequence ops take the same record.
 """
 
 from __future__ import annotations
@@ -59,8 +62,8 @@ class SelectCall:
     # ``check_inputs`` the input values (extension on CPU only), ``check_losses`` the losses computed from logits.
     check_inputs: bool = False
     check_losses: bool = False
-    # Token-level targets (sequence losses of language models). None means "not used". The fused ops take
-    # per-sample calls only: ``op_arguments`` refuses these fields (see ``with_losses``).
+    # Token-level targets (sequence losses of language models), set by ``sequence_losses`` only. None means "not
+    # used". The fused ops take per-sample calls only: ``op_arguments`` refuses these fields (see ``with_losses``).
     ignore_index: int | None = None
     sequence_reduction: str | None = None
     hidden_states: torch.Tensor | None = None
@@ -108,6 +111,37 @@ TOKEN_FIELDS = (
     "ignore_index", "sequence_reduction", "hidden_states", "lm_head_weight", "lm_head_bias", "logit_scale",
     "logit_softcap",
 )  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendCapabilities:
+    """What ``select.py`` needs to know about a backend, read instead of its name: adding a backend means filling
+    this record (docs/architecture.md, "Adding a backend"), not adding branches to ``select.py``.
+
+    ``input_checks_on``: device types on which the backend's ``fused_select`` runs the immediate input value checks
+    itself (``SelectCall.check_inputs``), before any write and with ``_checks.py``'s messages; elsewhere select.py
+    runs them in Python first.
+
+    ``computed_loss_check``: how immediate checks refuse losses that finite logits overflowed to inf, with the state
+    as it was. ``"in_kernel"``: the fused op checks them between its loss and update passes
+    (``SelectCall.check_losses``). ``"loss_pass"``: the module's ``call_losses(call)`` computes them without touching
+    the state; select.py checks them and hands them back as given losses. ``"undo"``: the one fused launch computes,
+    updates and draws together, so select.py keeps the B old values and writes them back if the losses are bad.
+
+    ``labels_in_range``: the backend's loss computation indexes by label with ops that fault (or device-assert) on a
+    label out of range, so deferred checks clamp the labels first (the call's update is kept out of the state anyway
+    once the deferred check fails).
+    """
+
+    input_checks_on: frozenset[str] = frozenset()
+    computed_loss_check: str = "undo"
+    labels_in_range: bool = False
+
+    def __post_init__(self) -> None:
+        if self.computed_loss_check not in ("in_kernel", "loss_pass", "undo"):
+            raise ValueError(
+                f"computed_loss_check must be 'in_kernel', 'loss_pass' or 'undo', got {self.computed_loss_check!r}"
+            )
 
 
 def draw_seed(generator: torch.Generator | None, device: torch.device) -> torch.Tensor:

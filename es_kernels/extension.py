@@ -26,7 +26,7 @@ from types import ModuleType
 import torch
 
 from es_kernels import _build, _checks
-from es_kernels.call import OP_ARGUMENTS, SelectCall, draw_seed
+from es_kernels.call import OP_ARGUMENTS, BackendCapabilities, SelectCall, draw_seed
 
 logger = logging.getLogger("es_kernels")
 
@@ -35,6 +35,11 @@ _module: ModuleType | None = None
 _how: str | None = None  # "prebuilt" or "jit"
 _reason: str | None = None  # why there is no module (None until the first attempt)
 _attempted = False
+
+
+# The fused op checks the losses it computed between its loss and update passes, and on CPU the input values too
+# (reading a value costs no sync there); on CUDA the input checks would synchronise, so select.py keeps them.
+CAPABILITIES = BackendCapabilities(input_checks_on=frozenset({"cpu"}), computed_loss_check="in_kernel")
 
 
 def cache_dir() -> Path:
@@ -196,7 +201,7 @@ def fused_select(call: SelectCall) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def sequence_losses(call: SelectCall) -> torch.Tensor:
-    """Backend entry of a token-level ``evolved_select``: fp32 (B,) per-sequence losses, one dispatcher call
+    """Backend entry of ``sequence_losses``: fp32 (B,) per-sequence losses, one dispatcher call
     (CPU: at::mm per vocabulary chunk and a log-sum-exp merge; CUDA: cuBLAS per chunk and two kernels)."""
     if call.hidden_states is None:
         return _ops().token_sequence_losses(

@@ -1,19 +1,23 @@
-"""The public ops ``evolved_select`` and ``evolved_prune``: argument checks, one call object, backend dispatch.
+"""The public ops ``evolved_select``, ``sequence_losses`` and ``evolved_prune``: argument checks, one call object,
+backend dispatch.
 
 This is the only module that chooses between implementations. After the checks (``_checks.py``) it builds one
 :class:`~es_kernels.call.SelectCall` and hands it to the chosen backend module, each of which provides
 
+* ``CAPABILITIES``, a :class:`~es_kernels.call.BackendCapabilities` saying which value checks it runs itself and
+  how an overflowed loss is refused (this module reads the record, never the backend's name);
 * ``fused_select(call)`` returning ``(positions, losses)``: fp32 per-sample losses (from logits, or the given
   ones), the state update at ``call.indices``, and k ascending positions drawn without replacement ∝ the updated
   weights;
 * ``sequence_losses(call)`` returning the fp32 (B,) per-sequence losses of a token-level call (language models:
-  token logits, or hidden states and the LM head), which ``fused_select`` then takes as given losses;
+  token logits, or hidden states and the LM head): the public ``sequence_losses``, whose result a language model
+  passes to ``evolved_select`` as ``losses=`` (one small op per step, as FlashInfer's sampling API);
 * ``prune_select(values, keep, generator)`` returning ``keep`` ascending ids drawn without replacement ∝ values.
 
 The backends: ``es_kernels.reference`` ("torch"), ``es_kernels.triton``, ``es_kernels.extension``. Arguments reach
 them already checked: contiguous int64 indices, a 2-D logits tensor with matching targets (or contiguous,
-fp32-convertible losses), and, when value checks are on, finite logits and in-range targets
-(docs/architecture.md, "One call").
+fp32-convertible losses; or, for ``sequence_losses``, token logits or hidden states with (B, T) targets), and, when
+value checks are on, finite logits and in-range targets (docs/architecture.md, "One call").
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import torch
 
 from es_kernels import _checks, reference
 from es_kernels.backends import Backend, record_backend, resolve_backend
-from es_kernels.call import SelectCall
+from es_kernels.call import BackendCapabilities, SelectCall
 from es_kernels.reference import MixupTargets
 from es_kernels.state import EvolvedState
 
@@ -52,13 +56,6 @@ def evolved_select(
     targets: Targets | None = None,
     losses: torch.Tensor | None = None,
     label_smoothing: float = 0.0,
-    hidden_states: torch.Tensor | None = None,
-    lm_head_weight: torch.Tensor | None = None,
-    lm_head_bias: torch.Tensor | None = None,
-    ignore_index: int = -100,
-    sequence_reduction: str = "mean",
-    logit_scale: float = 1.0,
-    logit_softcap: float | None = None,
     generator: torch.Generator | None = None,
     backend: str | Backend = "auto",
     return_losses: bool = False,
@@ -71,19 +68,14 @@ def evolved_select(
         indices: (B,) dataset ids of the meta-batch rows, on the state's device, no repeats.
         k: how many rows to keep, 1 <= k <= B (paper: B // 4).
         logits: (B, C) outputs of the scoring forward (fp32/bf16/fp16); losses are cross-entropy against targets.
-            Language models: (B, T, V) token logits (any strides, e.g. ``logits[:, :-1]``) with (B, T) targets.
-        targets: with logits: int64 labels (B,), dense soft targets (B, C), or the mixup form ``(y_a, y_b, lam)``;
-            token level: int64 (B, T) (e.g. ``labels[:, 1:]``), ``ignore_index`` where a token is not scored.
-        losses: (B,) per-sample losses of any task, instead of logits/targets.
-        label_smoothing: as in ``torch.nn.functional.cross_entropy``, in [0, 1] (per token at token level).
-        hidden_states, lm_head_weight, lm_head_bias: instead of token logits, the backbone's last hidden state
-            (B, T, D) and the LM head (V, D) (bias (V,) optional): the per-sequence losses of
-            ``H @ W.T + bias`` computed chunk by chunk over the vocabulary, never holding the (B·T, V) logits.
-        ignore_index: token targets equal to it are not scored.
-        sequence_reduction: a sequence's loss is the ``"mean"`` or ``"sum"`` of its scored tokens' cross-entropies
-            (0 for a sequence without one).
-        logit_scale, logit_softcap: with hidden states, logits are ``z * logit_scale``, then
-            ``c * tanh(z / c)`` with ``c = logit_softcap`` if given (Gemma).
+        targets: int64 labels (B,), dense soft targets (B, C), or the mixup form ``(y_a, y_b, lam)``.
+        losses: (B,) per-sample losses of any task, instead of logits/targets. Language models pass the
+            per-sequence losses of :func:`sequence_losses` here (token logits, or hidden states and the LM head)::
+
+                losses = sequence_losses(labels[:, 1:], hidden_states=hidden[:, :-1], lm_head_weight=head.weight)
+                rows = evolved_select(state, ids, k, losses=losses)
+
+        label_smoothing: as in ``torch.nn.functional.cross_entropy``, in [0, 1].
         generator: source of the draw; ``None`` uses torch's default generator of the device (follows
             ``torch.manual_seed``). A given generator leaves the global RNG untouched.
         backend: ``"auto"``, ``"triton"``, ``"extension"`` or ``"torch"`` (the reference). A named backend that
@@ -106,18 +98,19 @@ def evolved_select(
     """
     if not isinstance(state, EvolvedState):
         raise TypeError(f"state must be an EvolvedState, got {type(state).__name__}")
+    if isinstance(logits, torch.Tensor) and logits.dim() == 3:
+        raise ValueError(_checks.TOKEN_LOGITS_TO_SEQUENCE_LOSSES)
     device = state.device
     mode = _checks.check_mode(check_values, device)
-    token_level = any(value is not None for value in (hidden_states, lm_head_weight, lm_head_bias)) or (
-        isinstance(logits, torch.Tensor) and logits.dim() == 3
-    )
-    chosen = resolve_backend(backend, device, _call_form(token_level, hidden_states, losses))
+    chosen = resolve_backend(backend, device, "losses" if losses is not None else "logits")
+    module = _backend_module(chosen)
+    capabilities: BackendCapabilities = module.CAPABILITIES
     if mode != _checks.OFF:
         state.begin_call(counted=mode == _checks.IMMEDIATE)
     immediate, deferred = mode == _checks.IMMEDIATE, mode == _checks.DEFERRED
-    # On CPU the extension runs the immediate value checks in its own pass (same messages, before any write): in
-    # Python they cost more than the whole kernel at small sizes.
-    check_inputs = immediate and chosen is Backend.EXTENSION and device.type == "cpu"
+    # A backend that runs the immediate value checks in its own pass (same messages, before any write) is spared
+    # them here: in Python they cost more than the whole kernel at small sizes.
+    check_inputs = immediate and device.type in capabilities.input_checks_on
     check_here = immediate and not check_inputs
     indices = _checks.check_indices("indices", indices, state.num_samples, device, check_here)
     batch = indices.numel()
@@ -128,18 +121,7 @@ def evolved_select(
         raise TypeError(_checks.GENERATOR_UNDER_COMPILE)
     labels_a = labels_b = soft_targets = None
     lam = 1.0
-    sequence_fields = {}
-    if token_level:
-        if losses is not None:
-            raise ValueError("pass either losses, or token logits / hidden states with targets, not both")
-        sequence_fields = _checks.check_sequence_call(
-            batch, device, immediate, logits=logits, targets=targets, hidden_states=hidden_states,
-            lm_head_weight=lm_head_weight, lm_head_bias=lm_head_bias, ignore_index=ignore_index,
-            sequence_reduction=sequence_reduction, label_smoothing=label_smoothing, logit_scale=logit_scale,
-            logit_softcap=logit_softcap,
-        )  # fmt: skip
-        logits, labels_a = sequence_fields.pop("logits", None), sequence_fields.pop("labels_a")
-    elif losses is not None:
+    if losses is not None:
         if logits is not None or targets is not None:
             raise ValueError("pass either losses, or logits with targets, not both")
         losses = _checks.check_losses("losses", losses, batch, device, check_here).detach()
@@ -154,43 +136,31 @@ def evolved_select(
         state.check_unvisited(indices)  # a sample updated twice in one epoch (once an epoch was begun)
     guard = None
     if deferred:
-        classes = _classes(logits, sequence_fields)
+        classes = 0 if logits is None else logits.shape[1]
         guard = state.guard(
-            indices, losses=losses, labels_a=None if sequence_fields else labels_a, labels_b=labels_b,
-            soft_targets=soft_targets, token_targets=labels_a if sequence_fields else None, classes=classes,
-            ignore_index=sequence_fields.get("ignore_index", -100),
-        )  # fmt: skip
+            indices, losses=losses, labels_a=labels_a, labels_b=labels_b, soft_targets=soft_targets, classes=classes
+        )
         # Bad ids or labels must not reach a kernel as they are: the clamped ids' old values are restored if a
-        # check failed, and the reference's indexing ops would raise (or assert on a GPU) on labels out of range.
+        # check failed, and a backend whose indexing ops fault on labels out of range gets them clamped.
         indices = guard.safe_ids
-        if chosen is Backend.TORCH:
-            labels_a, labels_b = _clamped(labels_a, logits, sequence_fields), _clamped(labels_b, logits, {})
+        if capabilities.labels_in_range:
+            labels_a, labels_b = _clamped(labels_a, classes), _clamped(labels_b, classes)
+    computed_loss_check = capabilities.computed_loss_check
     call = SelectCall(
         score=state.score, weight=state.weight, indices=indices, k=k, beta1=state.beta1, beta2=state.beta2,
         logits=logits, labels_a=labels_a, labels_b=labels_b, soft_targets=soft_targets, lam=lam, losses=losses,
         label_smoothing=label_smoothing, generator=generator, check_inputs=check_inputs,
-        # The extension checks the losses it computes between its loss and update passes (finite logits can still
-        # overflow); Triton's one launch cannot, so select.py checks them after it and puts the old values back.
-        check_losses=immediate and chosen is Backend.EXTENSION and losses is None and not token_level,
-        **sequence_fields,
+        # Finite logits can still overflow to an infinite loss: how each backend lets that be refused with the state
+        # as it was is its ``computed_loss_check`` (call.BackendCapabilities).
+        check_losses=immediate and losses is None and computed_loss_check == "in_kernel",
     )  # fmt: skip
-    module = _backend_module(chosen)
     with torch.no_grad():
-        if token_level:
-            # Per-sequence losses first (the backend's sequence op), then the per-sample fused update and draw.
-            computed = module.sequence_losses(call)
-            if immediate:
-                _checks.check_loss_values(_checks.COMPUTED_LOSSES, computed)
-            call = call.with_losses(computed)
-        elif immediate and losses is None and chosen is Backend.TORCH:
-            # The reference computes losses before touching the state, so an overflow to inf can still be refused.
-            computed = reference.call_losses(call)
+        if immediate and losses is None and computed_loss_check == "loss_pass":
+            computed = module.call_losses(call)
             _checks.check_loss_values(_checks.COMPUTED_LOSSES, computed)
             call = call.with_losses(computed)
-        # Triton computes, updates and draws in one launch: the B old values are kept so that losses which
-        # overflowed to inf from finite logits can still be refused with the state as it was.
         undo = None
-        if immediate and call.losses is None and chosen is Backend.TRITON:
+        if immediate and call.losses is None and computed_loss_check == "undo":
             undo = state.score[indices], state.weight[indices]
         positions, batch_losses = module.fused_select(call)
         if undo is not None:
@@ -208,29 +178,13 @@ def evolved_select(
     return (positions, batch_losses) if return_losses else positions
 
 
-def _call_form(token_level: bool, hidden_states: object, losses: object) -> str:
-    """The call form ``auto`` chooses for (``backends.CALL_FORMS``)."""
-    if token_level:
-        return "hidden" if hidden_states is not None else "tokens"
-    return "losses" if losses is not None else "logits"
-
-
-def _classes(logits: torch.Tensor | None, sequence_fields: dict) -> int:
-    """C of class logits, V of token logits or of the LM head (0 without logits)."""
-    if sequence_fields.get("lm_head_weight") is not None:
-        return sequence_fields["lm_head_weight"].shape[0]
-    return 0 if logits is None else logits.shape[-1]
-
-
-def _clamped(labels: torch.Tensor | None, logits: torch.Tensor | None, sequence_fields: dict) -> torch.Tensor | None:
-    """Labels moved into range (token targets: those not ignored), for the reference under deferred checks."""
+def _clamped(labels: torch.Tensor | None, classes: int, ignore_index: int | None = None) -> torch.Tensor | None:
+    """Labels moved into [0, classes) (token targets: those not ``ignore_index``), under deferred checks, for a
+    backend whose label indexing faults on labels out of range (``BackendCapabilities.labels_in_range``)."""
     if labels is None:
         return None
-    top = _classes(logits, sequence_fields) - 1
-    if not sequence_fields:
-        return labels.clamp(0, top)
-    ignored = labels == sequence_fields["ignore_index"]
-    return torch.where(ignored, labels, labels.clamp(0, top))
+    inside = labels.clamp(0, classes - 1)
+    return inside if ignore_index is None else torch.where(labels == ignore_index, labels, inside)
 
 
 def sequence_losses(
@@ -248,32 +202,74 @@ def sequence_losses(
     backend: str | Backend = "auto",
     check_values: bool = True,
 ) -> torch.Tensor:
-    """The scoring half of a token-level :func:`evolved_select`, with no state: fp32 (B,) per-sequence losses of
-    token ``logits`` (B, T, V), or of ``hidden_states`` (B, T, D) through ``lm_head_weight`` (V, D) without the
-    logits, by the same checks and backend ops. For callers that keep their own bookkeeping (the HF trainer)."""
+    """Per-sequence losses of a language model's batch, with no state: fp32 (B,) losses of token ``logits``
+    (B, T, V), or of ``hidden_states`` (B, T, D) through the LM head without ever holding the (B·T, V) logits.
+    Pass them to :func:`evolved_select` as ``losses=``; the two together are the language-model form::
+
+        losses = sequence_losses(labels[:, 1:], hidden_states=hidden[:, :-1], lm_head_weight=head.weight)
+        rows = evolved_select(state, ids, k, losses=losses)
+
+    Args:
+        targets: int64 (B, T) token targets (e.g. ``labels[:, 1:]``), ``ignore_index`` where a token is not scored.
+        logits: (B, T, V) token logits of any float dtype and strides (e.g. ``logits[:, :-1]``).
+        hidden_states, lm_head_weight, lm_head_bias: instead of logits, the backbone's last hidden state (B, T, D)
+            and the LM head (V, D) (bias (V,) optional): the losses of ``H @ W.T + bias`` computed chunk by chunk
+            over the vocabulary.
+        ignore_index: token targets equal to it are not scored.
+        sequence_reduction: a sequence's loss is the ``"mean"`` or ``"sum"`` of its scored tokens' cross-entropies
+            (0 for a sequence without one).
+        label_smoothing: as in ``torch.nn.functional.cross_entropy``, in [0, 1], per token.
+        logit_scale, logit_softcap: with hidden states, logits are ``z * logit_scale``, then ``c * tanh(z / c)``
+            with ``c = logit_softcap`` if given (Gemma).
+        backend: as for :func:`evolved_select`.
+        check_values: as for :func:`evolved_select`. Immediate checks raise here (targets out of range, NaN/inf
+            inputs). Deferred ones read nothing on the host: a sequence with a target out of range gets a NaN loss
+            instead (no kernel ever sees the bad target), which ``evolved_select(losses=...)`` then refuses with
+            its deferred error. ``False`` reads and changes nothing.
+
+    Raises ``TypeError``/``ValueError`` naming the bad argument.
+    """
     source = hidden_states if hidden_states is not None else logits
     name = "hidden_states" if hidden_states is not None else "logits"
     device = _checks.check_tensor(name, source).device
     chosen = resolve_backend(backend, device, "hidden" if hidden_states is not None else "tokens")
+    module = _backend_module(chosen)
     label_smoothing = _checks.check_fraction("label_smoothing", label_smoothing)
-    # No state to keep a deferred error in: the targets' range is read only where that costs no synchronisation
-    # (a target out of range gives a NaN loss, which evolved_select(losses=...) then refuses).
-    immediate = _checks.check_mode(check_values, device) == _checks.IMMEDIATE
+    mode = _checks.check_mode(check_values, device)
     fields = _checks.check_sequence_call(
-        source.shape[0] if source.dim() > 0 else 0, device, immediate, logits=logits, targets=targets,
-        hidden_states=hidden_states, lm_head_weight=lm_head_weight, lm_head_bias=lm_head_bias,
-        ignore_index=ignore_index, sequence_reduction=sequence_reduction, label_smoothing=label_smoothing,
-        logit_scale=logit_scale, logit_softcap=logit_softcap,
+        device, mode == _checks.IMMEDIATE, logits=logits, targets=targets, hidden_states=hidden_states,
+        lm_head_weight=lm_head_weight, lm_head_bias=lm_head_bias, ignore_index=ignore_index,
+        sequence_reduction=sequence_reduction, label_smoothing=label_smoothing, logit_scale=logit_scale,
+        logit_softcap=logit_softcap,
     )  # fmt: skip
+    bad_rows = None
+    if mode == _checks.DEFERRED:
+        # No state here to hold a deferred error: a sequence with a target out of range is flagged on the device
+        # and its loss made NaN, which the evolved_select(losses=...) that follows refuses under its own deferred
+        # checks. A backend whose indexing faults on such a target must not see it at all.
+        vocab = _vocabulary(fields)
+        bad_tokens = _checks.token_targets_outside(fields["labels_a"], vocab, fields["ignore_index"])
+        bad_rows = bad_tokens.any(dim=1)
+        if module.CAPABILITIES.labels_in_range:
+            fields["labels_a"] = _clamped(fields["labels_a"], vocab, fields["ignore_index"])
     unused = torch.empty(0, device=device)
     call = SelectCall(
         score=unused, weight=unused, indices=torch.arange(source.shape[0], device=device), k=1, beta1=0.0,
         beta2=0.0, label_smoothing=label_smoothing, **fields,
     )  # fmt: skip
     with torch.no_grad():
-        losses = _backend_module(chosen).sequence_losses(call)
+        losses = module.sequence_losses(call)
+        if bad_rows is not None:
+            losses = torch.where(bad_rows, torch.full_like(losses, float("nan")), losses)
     record_backend(chosen)
     return losses
+
+
+def _vocabulary(fields: dict) -> int:
+    """V of a checked token-level call: the token logits' last size, or the LM head's rows."""
+    if fields.get("lm_head_weight") is not None:
+        return fields["lm_head_weight"].shape[0]
+    return fields["logits"].shape[2]
 
 
 def evolved_prune(

@@ -1,37 +1,28 @@
-"""EvolvedState: the per-sample score ``s`` and weight ``w`` of Evolved Sampling, and their update rule."""
+"""EvolvedState: the per-sample score ``s`` and weight ``w`` of Evolved Sampling, their update rule, and the selection
+policies' per-sample buffers kept beside them in one table (saved, loaded and merged across ranks by one path)."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 import warnings
+from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist
 
 from es_kernels import _checks
+from es_kernels.distributed import RankSync
 from es_kernels.reference.update import ema_update_
 
-SYNC_MODES = ("epoch", "step", "off")
-
-
-def communication_device(backend: str, device: torch.device) -> torch.device:
-    """Where the sync's tensors must live for a process group of ``backend`` when the state lives on ``device``.
-
-    NCCL only moves CUDA tensors; gloo moves host tensors for every collective used here (its CUDA support does not
-    cover all of them), so a GPU state under gloo is staged through the host. Other backends get the state's device.
-    """
-    names = backend.lower()
-    if device.type == "cuda" and "nccl" in names:
-        return device
-    if "gloo" in names or "mpi" in names:
-        return torch.device("cpu")
-    if device.type == "cpu" and "nccl" in names:
-        raise ValueError(
-            f"device: the state lives on the CPU but the process group's backend is {backend!r}, which only "
-            "communicates CUDA tensors; create the state with device='cuda' (or use a gloo group)"
-        )
-    return device
+# The saved layout: score and weight at the top level with their merge-base rows under "sync_snapshot", the
+# policies' buffers under "sample_buffers" with theirs under "sample_buffers_snapshot". Every checkpoint written so far
+# uses it, so it stays, though in memory they are one table of buffers with one merge base.
+ES_BUFFERS = ("score", "weight")
+SNAPSHOT_ROWS = (
+    ("sync_snapshot", slice(0, len(ES_BUFFERS))),
+    ("sample_buffers_snapshot", slice(len(ES_BUFFERS), None)),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,9 +61,9 @@ class EvolvedState:
         device: where the buffers live; put them where the logits are (the GPU in training).
         sync: how data-parallel ranks keep one state (no effect unless ``torch.distributed`` is initialised with
             more than one rank). ``"epoch"`` (default): each rank updates its own copy and :meth:`sync_epoch` merges
-            the copies exactly at the epoch boundary with one all-reduce of 8 bytes per sample (and one of 1 byte for
-            the ``scored`` marks). ``"step"``: :meth:`sync_step` all-gathers every step's ids and losses and every
-            rank applies every rank's update.
+            the copies exactly at the epoch boundary with one all-reduce of 4 bytes per sample and per-sample buffer
+            (8 for ``s`` and ``w`` alone) and one of 1 byte for the ``scored`` marks. ``"step"``: :meth:`sync_step`
+            all-gathers every step's ids and losses and every rank applies every rank's update.
             ``"off"``: never communicate (ranks that all see the same data, e.g. tensor-parallel groups).
         process_group: the data-parallel group to synchronise over (default: the whole world). Use the same ranks
             the sampler shards over.
@@ -91,23 +82,19 @@ class EvolvedState:
         num_samples = _checks.check_int("num_samples", num_samples, low=1)
         self.beta1 = _checks.check_fraction("beta1", beta1)
         self.beta2 = _checks.check_fraction("beta2", beta2)
-        if not isinstance(sync, str) or sync not in SYNC_MODES:
-            raise ValueError(f"sync must be one of {SYNC_MODES}, got {sync!r}")
-        if process_group is not None and not (dist.is_available() and isinstance(process_group, dist.ProcessGroup)):
-            kind = type(process_group).__name__
-            raise TypeError(f"process_group must be a torch.distributed.ProcessGroup or None, got {kind}")
-        self.sync_mode = sync
-        self.process_group = process_group
-        initial = 1.0 / num_samples
-        self.score = torch.full((num_samples,), initial, dtype=torch.float32, device=device)
-        self.weight = torch.full((num_samples,), initial, dtype=torch.float32, device=device)
+        self._sync = RankSync(sync, process_group)
+        # Every per-sample fp32 quantity, ES's own first: one table, so saving, loading, checking and the epoch merge
+        # have one path for all of them. Each keeps its tensor for good (kernels, CUDA graphs and compiled code
+        # hold it), so nothing here is ever reallocated.
+        self._buffers: dict[str, torch.Tensor] = {}
+        self._initial: dict[str, float] = {}
+        self.score = self._add_buffer("score", 1.0 / num_samples, num_samples, device)
+        self.weight = self._add_buffer("weight", 1.0 / num_samples, num_samples, device)
         # Which samples have been scored at least once (any update, on any rank): pruning never drops one that has
         # not, since its 1/n weight says nothing about it (see ``scored``).
         self._scored = torch.zeros(num_samples, dtype=torch.bool, device=device)
-        # Epoch-mode merge base: the (score, weight) values all ranks agreed on at the last merge, stacked as
-        # (2, n). None means "the initial 1/n" until a load_state_dict (then "the loaded values"), so single-process
-        # runs never pay its 8n bytes.
-        self._sync_snapshot: torch.Tensor | None = None
+        # The epoch merge's base where RankSync keeps none (a single process never pays for one): the initial values
+        # until a load_state_dict, the values themselves after one.
         self._pristine = True
         # Per-epoch visit marks (see begin_epoch): None until an epoch is begun, so a loop that uses the op without
         # any epoch notion pays nothing and is never refused.
@@ -120,7 +107,14 @@ class EvolvedState:
         self._deferred_error = torch.zeros(4, dtype=torch.int64, device=device)
         self._error_mirror: torch.Tensor | None = None
         self._mirror_ready: torch.cuda.Event | None = None
-        self._init_sample_buffers()
+
+    @property
+    def sync_mode(self) -> str:
+        return self._sync.mode
+
+    @property
+    def process_group(self) -> dist.ProcessGroup | None:
+        return self._sync.group
 
     @property
     def num_samples(self) -> int:
@@ -375,60 +369,94 @@ class EvolvedState:
         self._visited = visits[1].to(self.device, copy=True)
         self._unchecked_revisits = torch.zeros((), dtype=torch.int64, device=self.device)
 
+    # ----------------------------------------------------------------- per-sample buffers
+    # Policies other than ES keep their own per-sample quantities (InfoBatch's latest loss, UCB's loss EMAs,
+    # KAKURENBO's loss, correctness and confidence) as named buffers beside score and weight, in the same table: saved,
+    # resumed and merged across ranks exactly like them.
+
+    def _add_buffer(self, name: str, initial: float, num_samples: int, device) -> torch.Tensor:
+        buffer = torch.full((num_samples,), initial, dtype=torch.float32, device=device)
+        self._buffers[name] = buffer
+        self._initial[name] = initial
+        base = self._sync.merge_base
+        if base is not None:
+            # Every rank registers the same buffer with the same initial value: that is what they agree on.
+            self._sync.merge_base = torch.cat((base, buffer.unsqueeze(0)))
+        return buffer
+
+    def register_sample_buffer(self, name: str, initial: float) -> torch.Tensor:
+        """Add a named fp32 per-sample buffer filled with ``initial`` (not NaN, not -inf); returns it.
+
+        Register before training and before ``load_state_dict``; registering the same name twice raises.
+        """
+        if not isinstance(name, str) or not name or name in ES_BUFFERS:
+            raise ValueError(f"name must be a new non-empty string other than 'score'/'weight', got {name!r}")
+        if name in self._buffers:
+            raise ValueError(f"sample buffer {name!r} is already registered")
+        initial = float(initial)
+        if math.isnan(initial) or initial == -math.inf:
+            raise ValueError(f"initial must not be NaN or -inf (the merge's 'unchanged' mark), got {initial}")
+        return self._add_buffer(name, initial, self.num_samples, self.device)
+
+    def sample_buffer(self, name: str) -> torch.Tensor:
+        """The registered per-sample buffer ``name`` (updated in place by its policy)."""
+        if name not in self.sample_buffer_names:
+            raise KeyError(f"no sample buffer {name!r}; registered: {sorted(self.sample_buffer_names)}")
+        return self._buffers[name]
+
+    @property
+    def sample_buffer_names(self) -> tuple[str, ...]:
+        """The buffers registered by :meth:`register_sample_buffer` (score and weight are not among them)."""
+        return tuple(self._buffers)[len(ES_BUFFERS) :]
+
+    def _stacked(self) -> torch.Tensor:
+        return torch.stack(list(self._buffers.values()))
+
+    def _merge_base(self) -> torch.Tensor:
+        """(buffers, n): the values all ranks agreed on at the last merge (overwritten in place by the next)."""
+        if self._sync.merge_base is not None:
+            return self._sync.merge_base
+        if self._pristine:
+            initial = torch.tensor(list(self._initial.values()), dtype=torch.float32, device=self.device)
+            return initial.unsqueeze(1).expand(-1, self.num_samples).clone()
+        return self._stacked()
+
+    # ----------------------------------------------------------------- saving and resuming
+
     def state_dict(self) -> dict[str, object]:
         """Tensors and plain numbers only, so ``torch.load(..., weights_only=True)`` reads it back.
 
         In a distributed run with ``sync="epoch"`` whose state moved since the last merge it also holds
-        ``"sync_snapshot"``, the values all ranks agreed on at that merge: a rank's copy saved mid-epoch holds only
-        its own updates since then, and the merge after resuming needs that merge base to stay exact. Save each rank's
-        own dict (the sampler's shard is per rank too), or call :meth:`sync_epoch` on every rank first.
-        A pending deferred value error is raised first (:meth:`check`).
+        ``"sync_snapshot"`` (and ``"sample_buffers_snapshot"`` for the registered buffers), the values all ranks
+        agreed on at that merge: a rank's copy saved mid-epoch holds only its own updates since then, and the merge
+        after resuming needs that merge base to stay exact. Save each rank's own dict (the sampler's shard is per rank
+        too), or call :meth:`sync_epoch` on every rank first. A pending deferred value error is raised first
+        (:meth:`check`).
         """
         self.check()
-        saved = {
-            "score": self.score.detach().clone(),
-            "weight": self.weight.detach().clone(),
-            "beta1": self.beta1,
-            "beta2": self.beta2,
-            "scored": self._scored.clone(),
-            **self._visits_state(),
-        }
-        if self.sync_mode == "epoch" and self._world_size() > 1:
-            merge_base = self._merge_base()
-            # Right after a merge the merge base is the state itself: loading the values alone restores it then.
-            if not (torch.equal(merge_base[0], self.score) and torch.equal(merge_base[1], self.weight)):
-                saved["sync_snapshot"] = merge_base.clone()
-        saved.update(self._sample_buffers_state_dict())
+        saved: dict[str, object] = {"beta1": self.beta1, "beta2": self.beta2, "scored": self._scored.clone()}
+        saved.update(self._visits_state())
+        for name, buffer in self._buffers.items():
+            where = saved if name in ES_BUFFERS else saved.setdefault("sample_buffers", {})
+            where[name] = buffer.detach().clone()
+        if self._sync.merges_epochs():
+            merge_base, values = self._merge_base(), self._stacked()
+            for key, rows in SNAPSHOT_ROWS:
+                # Right after a merge the merge base is the state itself: loading the values alone restores it then.
+                if merge_base[rows].numel() and not torch.equal(merge_base[rows], values[rows]):
+                    saved[key] = merge_base[rows].clone()
         return saved
 
-    def load_state_dict(self, state_dict: dict[str, object]) -> None:
-        """Copy a saved state in place (the buffers keep their device and identity). Checks everything first."""
-        missing = {"score", "weight", "beta1", "beta2"} - set(state_dict)
+    def load_state_dict(self, state_dict: Mapping[str, object]) -> None:
+        """Copy a saved state in place (the buffers keep their device and identity). Checks everything first: a
+        rejected dict raises naming its key and leaves the state as it was."""
+        missing = {*ES_BUFFERS, "beta1", "beta2"} - set(state_dict)
         if missing:
             raise ValueError(f"state_dict is missing {sorted(missing)}")
         beta1 = _checks.check_fraction("state_dict['beta1']", state_dict["beta1"])
         beta2 = _checks.check_fraction("state_dict['beta2']", state_dict["beta2"])
-        tensors = {}
-        for key in ("score", "weight"):
-            value = _checks.check_tensor(f"state_dict['{key}']", state_dict[key])
-            if value.shape != self.score.shape:
-                raise ValueError(
-                    f"state_dict['{key}'] has shape {tuple(value.shape)}, expected ({self.num_samples},): "
-                    "was it saved for another data set?"
-                )
-            if value.dtype != torch.float32:
-                raise TypeError(f"state_dict['{key}'] must be float32, got {value.dtype}")
-            if not _checks.all_finite_non_negative(value):
-                raise ValueError(f"state_dict['{key}'] must be finite and non-negative (a corrupted checkpoint?)")
-            tensors[key] = value
-        snapshot = state_dict.get("sync_snapshot")
-        if snapshot is not None:
-            snapshot = _checks.check_tensor("state_dict['sync_snapshot']", snapshot)
-            if snapshot.shape != (2, self.num_samples) or snapshot.dtype != torch.float32:
-                raise ValueError(
-                    f"state_dict['sync_snapshot'] must be float32 of shape (2, {self.num_samples}), got "
-                    f"{snapshot.dtype} {tuple(snapshot.shape)}"
-                )
+        values = self._checked_buffers(state_dict)
+        snapshots = self._checked_snapshots(state_dict)
         visits = self._checked_visits(state_dict)
         scored = state_dict.get("scored")
         if scored is not None:
@@ -438,84 +466,97 @@ class EvolvedState:
                     f"state_dict['scored'] must be bool of shape ({self.num_samples},), got {scored.dtype} "
                     f"{tuple(scored.shape)}"
                 )
-        buffers = self._check_sample_buffers(state_dict)
         # Nothing is assigned before this line: a rejected dict leaves the state (betas included) as it was.
         self.beta1, self.beta2 = beta1, beta2
         self._load_visits(visits)
         # A checkpoint written before the state kept the mask was written under the rule that any sample may be
         # pruned: every sample counts as scored.
         self._scored.copy_(scored if scored is not None else torch.ones_like(self._scored))
-        self._load_sample_buffers(*buffers)
-        self.score.copy_(tensors["score"])
-        self.weight.copy_(tensors["weight"])
+        for name, value in values.items():
+            self._buffers[name].copy_(value)
         # The loaded values replace everything a pending deferred error was about (its call left no trace anyway).
         self._deferred_error.zero_()
         self._pristine = False
-        if snapshot is not None:
-            self._sync_snapshot = snapshot.to(self.device, copy=True)
-        elif self.sync_mode == "epoch" and self._world_size() > 1:
-            # Every rank loaded the same values (one shared file), so they are the agreed merge base.
-            self._sync_snapshot = torch.stack([self.score, self.weight])
-        else:
-            self._sync_snapshot = None
+        self._sync.merge_base = None
+        if snapshots or self._sync.merges_epochs():
+            # Every rank loaded the same values (one shared file), so where no merge base was saved they are it.
+            merge_base = self._stacked()
+            for key, rows in SNAPSHOT_ROWS:
+                if key in snapshots:
+                    merge_base[rows] = snapshots[key]
+            self._sync.merge_base = merge_base
 
-    # ----------------------------------------------------------------- distributed synchronisation
+    def _checked_buffers(self, state_dict: Mapping[str, object]) -> dict[str, torch.Tensor]:
+        saved = state_dict.get("sample_buffers", {})
+        registered = self.sample_buffer_names
+        if not isinstance(saved, Mapping) or set(saved) != set(registered):
+            names = sorted(saved) if isinstance(saved, Mapping) else saved
+            raise ValueError(
+                f"state_dict['sample_buffers'] holds {names} but this state has {sorted(registered)}: was it saved "
+                "by another method?"
+            )
+        values = {}
+        for name in self._buffers:
+            if name in ES_BUFFERS:
+                key, value = f"state_dict['{name}']", state_dict[name]
+            else:
+                key, value = f"state_dict['sample_buffers']['{name}']", saved[name]
+            value = _checks.check_tensor(key, value)
+            if value.shape != (self.num_samples,):
+                raise ValueError(
+                    f"{key} has shape {tuple(value.shape)}, expected ({self.num_samples},): was it saved for another "
+                    "data set?"
+                )
+            if value.dtype != torch.float32:
+                raise TypeError(f"{key} must be float32, got {value.dtype}")
+            self._check_buffer_values(key, name, value)
+            values[name] = value
+        return values
 
-    def _world_size(self) -> int:
-        if not (dist.is_available() and dist.is_initialized()):
-            return 1
-        return dist.get_world_size(self.process_group)
+    def _checked_snapshots(self, state_dict: Mapping[str, object]) -> dict[str, torch.Tensor]:
+        names = list(self._buffers)
+        snapshots = {}
+        for key, rows in SNAPSHOT_ROWS:
+            snapshot = state_dict.get(key)
+            if snapshot is None:
+                continue
+            snapshot = _checks.check_tensor(f"state_dict['{key}']", snapshot)
+            expected = (len(names[rows]), self.num_samples)
+            if snapshot.shape != expected or snapshot.dtype != torch.float32:
+                raise ValueError(
+                    f"state_dict['{key}'] must be float32 of shape {expected}, got {snapshot.dtype} "
+                    f"{tuple(snapshot.shape)}"
+                )
+            for row, name in zip(snapshot, names[rows], strict=True):
+                self._check_buffer_values(f"state_dict['{key}'] (the row of {name!r})", name, row)
+            snapshots[key] = snapshot
+        return snapshots
 
-    def _merge_base(self) -> torch.Tensor:
-        if self._sync_snapshot is not None:
-            return self._sync_snapshot
-        if self._pristine:
-            return torch.full((2, self.num_samples), 1.0 / self.num_samples, dtype=torch.float32, device=self.device)
-        return torch.stack([self.score, self.weight])
+    @staticmethod
+    def _check_buffer_values(key: str, name: str, value: torch.Tensor) -> None:
+        # s and w are race weights; the policies' buffers may hold +inf ("never observed"), but -inf is the merge's
+        # "unchanged" mark and NaN would never compare equal to the merge base.
+        if name in ES_BUFFERS:
+            if not _checks.all_finite_non_negative(value):
+                raise ValueError(f"{key} must be finite and non-negative (a corrupted checkpoint?)")
+        elif bool(torch.isnan(value).any()) or bool((value == -math.inf).any()):
+            raise ValueError(f"{key} holds NaN or -inf (a corrupted checkpoint?)")
+
+    # ----------------------------------------------------------------- distributed synchronisation (distributed.py)
 
     def sync_epoch(self) -> None:
         """Merge every rank's updates since the last merge so all ranks hold the same state (``sync="epoch"``).
 
         A collective: every rank of the group calls it at the same point, e.g. before the sampler plans the next
         epoch (``EvolvedTraining.set_epoch`` does). A no-op without ``torch.distributed``, with one rank, or in the
-        ``"step"``/``"off"`` modes.
-
-        Exactness: the sampler gives each sample to at most one rank per epoch, so at every position at most one
-        rank's value moved away from the agreed merge base. Each rank contributes its value where it moved and -inf
-        elsewhere; an all-reduce MAX of that (2, n) fp32 tensor returns, at every moved position, the moving rank's
-        value bit for bit, and -inf where nobody moved (the merge base is kept). The result is bit-identical on all
-        ranks and equal to a single process that saw the same samples with the same losses, because each visited
-        value was computed from the same merge base. (Summing deltas ``new - old`` instead moves the same 8n bytes
-        but adds a rounding: ``old + (new - old)`` is not ``new`` in fp32.) Were a sample moved by two ranks
-        between merges, the larger value would win on every rank: ranks still agree, but that is not an exact
-        merge; keep such samplers to ``sync="step"``.
+        ``"step"``/``"off"`` modes. Every per-sample buffer and the ``scored`` marks are merged exactly, as a single
+        process that saw the same samples with the same losses would hold them, provided each sample moved on at
+        most one rank since the last merge (what the sampler's shards give; see ``RankSync.merge_epoch``); samplers
+        that hand a sample to several ranks in one epoch need ``sync="step"``.
         """
         self.check()
-        if self.sync_mode != "epoch" or self._world_size() == 1:
-            return
-        device = communication_device(dist.get_backend(self.process_group), self.device)
-        merge_base = self._merge_base()  # becomes the next merge base, overwritten in place
-        with torch.no_grad():
-            # The (2, n) contribution is the only full-size temporary besides two boolean masks: fresh memory is
-            # slow to fault in on the host, and at n > 2**24 each extra buffer is 134 MB.
-            moved = torch.stack([self.score, self.weight])
-            moved.masked_fill_(moved == merge_base, -torch.inf)
-            shipped = moved.to(device)
-            dist.all_reduce(shipped, op=dist.ReduceOp.MAX, group=self.process_group)
-            moved = shipped.to(self.device)
-            torch.where(moved == -torch.inf, merge_base, moved, out=merge_base)
-            self.score.copy_(merge_base[0])
-            self.weight.copy_(merge_base[1])
-        self._sync_snapshot = merge_base
-        self._sync_scored(device)
-        self._sync_sample_buffers(device)
-
-    def _sync_scored(self, device: torch.device) -> None:
-        # The marks only ever turn on, so the union over ranks (MAX over 0/1 bytes, n bytes) is the merged mask; it
-        # cannot be read off the merged values, which a visit may leave unchanged (beta1 = beta2 = 1).
-        marks = self._scored.to(device, torch.uint8)
-        dist.all_reduce(marks, op=dist.ReduceOp.MAX, group=self.process_group)
-        self._scored.copy_(marks.to(self.device, torch.bool))
+        if self._sync.merges_epochs():
+            self._sync.merge_epoch(list(self._buffers.values()), self._merge_base(), self._scored)
 
     def sync_step(
         self, indices: torch.Tensor, losses: torch.Tensor, *, check_values: bool = True
@@ -523,10 +564,9 @@ class EvolvedState:
         """Share this step's update with the other ranks and apply theirs (``sync="step"``).
 
         Call it after the local update (``evolved_select`` or ``observe``) with the same dataset ``indices`` and
-        fp32 ``losses``, on every rank at every step (an empty ``indices`` when a rank has no rows). The ids travel
-        as int64 and the losses as fp32 in two separate all-gathers: packing both in one float tensor would round
-        ids above 2**24. Other ranks' updates are applied in rank order with the reference rule, which every backend
-        reproduces bit for bit, so the states stay bit-identical on all ranks after every step.
+        fp32 ``losses``, on every rank at every step (an empty ``indices`` when a rank has no rows). Other ranks'
+        updates are applied in rank order with the reference rule, which every backend reproduces bit for bit, so
+        the states stay bit-identical on all ranks after every step.
 
         Returns the ids and losses of all ranks in rank order (this rank's included). Outside ``"step"`` mode, or
         without ``torch.distributed``, nothing is communicated and the checked local tensors come back.
@@ -535,142 +575,13 @@ class EvolvedState:
         indices = _checks.check_step_indices("indices", indices, self.num_samples, self.device, check_values)
         losses = _checks.check_losses("losses", losses, indices.numel(), self.device, check_values)
         losses = losses.detach().to(torch.float32)
-        world_size = self._world_size()
-        if self.sync_mode != "step" or world_size == 1:
+        if not self._sync.shares_steps():
             return indices, losses
-        group = self.process_group
-        rank = dist.get_rank(group)
-        device = communication_device(dist.get_backend(group), self.device)
-        # Ranks may hold different row counts (padding rows dropped): gather the counts, pad to the largest.
-        count = torch.tensor([indices.numel()], dtype=torch.int64, device=device)
-        counts = [torch.empty_like(count) for _ in range(world_size)]
-        dist.all_gather(counts, count, group=group)
-        sizes = [int(c) for c in counts]
-        width = max(sizes)
-        padded_ids = torch.zeros(width, dtype=torch.int64, device=device)
-        padded_ids[: indices.numel()] = indices.to(device)
-        padded_losses = torch.zeros(width, dtype=torch.float32, device=device)
-        padded_losses[: losses.numel()] = losses.to(device)
-        all_ids = [torch.empty_like(padded_ids) for _ in range(world_size)]
-        all_losses = [torch.empty_like(padded_losses) for _ in range(world_size)]
-        dist.all_gather(all_ids, padded_ids, group=group)
-        dist.all_gather(all_losses, padded_losses, group=group)
-        all_ids = [ids[:size].to(self.device) for ids, size in zip(all_ids, sizes, strict=True)]
-        all_losses = [values[:size].to(self.device) for values, size in zip(all_losses, sizes, strict=True)]
+        all_ids, all_losses = self._sync.gather_step(indices, losses)
+        rank = self._sync.rank()
         with torch.no_grad():
             for other, (ids, values) in enumerate(zip(all_ids, all_losses, strict=True)):
                 if other != rank and ids.numel() > 0:
                     ema_update_(self.score, self.weight, ids, values, self.beta1, self.beta2)
                     self.mark_scored(ids)
         return torch.cat(all_ids), torch.cat(all_losses)
-
-    # ----------------------------------------------------------------- extra per-sample buffers (selection policies)
-    # Policies other than ES keep their own per-sample quantities (InfoBatch's latest loss, UCB's loss EMAs,
-    # KAKURENBO's loss, correctness and confidence) as named fp32 buffers of length n. They are saved, resumed and
-    # merged across ranks exactly like score and weight: the same masked MAX merge against the agreed merge base.
-
-    def _init_sample_buffers(self) -> None:
-        self._buffers: dict[str, torch.Tensor] = {}
-        self._buffer_initial: dict[str, float] = {}
-        self._buffer_snapshot: torch.Tensor | None = None  # (len(buffers), n) merge_base, like _sync_snapshot
-
-    def register_sample_buffer(self, name: str, initial: float) -> torch.Tensor:
-        """Add a named fp32 per-sample buffer filled with ``initial`` (not NaN, not -inf); returns it.
-
-        Register before training and before ``load_state_dict``; registering the same name twice raises.
-        """
-        if not isinstance(name, str) or not name or name in ("score", "weight"):
-            raise ValueError(f"name must be a new non-empty string other than 'score'/'weight', got {name!r}")
-        if name in self._buffers:
-            raise ValueError(f"sample buffer {name!r} is already registered")
-        initial = float(initial)
-        if math.isnan(initial) or initial == -math.inf:
-            raise ValueError(f"initial must not be NaN or -inf (the merge's 'unchanged' mark), got {initial}")
-        self._buffers[name] = torch.full((self.num_samples,), initial, dtype=torch.float32, device=self.device)
-        self._buffer_initial[name] = initial
-        self._buffer_snapshot = None
-        return self._buffers[name]
-
-    def sample_buffer(self, name: str) -> torch.Tensor:
-        """The registered per-sample buffer ``name`` (updated in place by its policy)."""
-        if name not in self._buffers:
-            raise KeyError(f"no sample buffer {name!r}; registered: {sorted(self._buffers)}")
-        return self._buffers[name]
-
-    @property
-    def sample_buffer_names(self) -> tuple[str, ...]:
-        return tuple(self._buffers)
-
-    def _stacked_buffers(self) -> torch.Tensor:
-        return torch.stack(list(self._buffers.values()))
-
-    def _buffer_merge_base(self) -> torch.Tensor:
-        if self._buffer_snapshot is not None:
-            return self._buffer_snapshot
-        if self._pristine:
-            initial = torch.tensor(list(self._buffer_initial.values()), dtype=torch.float32, device=self.device)
-            return initial.unsqueeze(1).expand(-1, self.num_samples).clone()
-        return self._stacked_buffers()
-
-    def _sample_buffers_state_dict(self) -> dict[str, object]:
-        if not self._buffers:
-            return {}
-        saved: dict[str, object] = {"sample_buffers": {k: v.detach().clone() for k, v in self._buffers.items()}}
-        if self.sync_mode == "epoch" and self._world_size() > 1:
-            merge_base = self._buffer_merge_base()
-            if not torch.equal(merge_base, self._stacked_buffers()):
-                saved["sample_buffers_snapshot"] = merge_base.clone()
-        return saved
-
-    def _check_sample_buffers(self, state_dict: dict[str, object]) -> tuple[dict, torch.Tensor | None]:
-        saved = state_dict.get("sample_buffers", {})
-        if not isinstance(saved, dict) or set(saved) != set(self._buffers):
-            names = sorted(saved) if isinstance(saved, dict) else saved
-            raise ValueError(
-                f"state_dict['sample_buffers'] holds {names} but this state has {sorted(self._buffers)}: was it "
-                "saved by another method?"
-            )
-        for name, value in saved.items():
-            value = _checks.check_tensor(f"state_dict['sample_buffers']['{name}']", value)
-            if value.shape != (self.num_samples,) or value.dtype != torch.float32:
-                raise ValueError(
-                    f"state_dict['sample_buffers']['{name}'] must be float32 of shape ({self.num_samples},), got "
-                    f"{value.dtype} {tuple(value.shape)}"
-                )
-            if bool(torch.isnan(value).any()) or bool((value == -math.inf).any()):
-                raise ValueError(f"state_dict['sample_buffers']['{name}'] holds NaN or -inf (a corrupted checkpoint?)")
-        snapshot = state_dict.get("sample_buffers_snapshot")
-        if snapshot is not None:
-            snapshot = _checks.check_tensor("state_dict['sample_buffers_snapshot']", snapshot)
-            if snapshot.shape != (len(self._buffers), self.num_samples) or snapshot.dtype != torch.float32:
-                raise ValueError(
-                    f"state_dict['sample_buffers_snapshot'] must be float32 of shape ({len(self._buffers)}, "
-                    f"{self.num_samples}), got {snapshot.dtype} {tuple(snapshot.shape)}"
-                )
-        return saved, snapshot
-
-    def _load_sample_buffers(self, saved: dict, snapshot: torch.Tensor | None) -> None:
-        for name, value in saved.items():
-            self._buffers[name].copy_(value)
-        if snapshot is not None:
-            self._buffer_snapshot = snapshot.to(self.device, copy=True)
-        elif self._buffers and self.sync_mode == "epoch" and self._world_size() > 1:
-            self._buffer_snapshot = self._stacked_buffers()
-        else:
-            self._buffer_snapshot = None
-
-    def _sync_sample_buffers(self, device: torch.device) -> None:
-        """The masked MAX merge of :meth:`sync_epoch`, for the registered buffers (same exactness argument)."""
-        if not self._buffers:
-            return
-        merge_base = self._buffer_merge_base()
-        with torch.no_grad():
-            moved = self._stacked_buffers()
-            moved.masked_fill_(moved == merge_base, -torch.inf)
-            shipped = moved.to(device)
-            dist.all_reduce(shipped, op=dist.ReduceOp.MAX, group=self.process_group)
-            moved = shipped.to(self.device)
-            torch.where(moved == -torch.inf, merge_base, moved, out=merge_base)
-            for row, buffer in enumerate(self._buffers.values()):
-                buffer.copy_(merge_base[row])
-        self._buffer_snapshot = merge_base

@@ -108,3 +108,42 @@ def test_state_and_prune_arguments_are_checked(backend):
         backend.prune(state, 2, by="loss")
     with pytest.raises(TypeError, match="generator"):
         evolved_prune(state, 2, generator=3, backend=backend.name)
+
+
+@pytest.mark.parametrize("strategy", ["loss_pass", "undo"])
+def test_the_capability_record_not_the_backend_name_decides_how_an_overflow_is_refused(monkeypatch, strategy):
+    """select.py reads a backend's ``CAPABILITIES``: the reference run with either strategy refuses the overflow with
+    the state as it was, and only ``loss_pass`` asks the module for its losses before the fused op."""
+    import dataclasses
+
+    from es_kernels import reference
+
+    record = dataclasses.replace(reference.CAPABILITIES, computed_loss_check=strategy)
+    monkeypatch.setattr(reference, "CAPABILITIES", record)
+    loss_passes = []
+    real_call_losses = reference.call_losses
+    monkeypatch.setattr(reference, "call_losses", lambda call: loss_passes.append(call) or real_call_losses(call))
+    state = EvolvedState(2)
+    state.observe(torch.arange(2), torch.tensor([0.5, 2.0]))
+    before = state.state_dict()
+    huge = torch.tensor([[3e38, -3e38], [0.0, 1.0]])
+    with pytest.raises(ValueError, match="losses computed from logits must be finite"):
+        evolved_select(state, torch.arange(2), 1, logits=huge, targets=torch.tensor([1, 0]), backend="torch")
+    assert torch.equal(state.score, before["score"]) and torch.equal(state.weight, before["weight"])
+    assert len(loss_passes) == (1 if strategy == "loss_pass" else 0)
+
+
+def test_every_backend_module_declares_its_capabilities_and_select_never_branches_on_a_name():
+    import inspect
+
+    from es_kernels import backends, select
+    from es_kernels.call import BackendCapabilities
+
+    for member in backends.Backend:
+        if member is not backends.Backend.AUTO:
+            assert isinstance(select._backend_module(member).CAPABILITIES, BackendCapabilities), member
+    outside_the_module_map = inspect.getsource(select).replace(inspect.getsource(select._backend_module), "")
+    for name in ("Backend.TORCH", "Backend.TRITON", "Backend.EXTENSION"):
+        assert name not in outside_the_module_map
+    with pytest.raises(ValueError, match="computed_loss_check"):
+        BackendCapabilities(computed_loss_check="later")

@@ -9,8 +9,10 @@ import pytest
 import torch
 from test_bad_input import BAD_CALLS, LABELS, NEG_INF_AWAY_FROM_TARGETS, visited_state
 
-from es_kernels import EvolvedState, _checks, evolved_select
+from es_kernels import EvolvedState, _checks, evolved_select, sequence_losses
+from es_kernels import select as select_module
 from es_kernels import state as state_module
+from es_kernels.backends import Backend
 
 
 @pytest.fixture(autouse=True, params=["C++ ops", "torch ops"])
@@ -118,14 +120,38 @@ def test_observe_defers_too():
         state.check()
 
 
-def test_token_targets_out_of_range_are_deferred(backend):
-    state = EvolvedState(4)
-    logits = torch.randn(2, 3, 7)
+@pytest.mark.parametrize("form", ["logits", "hidden"])
+def test_token_targets_out_of_range_are_deferred(backend, form, monkeypatch):
+    """The language-model form under deferred checks: a target out of range (neither ignore_index nor in [0, V))
+    never reaches a kernel; its sequence's loss is NaN, which the following evolved_select(losses=...) refuses
+    later, naming the call, with the state as it was."""
+    generator = torch.Generator().manual_seed(2)
+    hidden, weight = torch.randn(2, 3, 4, generator=generator), torch.randn(7, 4, generator=generator)
+    source = (
+        {"logits": hidden @ weight.t()} if form == "logits" else {"hidden_states": hidden, "lm_head_weight": weight}
+    )
     targets = torch.tensor([[1, -100, 7], [0, 2, 3]])
-    backend.select(state, torch.tensor([0, 1]), 1, logits=logits, targets=targets, check_values="deferred")
-    assert torch.equal(state.weight, torch.full((4,), 0.25))
-    with pytest.raises(ValueError, match=r"targets must lie in \[0, 7\) or equal ignore_index=-100"):
+    state = EvolvedState(4)
+    module = select_module._backend_module(Backend(backend.name))
+    seen, kernel = [], module.sequence_losses
+    monkeypatch.setattr(module, "sequence_losses", lambda call: seen.append(call.labels_a) or kernel(call))
+    losses = sequence_losses(targets, backend=backend.name, check_values="deferred", **source)
+    if module.CAPABILITIES.labels_in_range:  # its indexing would fault on 7: it gets a target in range instead
+        assert seen[0].tolist() == [[1, -100, 6], [0, 2, 3]]
+    clean = sequence_losses(torch.tensor([[1, -100, -100], [0, 2, 3]]), backend=backend.name, **source)
+    assert losses[0].isnan() and torch.equal(losses[1], clean[1])
+    negative = sequence_losses(torch.tensor([[1, 2, 3], [-5, 2, 3]]), backend=backend.name, check_values="deferred",
+                               **source)  # fmt: skip
+    assert negative[0].isfinite() and negative[1].isnan()
+    backend.select(state, torch.tensor([0, 1]), 1, losses=losses, check_values="deferred")
+    assert torch.equal(state.weight, torch.full((4,), 0.25)) and not state.scored.any()
+    with pytest.raises(ValueError, match=r"losses must be finite.*call 1"):
         state.check()
+
+
+def test_immediate_checks_refuse_token_targets_out_of_range_at_sequence_losses(backend):
+    with pytest.raises(ValueError, match=r"targets"):
+        sequence_losses(torch.tensor([[1, -100, 7]]), logits=torch.randn(1, 3, 7), backend=backend.name)
 
 
 def test_the_default_is_immediate_on_cpu_and_a_bad_mode_is_named():

@@ -8,14 +8,16 @@ single-process reference is then exact, not merely close.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.distributed as dist
 from multiprocess_harness import WORLD_SIZE, launch
 
 from es_kernels import EvolvedSampler, EvolvedState, EvolvedTraining
+from es_kernels.distributed import communication_device
 from es_kernels.reference.update import ema_update_
-from es_kernels.state import communication_device
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
@@ -151,8 +153,49 @@ def _single_process_reference() -> dict:
     return record
 
 
+# A per-rank checkpoint saved mid-epoch, written out key by key as the saved format has it: the values all ranks
+# agreed on at the last merge (inf: a buffer never observed), and the one sample each rank moved since then.
+AGREED = {"score": [0.25, 0.5, 0.125, 1.0], "weight": [0.25, 0.75, 0.5, 2.0], "latest": [math.inf, 1.0, 2.0, math.inf]}
+MOVED = {0: (0, {"score": 0.375, "weight": 0.3, "latest": 0.5}), 1: (3, {"score": 0.625, "weight": 0.9, "latest": 3.0})}
+
+
+def _saved_mid_epoch(rank: int) -> dict:
+    position, moved = MOVED[rank]
+    values = {name: torch.tensor(agreed) for name, agreed in AGREED.items()}
+    for name, value in moved.items():
+        values[name][position] = value
+    visited = torch.zeros(4, dtype=torch.bool)
+    visited[position] = True
+    return {
+        "score": values["score"],
+        "weight": values["weight"],
+        "beta1": 0.2,
+        "beta2": 0.9,
+        "scored": visited.clone(),
+        "visit_epoch": 1,
+        "visited": visited,
+        "sync_snapshot": torch.tensor([AGREED["score"], AGREED["weight"]]),
+        "sample_buffers": {"latest": values["latest"]},
+        "sample_buffers_snapshot": torch.tensor([AGREED["latest"]]),
+    }
+
+
+def _checkpoint_job(rank: int) -> dict:
+    state = EvolvedState(4)
+    state.register_sample_buffer("latest", math.inf)
+    state.load_state_dict(_saved_mid_epoch(rank))
+    saved_again = state.state_dict()
+    state.sync_epoch()
+    return {
+        "saved_again": saved_again,
+        "merged": {"score": state.score, "weight": state.weight, "latest": state.sample_buffer("latest")},
+        "scored": state.scored,
+        "saved_after_merge": sorted(state.state_dict()),
+    }
+
+
 def _all_jobs(rank: int) -> dict:
-    return {"training": _training_job(rank), "big_ids": _big_ids_job(rank)}
+    return {"training": _training_job(rank), "big_ids": _big_ids_job(rank), "checkpoint": _checkpoint_job(rank)}
 
 
 @pytest.fixture(scope="module")
@@ -419,3 +462,28 @@ def test_communication_device_follows_the_backend():
     assert communication_device("gloo", gpu) == cpu  # staged through the host
     with pytest.raises(ValueError, match="device"):
         communication_device("nccl", cpu)
+
+
+def test_a_saved_mid_epoch_checkpoint_merges_exactly_after_resuming(distributed_runs):
+    expected = {name: torch.tensor(agreed) for name, agreed in AGREED.items()}
+    for position, moved in MOVED.values():
+        for name, value in moved.items():
+            expected[name][position] = value
+    for rank, results in enumerate(r["checkpoint"] for r in distributed_runs):
+        # Saved again before the merge, the checkpoint comes back as it was written, key for key.
+        written = _saved_mid_epoch(rank)
+        again = results["saved_again"]
+        assert sorted(again) == sorted(written)
+        for key, value in written.items():
+            if isinstance(value, dict):
+                assert again[key].keys() == value.keys() and torch.equal(again[key]["latest"], value["latest"])
+            elif isinstance(value, torch.Tensor):
+                assert torch.equal(again[key], value), key
+            else:
+                assert again[key] == value, key
+        # Each rank's move survives the merge bit for bit, where the agreed values would stand without the snapshots.
+        for name, value in results["merged"].items():
+            assert torch.equal(value, expected[name]), (rank, name)
+        assert results["scored"].tolist() == [True, False, False, True]
+        assert "sync_snapshot" not in results["saved_after_merge"]
+        assert "sample_buffers_snapshot" not in results["saved_after_merge"]

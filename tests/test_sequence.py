@@ -1,7 +1,8 @@
 """Per-sequence losses for language models: the reference, the C++ CPU ops
-(``torch.ops.es_kernels_C.{token,hidden}_sequence_losses``) and ``evolved_select``'s token-level call forms against
-a plain fp64 computation, ``F.cross_entropy(..., reduction="none", ignore_index=...)`` reduced per sequence; the
-state update (Algorithm 1 on those losses), the selection law, bad input, and ``torch.compile``.
+(``torch.ops.es_kernels_C.{token,hidden}_sequence_losses``) and the language-model form ``sequence_losses(...)``
+then ``evolved_select(..., losses=...)`` against a plain fp64 computation, ``F.cross_entropy(..., reduction="none",
+ignore_index=...)`` reduced per sequence; the state update (Algorithm 1 on those losses), the selection law, bad
+input, and ``torch.compile``.
 
 The Triton kernels are tested under the interpreter in ``test_sequence_triton.py``.
 """
@@ -17,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from helpers import extension_unavailable_reason
 
-from es_kernels import EvolvedState, evolved_select
+from es_kernels import EvolvedState, evolved_select, sequence_losses
+from es_kernels import select as select_module
+from es_kernels.backends import Backend
 from es_kernels.reference import ema_update_
 from es_kernels.reference import sequence as reference
 from es_kernels.testing import CHI_SQUARE_ALPHA, LOSS_TOLERANCES, subset_chi_square_pvalue
@@ -326,7 +329,7 @@ for name, kernel, args, kwargs in sk.aot_variants():
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
 
 
-# ----------------------------------------------------------------------------------------- through evolved_select
+# ----------------------------------------------------------------------------------------- the language-model form
 
 
 SELECT_BACKENDS = ["torch", "extension"]
@@ -348,14 +351,24 @@ def lm_batch(batch, time, vocab, dim, dtype, seed):
     return hidden, weight, bias, shifted_targets(batch, time, vocab, generator)
 
 
-def select_sequence(state, indices, k, form, hidden, weight, bias, targets, backend, **options):
+def sequence_source(form, hidden, weight, bias):
+    """The keyword arguments of ``sequence_losses`` that give it the batch's logits (``form="logits"``) or the
+    hidden states and the LM head (``form="hidden"``)."""
     if form == "logits":
         # (B, T, V) logits with a stride that is not the contiguous one: a vocabulary slice of wider logits.
         wide = torch.cat([(hidden @ weight.t()).float() + bias, torch.zeros(*hidden.shape[:2], 3)], dim=2)
-        options["logits"] = wide[:, :, : weight.shape[0]].to(hidden.dtype)
-    else:
-        options.update(hidden_states=hidden, lm_head_weight=weight, lm_head_bias=bias)
-    return evolved_select(state, indices, k, targets=targets, backend=backend, return_losses=True, **options)
+        return {"logits": wide[:, :, : weight.shape[0]].to(hidden.dtype)}
+    return {"hidden_states": hidden, "lm_head_weight": weight, "lm_head_bias": bias}
+
+
+def select_sequence(state, indices, k, form, hidden, weight, bias, targets, backend, *, generator=None,
+                    check_values=True, **options):  # fmt: skip
+    """A language model's step: the per-sequence losses, then the per-sample select on them (``options`` are
+    ``sequence_losses``'s)."""
+    losses = sequence_losses(targets, **sequence_source(form, hidden, weight, bias), backend=backend,
+                             check_values=check_values, **options)  # fmt: skip
+    return evolved_select(state, indices, k, losses=losses, generator=generator, backend=backend,
+                          return_losses=True, check_values=check_values)  # fmt: skip
 
 
 @pytest.mark.parametrize("backend", SELECT_BACKENDS)
@@ -392,8 +405,7 @@ def test_hidden_and_token_forms_agree_with_softcap_and_scale(backend):
     logits = 20.0 * torch.tanh((hidden @ weight.t() + bias) * 0.5 / 20.0)
     _, fused = select_sequence(EvolvedState(4), torch.arange(2), 1, "hidden", hidden, weight, bias, targets, backend,
                                logit_scale=0.5, logit_softcap=20.0)  # fmt: skip
-    _, materialised = evolved_select(EvolvedState(4), torch.arange(2), 1, logits=logits, targets=targets,
-                                     backend=backend, return_losses=True)  # fmt: skip
+    materialised = sequence_losses(targets, logits=logits, backend=backend)
     torch.testing.assert_close(fused, materialised, rtol=1e-5, atol=1e-5)
     assert_losses(fused, fp64_sequence_losses(logits.double(), targets), torch.float32)
 
@@ -417,7 +429,7 @@ def test_selection_law_on_sequence_losses_is_exact_successive_sampling(backend, 
 
 
 def bad_sequence_calls():
-    """(what, arguments of evolved_select, error type, the argument the message names) for every listed case."""
+    """(what, arguments of sequence_losses, error type, the argument the message names) for every listed case."""
     hidden, weight, bias, targets = lm_batch(3, 5, 11, 4, torch.float32, seed=5)
     logits = hidden @ weight.t()
     nan_hidden = hidden.clone()
@@ -449,21 +461,39 @@ def bad_sequence_calls():
         ("logits and H", {**h, "logits": logits, "targets": targets}, ValueError, "logits"),
         ("W without H", {"logits": logits, "lm_head_weight": weight, "targets": targets}, ValueError,
          "lm_head_weight"),
-        ("losses and H", {**h, "targets": targets, "losses": torch.ones(3)}, ValueError, "losses"),
         ("softcap", {**h, "targets": targets, "logit_softcap": -1.0}, ValueError, "logit_softcap"),
         ("ignore_index", {**h, "targets": targets, "ignore_index": 1.5}, TypeError, "ignore_index"),
     ]  # fmt: skip
 
 
 @pytest.mark.parametrize("backend", SELECT_BACKENDS)
-def test_bad_sequence_input_names_the_argument_and_leaves_the_state_untouched(backend):
+def test_bad_sequence_input_names_the_argument_and_runs_no_kernel(backend, monkeypatch):
     require_backend(backend)
-    state = EvolvedState(6)
-    score, weight = state.score.clone(), state.weight.clone()
+    # sequence_losses raises before the backend's op runs, so no state can be reached: nothing was called.
+    module = select_module._backend_module(Backend(backend))
+    calls = []
+    monkeypatch.setattr(module, "sequence_losses", lambda call: calls.append(call))
     for what, arguments, error, name in bad_sequence_calls():
         with pytest.raises(error, match=name):
-            evolved_select(state, torch.tensor([4, 0, 2]), 2, backend=backend, **arguments)
-        assert torch.equal(state.score, score) and torch.equal(state.weight, weight), what
+            sequence_losses(backend=backend, **arguments)
+        assert calls == [], what
+
+
+def test_evolved_select_refuses_the_token_level_form_and_points_to_sequence_losses():
+    """The language-model form is sequence_losses(...) then losses=: token logits or the removed token-level
+    keywords given to evolved_select fail at the call, with the state untouched."""
+    hidden, weight, bias, targets = lm_batch(3, 5, 11, 4, torch.float32, seed=5)
+    state = EvolvedState(6)
+    before = state.state_dict()
+    with pytest.raises(ValueError, match=r"logits of shape \(B, T, V\).*sequence_losses.*losses="):
+        evolved_select(state, torch.tensor([4, 0, 2]), 2, logits=hidden @ weight.t(), targets=targets)
+    removed = {"hidden_states": hidden, "lm_head_weight": weight, "lm_head_bias": bias, "ignore_index": -100,
+               "sequence_reduction": "sum", "logit_scale": 0.5, "logit_softcap": 20.0}  # fmt: skip
+    for name, value in removed.items():
+        with pytest.raises(TypeError, match=name):
+            evolved_select(state, torch.tensor([4, 0, 2]), 2, targets=targets, **{name: value})
+    assert torch.equal(state.score, before["score"]) and torch.equal(state.weight, before["weight"])
+    assert not state.scored.any()
 
 
 @pytest.mark.slow  # inductor compiles the reference's chunked matmuls (minutes on 2 cores); aot_eager in test_ops
@@ -476,8 +506,10 @@ def test_compile_fullgraph_traces_the_hidden_state_path(backend):
 
     # The default generator (the reference's draw cannot trace a torch.Generator argument), seeded before each call.
     def select(state):
-        return evolved_select(state, indices, 2, hidden_states=hidden, lm_head_weight=weight, lm_head_bias=bias,
-                              targets=targets, backend=backend, return_losses=True, check_values=False)  # fmt: skip
+        losses = sequence_losses(targets, hidden_states=hidden, lm_head_weight=weight, lm_head_bias=bias,
+                                 backend=backend, check_values=False)  # fmt: skip
+        return evolved_select(state, indices, 2, losses=losses, backend=backend, return_losses=True,
+                              check_values=False)  # fmt: skip
 
     torch._dynamo.reset()
     compiled = torch.compile(select, fullgraph=True)

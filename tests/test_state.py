@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import random
 
 import pytest
@@ -205,3 +206,65 @@ def test_visit_marks_resume_mid_epoch():
     resumed.observe(torch.tensor([4]), torch.ones(1))
     with pytest.raises(ValueError, match="visited"):
         resumed.load_state_dict(dict(state.state_dict(), visited=torch.zeros(5, dtype=torch.bool)))
+
+
+def _checkpoint_in_the_saved_format() -> dict:
+    """Every key a checkpoint of this library holds, spelled out as the format has always written them (the two
+    snapshot keys only in a distributed run saved between merges)."""
+    return {
+        "score": torch.tensor([0.5, 0.25, 0.125]),
+        "weight": torch.tensor([1.0, 0.5, 0.0]),
+        "beta1": 0.3,
+        "beta2": 0.7,
+        "scored": torch.tensor([True, True, False]),
+        "visit_epoch": 4,
+        "visited": torch.tensor([False, True, False]),
+        "sync_snapshot": torch.tensor([[0.5, 0.25, 1 / 3], [1.0, 0.5, 1 / 3]]),
+        "sample_buffers": {"latest": torch.tensor([2.0, math.inf, 0.5])},
+        "sample_buffers_snapshot": torch.tensor([[2.0, math.inf, math.inf]]),
+    }
+
+
+def test_a_checkpoint_in_the_saved_format_loads_in_place_and_resumes():
+    saved = _checkpoint_in_the_saved_format()
+    state = EvolvedState(3)
+    latest = state.register_sample_buffer("latest", math.inf)
+    score, weight = state.score, state.weight
+    state.load_state_dict(saved)
+    assert state.score is score and state.weight is weight and state.sample_buffer("latest") is latest
+    assert torch.equal(state.score, saved["score"]) and torch.equal(state.weight, saved["weight"])
+    assert torch.equal(latest, saved["sample_buffers"]["latest"])
+    assert (state.beta1, state.beta2) == (0.3, 0.7) and torch.equal(state.scored, saved["scored"])
+    assert state.sample_buffer_names == ("latest",)
+    # One process: the merge base has nobody to agree with, so it is not written back.
+    again = state.state_dict()
+    assert sorted(again) == sorted(set(saved) - {"sync_snapshot", "sample_buffers_snapshot"})
+    assert torch.equal(again["sample_buffers"]["latest"], latest)
+    state.begin_epoch(4)  # the same epoch: the loaded visit marks hold
+    with pytest.raises(ValueError, match=r"ids \[1\]"):
+        state.observe(torch.tensor([1]), torch.ones(1))
+
+
+@pytest.mark.parametrize(
+    "key, value, error",
+    [
+        ("sync_snapshot", torch.tensor([[0.5, -1.0, 0.5], [1.0, 0.5, 0.5]]), ValueError),
+        ("sync_snapshot", torch.ones(1, 3), ValueError),
+        ("sample_buffers_snapshot", torch.tensor([[math.nan, 1.0, 1.0]]), ValueError),
+        ("sample_buffers_snapshot", torch.ones(2, 3), ValueError),
+        ("sample_buffers", {"latest": torch.ones(3, dtype=torch.float64)}, TypeError),
+        ("sample_buffers", {"latest": torch.ones(4)}, ValueError),
+        ("sample_buffers", {"latest": torch.tensor([1.0, -math.inf, 1.0])}, ValueError),
+        ("sample_buffers", {"other": torch.ones(3)}, ValueError),
+        ("weight", torch.ones(3, dtype=torch.float64), TypeError),
+    ],
+)
+def test_a_bad_checkpoint_names_its_key_and_changes_nothing(key, value, error):
+    state = EvolvedState(3)
+    state.register_sample_buffer("latest", math.inf)
+    state.observe(torch.tensor([2]), torch.tensor([0.75]))
+    before = [state.score.clone(), state.weight.clone(), state.sample_buffer("latest").clone()]
+    with pytest.raises(error, match=key):
+        state.load_state_dict(dict(_checkpoint_in_the_saved_format(), **{key: value}))
+    after = [state.score, state.weight, state.sample_buffer("latest")]
+    assert all(map(torch.equal, after, before)) and (state.beta1, state.beta2) == (0.2, 0.9)

@@ -1,5 +1,5 @@
-"""The Triton backend: one fused launch per ``evolved_select`` call (three for a token-level call: the sequence
-kernels' two, then the fused one with the losses), and a key kernel for pruning.
+"""The Triton backend: one fused launch per ``evolved_select`` call, two per ``sequence_losses`` call (a language
+model's step is both: three launches), and a key kernel for pruning.
 
 Where it runs:
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from es_kernels.call import OP_ARGUMENTS, SelectCall, draw_seed
+from es_kernels.call import OP_ARGUMENTS, BackendCapabilities, SelectCall, draw_seed
 from es_kernels.triton.availability import (
     MIN_CAPABILITY,
     MIN_TRITON,
@@ -30,7 +30,12 @@ from es_kernels.triton.availability import (
     unavailable_reason,
 )
 
+# One launch computes, updates and draws: an overflowed loss is refused by writing the old values back. Labels
+# out of range are masked loads, never a fault.
+CAPABILITIES = BackendCapabilities(computed_loss_check="undo")
+
 __all__ = [
+    "CAPABILITIES",
     "MIN_CAPABILITY",
     "MIN_TRITON",
     "_interpreter_active",
@@ -64,7 +69,7 @@ def fused_select(call: SelectCall) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def sequence_losses(call: SelectCall) -> torch.Tensor:
-    """Backend entry of a token-level ``evolved_select``: the per-sequence losses in two launches (the per-token
+    """Backend entry of ``sequence_losses``: the per-sequence losses in two launches (the per-token
     kernel — over token logits, or the fused H @ W.T tile kernel — then the per-sequence reduction)."""
     from es_kernels.triton import ops
 
