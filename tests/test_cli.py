@@ -312,6 +312,7 @@ def test_compare_target_is_reached_by_the_baseline_in_every_seed():
     assert rows[1]["seeds_reaching_target"] == 1 and rows[1]["seconds_to_target"] == 3.0
 
 
+@pytest.mark.slow  # a training-length run of the default task (12 s)
 def test_compare_default_task_is_not_solved_in_its_first_epoch(tmp_path):
     """With the full 8x8 digits every method was within about a point of its final accuracy after one epoch."""
     pytest.importorskip("sklearn")

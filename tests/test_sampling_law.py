@@ -33,7 +33,10 @@ def repeats(backend) -> int:
 
 
 # (weights, k, calls the chi-square needs: every possible subset expected at least 5 times). The fast tier runs the
-# zero-weights law on every backend; the other laws are slow.
+# zero-weights law on the compiled backends; the other laws, and every law under Triton's interpreter (300 calls of
+# ~60 ms), are slow. The fast tier still checks Triton's law: test_triton.py draws 20,000 race keys in one launch
+# and checks the fused draw is the k largest of them.
+LAW_BACKENDS = ["torch", "extension", pytest.param("triton", marks=pytest.mark.slow)]
 SELECTION_LAWS = [
     pytest.param([1.0, 2.0, 3.0, 4.0, 6.0], 2, 300, id="five-weights", marks=pytest.mark.slow),
     pytest.param([0.0, 1.0, 0.0, 2.0, 0.0, 0.5], 2, 300, id="zero-weights"),
@@ -42,6 +45,7 @@ SELECTION_LAWS = [
 ]
 
 
+@pytest.mark.parametrize("backend", LAW_BACKENDS, indirect=True)
 @pytest.mark.parametrize("weights, k, draws", SELECTION_LAWS)
 def test_selection_follows_exact_successive_sampling(backend, weights, k, draws):
     need_draws(backend, draws)
