@@ -42,9 +42,13 @@ def _backend_module(backend: Backend) -> ModuleType:
         return reference
     if backend is Backend.TRITON:
         from es_kernels import triton as module
-    else:
+
+        return module
+    if backend is Backend.EXTENSION:
         from es_kernels import extension as module
-    return module
+
+        return module
+    raise ValueError(f"no backend module for {backend!r} (auto is resolved before a module is chosen)")
 
 
 def evolved_select(

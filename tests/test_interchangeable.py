@@ -97,8 +97,23 @@ def old_loop(model, optimizer, training, loader, *, observe=True, outputs=False)
 
 @pytest.mark.parametrize("method", ["baseline", "es", "eswp", "loss", "order", "ucb"])
 def test_a_loop_written_for_es_still_trains_methods_that_need_nothing_more(method):
+    """Exactly as the README's loop does: the same parameters and the same state after every epoch."""
+
+    class ConstantRate:  # the old loop keeps the optimizer's rate, so the README loop gets the same
+        def get_last_lr(self):
+            return [0.1]
+
+        def step(self):
+            pass
+
+    old_model, old_optimizer, _, old_training, old_loader = setup(method)
+    old_loop(old_model, old_optimizer, old_training, old_loader)
     model, optimizer, _, training, loader = setup(method)
-    old_loop(model, optimizer, training, loader)
+    readme_loop(model, optimizer, ConstantRate(), training, loader)
+    for old, new in zip(old_model.parameters(), model.parameters(), strict=True):
+        assert torch.equal(old, new)
+    assert torch.equal(old_training.state.score, training.state.score)
+    assert torch.equal(old_training.state.weight, training.state.weight)
 
 
 def test_infobatch_in_a_loop_that_back_propagates_the_plain_mean_raises_naming_the_fix():
