@@ -309,15 +309,6 @@ def revisit_message(ids: list[int], epoch: int | None) -> str:
     )
 
 
-def token_targets_outside(targets: torch.Tensor, vocab: int, ignore_index: int) -> torch.Tensor:
-    """Where a token target is neither ``ignore_index`` nor in [0, vocab): a bool tensor, nothing read on the host."""
-    return (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
-
-
-def token_targets_message(vocab: int, ignore_index: int) -> str:
-    return f"targets must lie in [0, {vocab}) or equal ignore_index={ignore_index}"
-
-
 def value_check_message(code: int, value: int, *, num_samples: int, num_classes: int, epoch: int | None = None) -> str:
     """The message of the Python value check a kernel's or a deferred check's ``(code, value)`` stands for
     (``num_classes`` is the vocabulary size for token targets)."""
@@ -333,7 +324,7 @@ def value_check_message(code: int, value: int, *, num_samples: int, num_classes:
         ValueCheck.COMPUTED_LOSSES_NOT_FINITE: lambda: losses_not_finite(COMPUTED_LOSSES),
         ValueCheck.COMPUTED_LOSSES_NEGATIVE: lambda: losses_negative(COMPUTED_LOSSES),
         ValueCheck.INDICES_REVISITED: lambda: revisit_message([value], epoch),
-        ValueCheck.TOKEN_TARGETS_OUT_OF_RANGE: lambda: token_targets_message(num_classes, value),
+        ValueCheck.TOKEN_TARGETS_OUT_OF_RANGE: lambda: sequence.token_targets_message(num_classes, value),
     }
     return messages[code]()
 
@@ -388,10 +379,6 @@ class DeviceChecks:
     def soft_targets(self, targets: torch.Tensor) -> None:
         low, high = torch.aminmax(targets.to(torch.float32))
         self.add(~(torch.isfinite(low) & torch.isfinite(high)) | (low < 0), ValueCheck.SOFT_TARGETS_BAD)
-
-    def token_targets(self, targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
-        bad = token_targets_outside(targets, vocab, ignore_index)
-        self.add(bad.any(), ValueCheck.TOKEN_TARGETS_OUT_OF_RANGE, torch.full((), ignore_index, device=self.device))
 
     def status(self) -> torch.Tensor:
         """(code, value) of the first failed check, or (0, 0)."""

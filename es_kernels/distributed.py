@@ -110,7 +110,7 @@ class RankSync:
         count = torch.tensor([indices.numel()], dtype=torch.int64, device=device)
         counts = [torch.empty_like(count) for _ in range(world_size)]
         dist.all_gather(counts, count, group=group)
-        sizes = [int(c) for c in counts]
+        sizes = torch.cat(counts).tolist()  # one host read, not one per rank
         width = max(sizes)
         gathered = []
         for local in (indices, losses):

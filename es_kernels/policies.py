@@ -94,6 +94,7 @@ class SelectionPolicy:
     name = "baseline"
     selects = False  # whether selecting epochs score each meta-batch and ``choose`` its rows (ES, Order)
     prune_ratio = 0.0
+    prune_by = "weight"  # which state buffer a set-level plan draws by (ES/ESWP may choose the score)
     # The ES state's EMA factors (the state is built with them); methods without the ES state leave the defaults.
     beta1 = 0.2
     beta2 = 0.9

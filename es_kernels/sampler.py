@@ -136,7 +136,7 @@ class EvolvedSampler(Sampler[int]):
 
     @property
     def prune_by(self) -> str:
-        return getattr(self.planner, "prune_by", "weight")
+        return self.planner.prune_by
 
     @property
     def kept_samples(self) -> int:

@@ -252,7 +252,7 @@ def sequence_losses(
         # and its loss made NaN, which the evolved_select(losses=...) that follows refuses under its own deferred
         # checks. A backend whose indexing faults on such a target must not see it at all.
         vocab = _vocabulary(fields)
-        bad_tokens = _checks.token_targets_outside(fields["labels_a"], vocab, fields["ignore_index"])
+        bad_tokens = reference.sequence.token_targets_outside(fields["labels_a"], vocab, fields["ignore_index"])
         bad_rows = bad_tokens.any(dim=1)
         if module.CAPABILITIES.labels_in_range:
             fields["labels_a"] = _clamped(fields["labels_a"], vocab, fields["ignore_index"])

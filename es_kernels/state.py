@@ -171,23 +171,20 @@ class EvolvedState:
             self._calls.add_(1)
 
     def guard(
-        self, indices: torch.Tensor, *, losses=None, labels_a=None, labels_b=None, soft_targets=None,
-        token_targets=None, classes: int = 0, ignore_index: int = -100,
-    ) -> DeferredGuard:  # fmt: skip
+        self, indices: torch.Tensor, *, losses=None, labels_a=None, labels_b=None, soft_targets=None, classes: int = 0
+    ) -> DeferredGuard:
         """Before a deferred-checked update: the call's input value checks, the ids clamped into range (what the
         update must use) and the old (score, weight) at them. Nothing is read on the host."""
         if _native_deferred_checks(self.device):
             safe, snapshot, status = torch.ops.es_kernels_C.deferred_guard(
                 self.score, self.weight, indices, self._visited, labels_a, labels_b, classes, losses, soft_targets,
-                token_targets, ignore_index,
+                None, -100,  # token targets: language models' losses reach the op already computed
             )  # fmt: skip
             return DeferredGuard(safe, snapshot, status=status)
         checks = _checks.DeviceChecks(self.device)
         checks.indices(indices, self.num_samples, self._visited)
         if losses is not None:
             checks.losses(losses, computed=False)
-        elif token_targets is not None:
-            checks.token_targets(token_targets, classes, ignore_index)
         elif soft_targets is not None:
             checks.soft_targets(soft_targets)
         elif labels_a is not None:
@@ -400,7 +397,7 @@ class EvolvedState:
 
     def sample_buffer(self, name: str) -> torch.Tensor:
         """The registered per-sample buffer ``name`` (updated in place by its policy)."""
-        if name not in self.sample_buffer_names:
+        if name in ES_BUFFERS or name not in self._buffers:  # the policies ask every step: no tuple built
             raise KeyError(f"no sample buffer {name!r}; registered: {sorted(self.sample_buffer_names)}")
         return self._buffers[name]
 

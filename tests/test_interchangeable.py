@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from es_kernels import EvolvedSampler, EvolvedState, EvolvedTraining, IndexedDataset
+from es_kernels import EvolvedSampler, EvolvedState, EvolvedTraining, IndexedDataset, evolved_select
 from es_kernels.policies import POLICIES, EvolvedPolicy, InfoBatchPolicy
 from es_kernels.train import METHODS
 
@@ -215,8 +215,11 @@ def test_choose_is_the_batch_level_choice_of_each_policy():
     rows, seen = order.choose(state, ids, 3, generator=torch.Generator().manual_seed(0), losses=losses)
     assert rows.tolist() == [1, 3, 5] and torch.equal(seen, losses)  # the 3 largest, ties by position
     race = POLICIES["es"]()
-    rows, _ = race.choose(EvolvedState(6), ids, 2, generator=torch.Generator().manual_seed(0), losses=losses)
-    assert rows.numel() == 2
+    state, twin = EvolvedState(6), EvolvedState(6)
+    rows, _ = race.choose(state, ids, 2, generator=torch.Generator().manual_seed(0), losses=losses)
+    # ES's choice is evolved_select's draw itself: the same rows and the same state from the same generator.
+    expected = evolved_select(twin, ids, 2, losses=losses, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(rows, expected) and torch.equal(state.weight, twin.weight)
     rows, seen = POLICIES["baseline"]().choose(EvolvedState(6), ids, 2, generator=torch.Generator())
     assert rows.tolist() == list(range(6)) and seen is None  # the baseline keeps every row
 

@@ -102,10 +102,17 @@ def check_sequence_arguments(
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
     if vocab < 1:
         raise ValueError(f"the vocabulary must have at least one entry, got V = {vocab}")
-    if values:
-        bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
-        if bool(bad.any()):
-            raise ValueError(f"targets must lie in [0, {vocab}) or equal ignore_index={ignore_index}")
+    if values and bool(token_targets_outside(targets, vocab, ignore_index).any()):
+        raise ValueError(token_targets_message(vocab, ignore_index))
+
+
+def token_targets_outside(targets: torch.Tensor, vocab: int, ignore_index: int) -> torch.Tensor:
+    """Where a token target is neither ``ignore_index`` nor in [0, vocab): a bool tensor, nothing read on the host."""
+    return (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
+
+
+def token_targets_message(vocab: int, ignore_index: int) -> str:
+    return f"targets must lie in [0, {vocab}) or equal ignore_index={ignore_index}"
 
 
 def token_sequence_losses(

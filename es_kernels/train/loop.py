@@ -304,8 +304,8 @@ class EvolvedTraining:
     def _check_last_step(self, *, epoch_end: bool = False) -> None:
         """Raise if an earlier step skipped something its method needs (the loop would train another method)."""
         weighted, self._weighted = self._weighted, []
-        lag = 0 if epoch_end else self.observe_lag
-        if len(self._unobserved) >= max(lag, 1) or (epoch_end and self._unobserved):
+        lag = 1 if epoch_end else max(self.observe_lag, 1)
+        if len(self._unobserved) >= lag:
             self._unobserved = []
             raise RuntimeError(
                 f"{self.method}: the previous batch was trained without training.observe(batch, losses, "
@@ -491,7 +491,7 @@ class EvolvedTraining:
                 f"losses must be per-sample losses of the batch's rows, shape {tuple(batch.indices.shape)}, got "
                 f"{tuple(losses.shape)} (pass reduction='none')"
             )
-        if not (batch.scored or not self.policy.keeps_state):
+        if not batch.scored and self.policy.keeps_state:
             detached = losses.detach().to(self.state.device, torch.float32)
             self.policy.update(
                 self.state, batch.indices, detached, outputs, batch.targets, check_values=self.check_values

@@ -455,9 +455,8 @@ class Run:
                 logits = self.model(inputs)
             losses = per_sample_cross_entropy(logits, targets, smoothing)
             training.observe(batch, losses, outputs=logits)
-            weighted = batch.weigh(
-                losses
-            )  # set-level plans may re-weight rows (InfoBatch); the log keeps the plain losses
+            # Set-level plans may re-weight rows (InfoBatch); the log keeps the plain losses.
+            weighted = batch.weigh(losses)
             # sum / count, not mean(): a rank whose rows were all sharding padding still joins DDP's reduction with 0
             loss = weighted.sum() / max(losses.numel(), 1)
             self.step(loss)
