@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from es_kernels import _timing
 from es_kernels.command import format_default
@@ -323,6 +324,28 @@ def test_compare_default_task_is_not_solved_in_its_first_epoch(tmp_path):
     curve = json.loads((tmp_path / "out" / "results.json").read_text())["runs"][0]["curve"]
     after_first, final = curve[1]["test_accuracy"], curve[-1]["test_accuracy"]
     assert final - after_first > 0.05, (after_first, final)
+
+
+def test_compare_pre_training_is_the_same_whatever_the_run_s_thread_count(tmp_path):
+    """The cached features are built by whichever run comes first: at 2 threads they differed from 1 thread's, so
+    the main table's accuracies depended on the --threads of an earlier run."""
+    pytest.importorskip("sklearn")
+    from es_kernels.train import compare
+    from es_kernels.train.digits import load_digits_split
+
+    x_train, y_train, _, _ = load_digits_split()
+    x_train = compare.upsample(x_train, compare.DEFAULT_PIXELS)
+    features = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (2, 1):
+            torch.set_num_threads(threads)
+            args = argparse.Namespace(width=32, pretrain_epochs=1, cache_dir=tmp_path / f"cache-{threads}")
+            features.append(compare.pretrained_features(x_train, y_train, args))
+            assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(features[0][key], features[1][key]) for key in features[0])
 
 
 @pytest.mark.skipif(_timing.BUSY_SOURCE is None or _timing.BUSY_SOURCE() is None, reason="no /proc/stat")

@@ -7,6 +7,7 @@ import csv
 import json
 import math
 import os
+import random
 import socket
 import statistics
 import subprocess
@@ -479,3 +480,29 @@ def test_demo_fine_tunes_weights_pre_trained_once_and_cached(tmp_path, monkeypat
     assert loaded[-1] is None
     with pytest.raises(SystemExit, match=r"--from-scratch .* needs --demo"):
         cli.run(["--data", str(tmp_path), "--from-scratch"])
+
+
+def test_demo_pre_training_is_the_same_whatever_the_run_s_thread_count(tmp_path):
+    # The cache is built by whichever run comes first; a later run at another --threads, or in another process,
+    # must fine-tune from the same weights, or the demo's accuracies depend on the machine's history (they moved
+    # by 4 points).
+    pytest.importorskip("sklearn")
+    from es_kernels.train.vit import demo
+
+    data = demo.write_digits_imagefolder(tmp_path / "digits")
+    weights = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (2, 1):
+            torch.set_num_threads(threads)
+            random.seed(threads)  # timm's crops draw from Python's stream: the pre-training must seed it itself
+            python_stream = random.getstate()
+            args = cli.parse_args(["--demo", "--data", str(data), "--pretrain-epochs", "1"])
+            args.cache_dir = tmp_path / f"cache-{threads}"
+            weights.append(torch.load(demo.pretrain(args, torch.device("cpu")), weights_only=True))
+            assert torch.get_num_threads() == threads  # the caller's count is given back
+            assert random.getstate() == python_stream  # and its streams
+    finally:
+        torch.set_num_threads(before)
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from es_kernels import _timing
 from es_kernels.command import HelpFormatter, prog_name
 from es_kernels.policies import POLICIES
-from es_kernels.train.data import corrupt_labels, parse_label_noise
+from es_kernels.train.data import cacheable_threads, corrupt_labels, parse_label_noise
 from es_kernels.train.digits import NUM_CLASSES, ClassifierRun, load_digits_split
 from es_kernels.train.progress import add_progress_argument
 
@@ -94,7 +94,7 @@ def pretrained_features(x_train: torch.Tensor, y_train: torch.Tensor, args) -> d
     """Features trained on a coarser task over the same training images: which pair {0,1}, {2,3}, ... {8,9} a
     digit belongs to (5 classes). Cached by the settings and the labels' digest."""
     digest = hashlib.sha256(y_train.numpy().tobytes() + x_train.numpy().tobytes()).hexdigest()[:8]
-    key = hashlib.sha256(f"{args.width}-{args.pretrain_epochs}-{SIDE}-{digest}-v2".encode()).hexdigest()[:12]
+    key = hashlib.sha256(f"{args.width}-{args.pretrain_epochs}-{SIDE}-{digest}-v3".encode()).hexdigest()[:12]
     path = args.cache_dir / f"pairs-cnn-{key}.pt"
     if path.exists():
         return torch.load(path, weights_only=True)
@@ -103,12 +103,13 @@ def pretrained_features(x_train: torch.Tensor, y_train: torch.Tensor, args) -> d
     model = SmallCNN(NUM_CLASSES // 2, args.width)
     images, labels = x_train, y_train // 2
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
-    for _ in range(args.pretrain_epochs):
-        for rows in torch.randperm(len(images), generator=generator).split(64):
-            loss = F.cross_entropy(model(images[rows]), labels[rows])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+    with cacheable_threads():
+        for _ in range(args.pretrain_epochs):
+            for rows in torch.randperm(len(images), generator=generator).split(64):
+                loss = F.cross_entropy(model(images[rows]), labels[rows])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
     features = model.features.state_dict()
     args.cache_dir.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(".tmp")

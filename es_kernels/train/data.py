@@ -1,8 +1,11 @@
-"""Data utilities: ids that travel with the batch, and reproducible label noise for robustness runs."""
+"""Data utilities: ids that travel with the batch, reproducible label noise for robustness runs, and cached
+pre-training that comes out the same on every machine."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+from collections.abc import Iterator
 
 import torch
 from torch.utils.data import Dataset
@@ -26,6 +29,24 @@ class IndexedDataset(Dataset):
     def __getitem__(self, index: int) -> tuple:
         item = self.dataset[index]
         return (index, *item) if isinstance(item, tuple) else (index, item)
+
+
+@contextlib.contextmanager
+def cacheable_threads() -> Iterator[None]:
+    """One torch thread inside, the caller's count restored after: for a pre-training whose weights are cached.
+
+    A CPU kernel splits its sums by thread, so the same seeded pre-training gives other weights at another thread
+    count (the demo ViT's differed after 2 epochs at 1 and 2 threads). The cache key cannot hold the count of the
+    run that happens to build the cache, so every later run, whatever its ``--threads``, would fine-tune from
+    weights that depend on the first run's: the demos' accuracies then moved by up to 4 points between machines
+    with the same command. At one thread they are the same everywhere the kernels are.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 NOISE_MODES = ("uniform", "flip")

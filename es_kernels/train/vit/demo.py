@@ -21,6 +21,9 @@ from typing import Any
 
 import torch
 
+from es_kernels.train.data import cacheable_threads
+from es_kernels.train.vit import checkpoint
+
 DEMO_SIZE = 32  # pixels; 8x8 digits are upscaled so a patch-8 ViT sees 16 patches
 
 # The tiny ViT of the demo: timm's vit_tiny_patch16_224 architecture with these overrides. Average pooling of the
@@ -51,14 +54,15 @@ def pair_of(digit: int) -> int:
 def pretrained_path(args: argparse.Namespace) -> Path:
     """Where the pre-trained weights of these settings are cached (a key over everything that shapes them)."""
     settings = [args.model, sorted(dict(args.model_kwargs).items()), args.pretrain_epochs, PRETRAIN_LR]
-    settings += [PRETRAIN_BATCH, PRETRAIN_SEED, DEMO_SIZE, "pairs-v1"]
+    settings += [PRETRAIN_BATCH, PRETRAIN_SEED, DEMO_SIZE, "pairs-v2"]
     key = hashlib.sha256(json.dumps(settings, default=str).encode()).hexdigest()[:12]
     return args.cache_dir / f"vit-demo-pairs-{key}.pt"
 
 
 def pretrain(args: argparse.Namespace, device: torch.device) -> Path:
     """Train the demo model on the pairs task (``args.pretrain_epochs`` epochs, AdamW, OneCycle) unless its weights
-    are cached; returns the weights' path. Global random streams are left as they were."""
+    are cached; returns the weights' path. Seeded alone (the same weights in any process); global random streams
+    are left as they were."""
     import timm
     from torch.utils.data import DataLoader
     from torchvision.datasets import ImageFolder
@@ -68,8 +72,7 @@ def pretrain(args: argparse.Namespace, device: torch.device) -> Path:
     path = pretrained_path(args)
     if path.exists():
         return path
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(PRETRAIN_SEED)
+    with checkpoint.seeded(PRETRAIN_SEED, device), cacheable_threads():
         net = timm.create_model(args.model, num_classes=PAIRS, **dict(args.model_kwargs)).to(device)
         train_transform, _ = transforms(args, net)
         images = ImageFolder(str(args.data / "train"), transform=train_transform, target_transform=pair_of)
