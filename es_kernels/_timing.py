@@ -20,12 +20,14 @@ The sources are injectable (``load_source=``/``busy_source=``, or monkeypatch :d
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import math
 import os
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 LoadSource = Callable[[], tuple[float, float, float]]
 
@@ -99,6 +101,72 @@ class LoadMeter:
         return max(0.0, (machine - self._machine - (self._own_source() - self._own)) / wall)
 
 
+class SpeedProbe:
+    """The time of one fixed piece of work, sampled between timed runs (outside their clocks): how fast the machine
+    itself was while the figures were taken.
+
+    A virtual machine's cores can slow down with no other process on it to show for it: on the 2-core machines
+    this project is developed on, a fixed single-threaded matmul ran 10-25% slower for 10-20 s at a time while
+    the process's CPU time still equalled its wall-clock, so neither the load average nor :class:`LoadMeter` sees
+    it (the host's other tenants share the physical cores). A run of a few seconds inside such a phase is that much
+    slower, and the spread of the repeats shows it. Each sample is the fastest of ``tries`` timings of
+    ``workload``, so a single preemption does not count as the machine slowing down.
+    """
+
+    def __init__(
+        self, workload: Callable[[], None] | None = None, clock: Callable[[], float] = time.perf_counter, tries: int = 3
+    ) -> None:
+        self._workload = workload if workload is not None else _matmul_workload()
+        self._clock = clock
+        self._tries = tries
+        self.samples: list[float] = []
+
+    def sample(self) -> None:
+        best = math.inf
+        for _ in range(self._tries):
+            began = self._clock()
+            self._workload()
+            best = min(best, self._clock() - began)
+        self.samples.append(best)
+
+    def swing(self) -> float | None:
+        """How much slower the slow samples were than the fast ones: the 90th percentile over the 10th, less 1 (the
+        slowest over the fastest under 10 samples); None under 2 samples."""
+        if len(self.samples) < 2:
+            return None
+        if len(self.samples) >= 10:
+            deciles = statistics.quantiles(self.samples, n=10)
+            fast, slow = deciles[0], deciles[-1]
+        else:
+            fast, slow = min(self.samples), max(self.samples)
+        return slow / fast - 1.0 if fast > 0 else math.inf
+
+
+def speed_line(probe: SpeedProbe, limit: float) -> str:
+    """The line a timed command prints under its table: how much the machine's own speed moved during its runs
+    (``limit``: the spread the command allows its figures)."""
+    swing = probe.swing()
+    if swing is None:
+        return "machine speed: not sampled"
+    return (
+        f"machine speed between runs: a fixed workload's slow samples took {100 * swing:.0f}% longer than its fast "
+        f"ones ({len(probe.samples)} samples; above {100 * limit:.0f}% the spreads above are the machine's, "
+        "not the methods')"
+    )
+
+
+def _matmul_workload() -> Callable[[], None]:
+    import torch  # here, not at the top: the load checks are read by commands that may not need torch at all
+
+    matrix = torch.ones(256, 256)
+
+    def workload() -> None:
+        for _ in range(8):
+            torch.mm(matrix, matrix)
+
+    return workload
+
+
 # Cores the timed threads may need beyond the free ones before the figures count as disturbed: half a core of
 # competition already shows up in a 2-thread timing on a 2-core machine, but noise below it does not.
 LOAD_MARGIN = 0.5
@@ -159,6 +227,29 @@ def load_reason(
     )
 
 
+@contextlib.contextmanager
+def frozen_setup() -> Iterator[None]:
+    """Collect garbage and freeze every object that survives, for the timed runs inside; thawed on the way out.
+
+    A full collection walks every tracked object of the process, most of them the imports' (half a million in the
+    Hugging Face demo: 0.25 s a collection on these cores), so its cost is the same whichever method's allocations
+    set it off, and it lands in one repeat and not in the next. Frozen objects are not walked: a collection inside a
+    timed run then costs what the run made. Enter it once the set-up is done.
+    """
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+def collect_before_timing() -> None:
+    """Start a timed section with the collector's counters at zero, so each repeat meets its collections at the
+    same points of its own work instead of inheriting the previous run's debt."""
+    gc.collect()
+
+
 def spread(samples: Sequence[float]) -> float:
     """Interquartile range over median of repeated timings (0 for fewer than 4 samples)."""
     if len(samples) < 4:
@@ -211,16 +302,28 @@ def unreliable_reason(
     load_source: LoadSource | None = None,
     meter: LoadMeter | None = None,
     spread_limit: float = SPREAD_LIMIT,
+    probe: SpeedProbe | None = None,
 ) -> str | None:
-    """The first reason the figures are not trustworthy (machine load, then each series' spread), or None."""
+    """The first reason the figures are not trustworthy (machine load, then each series' spread), or None. A
+    ``probe`` that saw the machine's own speed swing beyond ``spread_limit`` adds that to a spread's reason."""
     reason = load_reason(threads, load_source=load_source, meter=meter)
     if reason is not None:
         return reason
     for series in samples:
         reason = spread_reason(series, spread_limit)
         if reason is not None:
-            return reason
+            return reason + _swing_note(probe, spread_limit)
     return None
+
+
+def _swing_note(probe: SpeedProbe | None, limit: float) -> str:
+    swing = None if probe is None else probe.swing()
+    if swing is None or swing <= limit:
+        return ""
+    return (
+        f"; the machine itself ran up to {100 * swing:.0f}% slower at times (a fixed workload timed between the "
+        f"runs, {len(probe.samples)} samples), with no other process to account for it"
+    )
 
 
 def warn_if_unreliable(
@@ -230,10 +333,13 @@ def warn_if_unreliable(
     load_source: LoadSource | None = None,
     meter: LoadMeter | None = None,
     spread_limit: float = SPREAD_LIMIT,
+    probe: SpeedProbe | None = None,
     file=None,
 ) -> str | None:
     """Print one warning line when the figures just printed are not trustworthy; return the reason (or None)."""
-    reason = unreliable_reason(threads, samples, load_source=load_source, meter=meter, spread_limit=spread_limit)
+    reason = unreliable_reason(
+        threads, samples, load_source=load_source, meter=meter, spread_limit=spread_limit, probe=probe
+    )
     if reason is not None:
         out = sys.stdout if file is None else file
         print(f"warning: the timings above are not trustworthy ({reason}); rerun on an idle machine", file=out)

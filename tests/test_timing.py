@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import statistics
 import subprocess
 import sys
 import time
@@ -114,3 +115,62 @@ def test_relative_spread_of_a_few_repeats():
     assert _timing.relative_spread([1.0, 2.0, 3.0, 4.0, 5.0]) == _timing.spread([1.0, 2.0, 3.0, 4.0, 5.0])
     assert "range 18% of the median over 3 runs" in _timing.spread_reason([1.0, 1.2, 1.1], limit=0.10)
     assert _timing.with_spread(1.234, 0.041, 2) == "1.23 (4%)" and _timing.with_spread(1.0, None, 1) == "1.0 (n/a)"
+
+
+def probe_with(durations, tries=1):
+    """A SpeedProbe whose workload takes the given durations, one per try, on a fake clock."""
+    now = [0.0]
+    queue = list(durations)
+
+    def workload():
+        now[0] += queue.pop(0)
+
+    return _timing.SpeedProbe(workload, clock=lambda: now[0], tries=tries)
+
+
+def test_speed_probe_keeps_the_fastest_try_and_measures_the_swing():
+    probe = probe_with([1.0, 3.0, 1.2, 9.0, 1.5, 1.5], tries=2)
+    for _ in range(3):
+        probe.sample()
+    assert probe.samples == pytest.approx([1.0, 1.2, 1.5])  # a slow try (a preemption) is not a slow machine
+    assert probe.swing() == pytest.approx(0.5)  # under 10 samples: slowest over fastest
+    many = probe_with([1.0] * 8 + [2.0, 100.0])
+    for _ in range(10):
+        many.sample()
+    deciles = statistics.quantiles(many.samples, n=10)
+    assert many.swing() == pytest.approx(deciles[-1] / deciles[0] - 1)
+    single = probe_with([1.0])
+    single.sample()
+    assert single.swing() is None and "not sampled" in _timing.speed_line(single, 0.1)
+
+
+def test_a_spread_warning_names_the_machine_s_own_swing_and_only_then():
+    spread_out = [[1.0, 1.0, 1.5, 1.5, 2.0]]
+    swung = probe_with([1.0, 1.3])
+    swung.sample(), swung.sample()
+    steady = probe_with([1.0, 1.02])
+    steady.sample(), steady.sample()
+    idle = loaded(0.0)
+    reason = _timing.unreliable_reason(1, spread_out, load_source=idle, spread_limit=0.1, probe=swung)
+    assert reason.startswith("timings spread") and "ran up to 30% slower at times" in reason
+    assert "slower" not in _timing.unreliable_reason(1, spread_out, load_source=idle, spread_limit=0.1, probe=steady)
+    assert _timing.unreliable_reason(1, [[1.0] * 5], load_source=idle, spread_limit=0.1, probe=swung) is None
+    assert "took 30% longer than its fast ones (2 samples" in _timing.speed_line(swung, 0.1)
+
+
+def test_default_probe_times_real_work():
+    probe = _timing.SpeedProbe()
+    probe.sample()
+    assert len(probe.samples) == 1 and probe.samples[0] > 0.0
+
+
+def test_frozen_setup_freezes_the_set_up_and_thaws_it_after():
+    import gc
+
+    assert gc.get_freeze_count() == 0
+    with _timing.frozen_setup():
+        assert gc.get_freeze_count() > 0  # the imports' objects are no longer walked by a collection
+    assert gc.get_freeze_count() == 0
+    with pytest.raises(RuntimeError), _timing.frozen_setup():
+        raise RuntimeError
+    assert gc.get_freeze_count() == 0

@@ -285,10 +285,15 @@ def demo(options: argparse.Namespace) -> list[dict[str, Any]]:
     started = time.perf_counter()
     warm_up(options.methods, train, held_out, options)
     meter = _timing.LoadMeter()
+    probe = _timing.SpeedProbe()
     runs = []
-    for repeat, method in schedule(options.methods, options.repeats):
-        model = demo_model(options.layers, options.hidden, options.seed)
-        runs.append({**run_method(method, model, train, held_out, options), "repeat": repeat})
+    with _timing.frozen_setup():
+        for repeat, method in schedule(options.methods, options.repeats):
+            model = demo_model(options.layers, options.hidden, options.seed)
+            probe.sample()
+            _timing.collect_before_timing()
+            runs.append({**run_method(method, model, train, held_out, options), "repeat": repeat})
+        probe.sample()
     results = summarise(runs, options.methods)
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -299,8 +304,9 @@ def demo(options: argparse.Namespace) -> list[dict[str, Any]]:
         "kernel compilation, optimizer set-up): no first-call cost is charged to a method"
     )
     print(f"total {time.perf_counter() - started:.0f}s; {options.threads} torch thread(s), {_timing.cores()} cores")
+    print(_timing.speed_line(probe, SPREAD_LIMIT))
     _timing.warn_if_unreliable(
-        options.threads, [r["seconds_samples"] for r in results], meter=meter, spread_limit=SPREAD_LIMIT
+        options.threads, [r["seconds_samples"] for r in results], meter=meter, spread_limit=SPREAD_LIMIT, probe=probe
     )
     (out / "sft_demo.json").write_text(json.dumps(results, indent=1))  # each row holds its repeats' seconds
     plot(results, out / "sft_demo.png")

@@ -19,7 +19,7 @@ import dataclasses
 import json
 import statistics
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,11 +60,15 @@ def _run_all(args: argparse.Namespace, runtime: Runtime) -> Records:
     # Other processes' use of the cores while the CPU runs are timed (on a GPU the host's load matters less, and the
     # DataLoader workers, child processes, would count as others).
     meter = _timing.LoadMeter() if runtime.device.type == "cpu" else None
+    probe = _timing.SpeedProbe() if meter is not None else None  # the machine's own speed, which the meter cannot see
     epochs = {
         method: method_epochs(args, method, runtime, datasets, weights, baseline_log, log_paths)
         for method in args.method
     }
-    records = drive(epochs, interleave=args.interleave)
+    with _timing.frozen_setup():
+        records = drive(epochs, interleave=args.interleave, before_epoch=None if probe is None else probe.sample)
+        if probe is not None:
+            probe.sample()
     results: Records = {method: records[method] if runtime.main else [] for method in args.method}
     if runtime.main and len(args.method) > 1:
         logs.plot_logs(plot_inputs(args, log_paths), args.out)
@@ -75,18 +79,24 @@ def _run_all(args: argparse.Namespace, runtime: Runtime) -> Records:
         if meter is not None:
             threads = torch.get_num_threads()
             samples = [row["epoch_seconds_samples"] for row in rows]
-            _timing.warn_if_unreliable(threads, samples, meter=meter, spread_limit=SPREAD_LIMIT)
+            print(_timing.speed_line(probe, SPREAD_LIMIT))
+            _timing.warn_if_unreliable(threads, samples, meter=meter, spread_limit=SPREAD_LIMIT, probe=probe)
     return results
 
 
-def drive(epochs: dict[str, Iterator[dict[str, Any]]], *, interleave: bool) -> Records:
+def drive(
+    epochs: dict[str, Iterator[dict[str, Any]]], *, interleave: bool, before_epoch: Callable[[], None] | None = None
+) -> Records:
     """Run each method's epochs (generators that return the method's records): one method after another, or with
-    ``interleave`` one epoch of each in turn, so a load swing on a shared machine hits every method alike."""
+    ``interleave`` one epoch of each in turn, so a load swing on a shared machine hits every method alike.
+    ``before_epoch`` runs before each epoch, outside its clock."""
     results: Records = {}
     pending = dict(epochs)
     while pending:
         for method in list(pending):
             while True:
+                if before_epoch is not None:
+                    before_epoch()
                 try:
                     next(pending[method])
                 except StopIteration as finished:
@@ -437,6 +447,7 @@ class Run:
         seen = 0
         # The iterator (and any worker start-up) before the clock: the epoch's time is its steps'.
         batches = iter(self.loader)
+        _timing.collect_before_timing()
         began = time.perf_counter()
         for step, (indices, images, labels) in enumerate(batches):
             # All three copies asynchronous: a blocking copy of the ids would wait for the GPU's queue every step.
