@@ -110,7 +110,8 @@ class SpeedProbe:
     the process's CPU time still equalled its wall-clock, so neither the load average nor :class:`LoadMeter` sees
     it (the host's other tenants share the physical cores). A run of a few seconds inside such a phase is that much
     slower, and the spread of the repeats shows it. Each sample is the fastest of ``tries`` timings of
-    ``workload``, so a single preemption does not count as the machine slowing down.
+    ``workload``, so a single preemption does not count as the machine slowing down. ``python3 -m
+    benchmarks.machine_speed`` runs it back to back for a minute.
     """
 
     def __init__(
@@ -234,7 +235,8 @@ def frozen_setup() -> Iterator[None]:
     A full collection walks every tracked object of the process, most of them the imports' (half a million in the
     Hugging Face demo: 0.25 s a collection on these cores), so its cost is the same whichever method's allocations
     set it off, and it lands in one repeat and not in the next. Frozen objects are not walked: a collection inside a
-    timed run then costs what the run made. Enter it once the set-up is done.
+    timed run then costs what the run made. Enter it once the set-up is done. ``python3 -m
+    benchmarks.machine_speed`` measures a collection's cost before and after.
     """
     gc.collect()
     gc.freeze()
@@ -248,6 +250,39 @@ def collect_before_timing() -> None:
     """Start a timed section with the collector's counters at zero, so each repeat meets its collections at the
     same points of its own work instead of inheriting the previous run's debt."""
     gc.collect()
+
+
+class TimedRuns:
+    """What a command that times repeated runs in one process holds around them: a :class:`LoadMeter` (other
+    processes), a :class:`SpeedProbe` (the machine itself, sampled before each run and after the last), and the
+    set-up frozen for the garbage collector (:func:`frozen_setup`), each run starting with a collection.
+
+    ``with TimedRuns() as timed:``, ``timed.before_run()`` right before each run's clock starts, and
+    ``timed.report(...)`` under the table.
+    """
+
+    def __init__(self) -> None:
+        self.meter = LoadMeter()
+        self.probe = SpeedProbe()
+        self._frozen: contextlib.AbstractContextManager | None = None
+
+    def __enter__(self) -> TimedRuns:
+        self._frozen = frozen_setup()
+        self._frozen.__enter__()
+        return self
+
+    def __exit__(self, *exception) -> None:
+        self.probe.sample()
+        self._frozen.__exit__(*exception)
+
+    def before_run(self) -> None:
+        self.probe.sample()
+        collect_before_timing()
+
+    def report(self, threads: int, samples: Sequence[Sequence[float]], spread_limit: float) -> str | None:
+        """Print the machine-speed line, then the warning if the figures are not trustworthy; return its reason."""
+        print(speed_line(self.probe, spread_limit))
+        return warn_if_unreliable(threads, samples, meter=self.meter, spread_limit=spread_limit, probe=self.probe)
 
 
 def spread(samples: Sequence[float]) -> float:

@@ -7,10 +7,13 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from es_kernels import _timing
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def loaded(value):
@@ -174,3 +177,33 @@ def test_frozen_setup_freezes_the_set_up_and_thaws_it_after():
     with pytest.raises(RuntimeError), _timing.frozen_setup():
         raise RuntimeError
     assert gc.get_freeze_count() == 0
+
+
+def test_timed_runs_freeze_the_set_up_sample_the_machine_around_each_run_and_report(monkeypatch, capsys):
+    import gc
+
+    monkeypatch.setattr(_timing, "BUSY_SOURCE", None)  # no load verdict: only the spread and the probe speak
+    monkeypatch.setattr(_timing, "LOAD_SOURCE", None)
+    with _timing.TimedRuns() as timed:
+        assert gc.get_freeze_count() > 0
+        for _ in range(3):
+            timed.before_run()
+    assert gc.get_freeze_count() == 0
+    assert len(timed.probe.samples) == 4  # before each of the 3 runs and after the last
+    timed.probe.samples[:] = [1.0, 1.3, 1.0, 1.0]
+    reason = timed.report(1, [[1.0, 1.0, 1.5, 1.5, 2.0]], 0.1)
+    printed = capsys.readouterr().out
+    assert "took 30% longer than its fast ones (4 samples" in printed
+    assert reason.startswith("timings spread") and "ran up to 30% slower" in reason and "warning:" in printed
+
+
+def test_machine_speed_benchmark_runs():
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.machine_speed", "--seconds", "0.5", "--window", "0.25", "--no-imports"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "relative speed per 0.25 s window" in result.stdout and "full collection over" in result.stdout
+    bad = subprocess.run([sys.executable, "-m", "benchmarks.machine_speed", "--seconds", "0"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert bad.returncode == 2 and "--seconds and --window must be positive" in bad.stderr

@@ -404,14 +404,10 @@ def run(argv: list[str] | None = None) -> list[dict[str, object]]:
     data = (x_train, y_train, x_test, y_test)
     warm_up(args.methods, data, features, args)
     runs = []
-    meter = _timing.LoadMeter()  # other processes' use of the cores while the runs are timed
-    probe = _timing.SpeedProbe()  # the machine's own speed, which the meter cannot see
-    with _timing.frozen_setup():
+    with _timing.TimedRuns() as timed:
         for repeat, seed, method in schedule(args.methods, args.seeds, args.repeats):
-            probe.sample()
-            _timing.collect_before_timing()
+            timed.before_run()
             runs.append(train_one(method, data, features, args, seed, repeat, progress))
-        probe.sample()
     rows = summarise(runs, args.methods)
     noise = "none" if args.noise is None else f"{args.noise[0]}:{args.noise[1]}"
     title = (
@@ -437,10 +433,7 @@ def run(argv: list[str] | None = None) -> list[dict[str, object]]:
             else f"; target = lowest over seeds of the baseline's best accuracy - 0.5 pt = {100 * target:.1f}%"
         )
     )
-    print(_timing.speed_line(probe, SPREAD_LIMIT))
-    _timing.warn_if_unreliable(
-        args.threads, [row["seconds_samples"] for row in rows], meter=meter, spread_limit=SPREAD_LIMIT, probe=probe
-    )
+    timed.report(args.threads, [row["seconds_samples"] for row in rows], SPREAD_LIMIT)
     args.out.mkdir(parents=True, exist_ok=True)
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     (args.out / "results.json").write_text(json.dumps({"config": config, "summary": rows, "runs": runs}, indent=2))

@@ -284,16 +284,12 @@ def demo(options: argparse.Namespace) -> list[dict[str, Any]]:
     print(f"es-sft demo: {len(train)} training and {len(held_out)} held-out sequences of {options.length} bytes")
     started = time.perf_counter()
     warm_up(options.methods, train, held_out, options)
-    meter = _timing.LoadMeter()
-    probe = _timing.SpeedProbe()
     runs = []
-    with _timing.frozen_setup():
+    with _timing.TimedRuns() as timed:
         for repeat, method in schedule(options.methods, options.repeats):
             model = demo_model(options.layers, options.hidden, options.seed)
-            probe.sample()
-            _timing.collect_before_timing()
+            timed.before_run()
             runs.append({**run_method(method, model, train, held_out, options), "repeat": repeat})
-        probe.sample()
     results = summarise(runs, options.methods)
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -304,10 +300,7 @@ def demo(options: argparse.Namespace) -> list[dict[str, Any]]:
         "kernel compilation, optimizer set-up): no first-call cost is charged to a method"
     )
     print(f"total {time.perf_counter() - started:.0f}s; {options.threads} torch thread(s), {_timing.cores()} cores")
-    print(_timing.speed_line(probe, SPREAD_LIMIT))
-    _timing.warn_if_unreliable(
-        options.threads, [r["seconds_samples"] for r in results], meter=meter, spread_limit=SPREAD_LIMIT, probe=probe
-    )
+    timed.report(options.threads, [r["seconds_samples"] for r in results], SPREAD_LIMIT)
     (out / "sft_demo.json").write_text(json.dumps(results, indent=1))  # each row holds its repeats' seconds
     plot(results, out / "sft_demo.png")
     print(f"wrote {out / 'sft_demo.json'} and {out / 'sft_demo.png'}")

@@ -14,6 +14,7 @@ own losses, never the mixed rows'. That costs one no-grad forward per annealing 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
@@ -57,18 +58,15 @@ def run_all(args: argparse.Namespace) -> Records:
 def _run_all(args: argparse.Namespace, runtime: Runtime) -> Records:
     datasets, weights, baseline_log = check_everything(args, runtime)
     log_paths = [args.out / method / logs.LOG_NAME for method in args.method]
-    # Other processes' use of the cores while the CPU runs are timed (on a GPU the host's load matters less, and the
-    # DataLoader workers, child processes, would count as others).
-    meter = _timing.LoadMeter() if runtime.device.type == "cpu" else None
-    probe = _timing.SpeedProbe() if meter is not None else None  # the machine's own speed, which the meter cannot see
+    # On the CPU the load meter, the speed probe and the frozen set-up stand behind the epoch times (on a GPU the
+    # host's load matters less, and the DataLoader workers, child processes, would count as others).
+    timed = _timing.TimedRuns() if runtime.device.type == "cpu" else None
     epochs = {
         method: method_epochs(args, method, runtime, datasets, weights, baseline_log, log_paths)
         for method in args.method
     }
-    with _timing.frozen_setup():
-        records = drive(epochs, interleave=args.interleave, before_epoch=None if probe is None else probe.sample)
-        if probe is not None:
-            probe.sample()
+    with timed if timed is not None else contextlib.nullcontext():
+        records = drive(epochs, interleave=args.interleave, before_epoch=None if timed is None else timed.before_run)
     results: Records = {method: records[method] if runtime.main else [] for method in args.method}
     if runtime.main and len(args.method) > 1:
         logs.plot_logs(plot_inputs(args, log_paths), args.out)
@@ -76,11 +74,8 @@ def _run_all(args: argparse.Namespace, runtime: Runtime) -> Records:
         rows = summary_rows(results)
         print(format_summary(rows))
         print(SUMMARY_NOTE)
-        if meter is not None:
-            threads = torch.get_num_threads()
-            samples = [row["epoch_seconds_samples"] for row in rows]
-            print(_timing.speed_line(probe, SPREAD_LIMIT))
-            _timing.warn_if_unreliable(threads, samples, meter=meter, spread_limit=SPREAD_LIMIT, probe=probe)
+        if timed is not None:
+            timed.report(torch.get_num_threads(), [row["epoch_seconds_samples"] for row in rows], SPREAD_LIMIT)
     return results
 
 
@@ -447,7 +442,6 @@ class Run:
         seen = 0
         # The iterator (and any worker start-up) before the clock: the epoch's time is its steps'.
         batches = iter(self.loader)
-        _timing.collect_before_timing()
         began = time.perf_counter()
         for step, (indices, images, labels) in enumerate(batches):
             # All three copies asynchronous: a blocking copy of the ids would wait for the GPU's queue every step.
