@@ -775,6 +775,9 @@ params = {{k: v.detach().clone() for k, v in trainer.model.named_parameters()}}
 torch.save({{"score": state.score, "weight": state.weight, "batches": trainer.batches,
             "world": trainer.args.world_size, "selected": trainer.selected_ids, "params": params}},
            out / f"rank{{rank}}.pt")
+# Left to interpreter exit, gloo's teardown raced: a rank that had written its results aborted ("terminate called
+# without an active exception"), twice in CI. tests/multiprocess_harness.py and the ViT recipe end the same way.
+torch.distributed.destroy_process_group()
 """
 
 
