@@ -179,6 +179,51 @@ def test_frozen_setup_freezes_the_set_up_and_thaws_it_after():
     assert gc.get_freeze_count() == 0
 
 
+FAULTS_SCRIPT = """
+import ctypes, resource, sys
+from es_kernels import _timing
+if sys.argv[1] == "held" and not _timing.hold_freed_memory():
+    sys.exit(3)
+libc = ctypes.CDLL(None)  # malloc itself: torch's CPU tensors come from it too, with other allocations in between
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+def touched(size):
+    address = libc.malloc(size)
+    ctypes.memset(address, 1, size)
+    return address
+libc.free(touched(4 << 20))  # a 4 MiB block, mapped and unmapped: glibc's moving thresholds follow it
+faults = 0
+for repeat in range(10):  # 24 MiB from the heap, freed: past the moving trim threshold, given back to the system
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for address in reversed([touched(3 << 20) for _ in range(8)]):
+        libc.free(address)
+    faults += 0 if repeat == 0 else resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+print(faults)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="page-fault counts and glibc's mallopt")
+def test_held_freed_memory_is_reused_instead_of_faulted_in_again():
+    def faults(mode: str) -> int:
+        result = subprocess.run([sys.executable, "-c", FAULTS_SCRIPT, mode], cwd=ROOT, capture_output=True,
+                                text=True, timeout=300)  # fmt: skip
+        if result.returncode == 3:
+            pytest.skip("the C library has no mallopt (not glibc)")
+        assert result.returncode == 0, result.stderr
+        return int(result.stdout)
+
+    pages = 9 * (24 << 20) // 4096  # the nine repeats after the first
+    assert faults("moving") > pages // 2  # glibc's own thresholds: every repeat faults its 24 MiB in again
+    assert faults("held") < pages // 20
+
+
+def test_timed_runs_hold_freed_memory_from_construction(monkeypatch):
+    calls = []
+    monkeypatch.setattr(_timing, "hold_freed_memory", lambda: calls.append(True) or True)
+    timed = _timing.TimedRuns()  # before the warm-up: the heap it grows is the one the timed runs reuse
+    assert calls == [True] and timed.holds_freed_memory
+
+
 def test_timed_runs_freeze_the_set_up_sample_the_machine_around_each_run_and_report(monkeypatch, capsys):
     import gc
 

@@ -402,9 +402,10 @@ def run(argv: list[str] | None = None) -> list[dict[str, object]]:
     features = pretrained_features(x_train, y_train, args)
     progress(f"pair pre-training ready ({time.perf_counter() - began:.1f} s, cached in {args.cache_dir})")
     data = (x_train, y_train, x_test, y_test)
+    timed = _timing.TimedRuns()
     warm_up(args.methods, data, features, args)
     runs = []
-    with _timing.TimedRuns() as timed:
+    with timed:
         for repeat, seed, method in schedule(args.methods, args.seeds, args.repeats):
             timed.before_run()
             runs.append(train_one(method, data, features, args, seed, repeat, progress))

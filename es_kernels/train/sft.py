@@ -283,9 +283,10 @@ def demo(options: argparse.Namespace) -> list[dict[str, Any]]:
     held_out, train = Rows(rows[:held]), Rows(rows[held:])
     print(f"es-sft demo: {len(train)} training and {len(held_out)} held-out sequences of {options.length} bytes")
     started = time.perf_counter()
+    timed = _timing.TimedRuns()
     warm_up(options.methods, train, held_out, options)
     runs = []
-    with _timing.TimedRuns() as timed:
+    with timed:
         for repeat, method in schedule(options.methods, options.repeats):
             model = demo_model(options.layers, options.hidden, options.seed)
             timed.before_run()
