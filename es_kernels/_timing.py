@@ -269,14 +269,14 @@ def hold_freed_memory() -> bool:
     glibc sets both thresholds from the largest block freed so far: a block above the mmap threshold is mapped and
     unmapped on each use, and free memory at the heap's top beyond twice that is returned at once. Each run then
     pays page faults (the kernel zeroing every page again) according to which run freed the largest block before
-    it: in ``es-sft --demo`` a third of the runs took 170,000-320,000 minor faults and 0.2-0.4 s of system time,
-    the others none. Fixed thresholds make every run reuse what the previous one freed. Process-wide, once set
+    it: in ``es-sft --demo`` 5 of 18 runs took 166,000-316,000 minor faults and 0.2-0.4 s of system time, the
+    others at most 30,000. Fixed thresholds make every run reuse what the previous one freed. Process-wide, once set
     (glibc cannot go back to its moving thresholds); a process that times runs holds at most the top threshold of
     freed memory more.
     """
     try:
         mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # TypeError: Windows loads no library by None
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
